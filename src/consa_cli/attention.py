@@ -1,0 +1,228 @@
+"""Hybrid full / sliding-window attention inside unmodified transformers models.
+
+consa registers one attention function and one mask function with transformers (``AttentionInterface`` and
+``AttentionMaskInterface``, both under the name ``consa``). Each attention module carries a
+:class:`LayerHybrid` describing its KV heads: a weight per KV head for the full-attention output (1 = full
+attention, 0 = sliding window, anything between = the relaxed mix used during search) and the window settings.
+No global state: everything lives on the model's own modules, so several hybrid models can coexist.
+
+Window semantics match transformers': a sliding-window query at position q sees key k when
+``q - window < k <= q``, plus the first ``sink_tokens`` keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
+
+from consa_cli.families import adapter_for
+
+ATTENTION_NAME = "consa"
+
+
+@dataclass
+class LayerHybrid:
+    """Per-layer hybrid settings, stored on the attention module as ``module.consa_hybrid``.
+
+    ``fa_weight`` is ``[num_kv_heads]``: bool for a hard allocation, float in [0, 1] for the relaxed mix
+    ``w * full + (1 - w) * sliding`` (differentiable, used by search).
+    """
+
+    fa_weight: torch.Tensor
+    sliding_window: int
+    sink_tokens: int
+    backend: str = "sdpa"
+
+
+# --- attention backends: one signature, SDPA is the reference ---------------------------------------------
+
+
+def _sdpa_backend(query, key, value, mask, is_causal, scaling):
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling)
+
+
+def _eager_backend(query, key, value, mask, is_causal, scaling):
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if is_causal:
+        q_len, kv_len = query.shape[-2], key.shape[-2]
+        mask = causal_window_mask(q_len, kv_len, None, 0, query.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(probs, value)
+
+
+ATTENTION_BACKENDS: dict[str, Callable] = {"sdpa": _sdpa_backend, "eager": _eager_backend}
+
+
+def causal_window_mask(
+    q_len: int, kv_len: int, window: int | None, sink_tokens: int, device: torch.device | str
+) -> torch.Tensor:
+    """Bool ``[q_len, kv_len]`` mask (True = attend) for queries at the last ``q_len`` of ``kv_len`` positions.
+
+    ``window=None`` gives plain causal attention.
+    """
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device).unsqueeze(1)
+    k_pos = torch.arange(kv_len, device=device).unsqueeze(0)
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed = allowed & ((k_pos > q_pos - window) | (k_pos < sink_tokens))
+    return allowed
+
+
+def _attend(query, key, value, attention_mask, scaling, backend, window, sink_tokens):
+    """Full attention (``window=None``) or sliding-window attention for heads already aligned q<->kv."""
+    q_len, kv_len = query.shape[-2], key.shape[-2]
+    if window is None or window >= kv_len:
+        if attention_mask is None:
+            if q_len == kv_len:
+                return backend(query, key, value, None, q_len > 1, scaling)
+            if q_len == 1:
+                return backend(query, key, value, None, False, scaling)
+            attention_mask = causal_window_mask(q_len, kv_len, None, 0, query.device)
+        return backend(query, key, value, attention_mask, False, scaling)
+    mask = causal_window_mask(q_len, kv_len, window, sink_tokens, query.device)
+    if attention_mask is not None:
+        mask = mask & attention_mask
+    return backend(query, key, value, mask, False, scaling)
+
+
+def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
+    return states if groups == 1 else states.repeat_interleave(groups, dim=1)
+
+
+def consa_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: per-KV-head full / sliding-window attention (or their mix)."""
+    if kwargs.get("softcap") is not None:
+        raise ValueError("consa attention does not support attention logit softcapping")
+    hybrid: LayerHybrid | None = getattr(module, "consa_hybrid", None)
+    if hybrid is None:
+        raise RuntimeError("consa attention is active but this layer has no allocation; use install_hybrid()")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask == 0  # additive float mask -> bool
+    backend = ATTENTION_BACKENDS[hybrid.backend]
+    num_kv_heads = key.shape[1]
+    groups = query.shape[1] // num_kv_heads
+    window, sinks = hybrid.sliding_window, hybrid.sink_tokens
+    weight = hybrid.fa_weight
+
+    if weight.dtype == torch.bool:
+        # Hard allocation: each head gets only the attention it needs, on contiguous head slices.
+        if bool(weight.all()) or bool((~weight).all()):
+            out = _attend(
+                query, _repeat_kv(key, groups), _repeat_kv(value, groups), attention_mask, scaling, backend,
+                None if bool(weight.all()) else window, sinks,
+            )
+        else:
+            out = torch.empty_like(query)
+            for is_full in (True, False):
+                kv_idx = torch.nonzero(weight == is_full).flatten().to(query.device)
+                q_idx = (kv_idx.unsqueeze(1) * groups + torch.arange(groups, device=query.device)).flatten()
+                part = _attend(
+                    query.index_select(1, q_idx),
+                    _repeat_kv(key.index_select(1, kv_idx), groups),
+                    _repeat_kv(value.index_select(1, kv_idx), groups),
+                    attention_mask, scaling, backend, None if is_full else window, sinks,
+                )
+                out.index_copy_(1, q_idx, part)
+    else:
+        key_states, value_states = _repeat_kv(key, groups), _repeat_kv(value, groups)
+        full = _attend(query, key_states, value_states, attention_mask, scaling, backend, None, sinks)
+        sliding = _attend(query, key_states, value_states, attention_mask, scaling, backend, window, sinks)
+        mix = weight.to(device=query.device, dtype=query.dtype).repeat_interleave(groups).view(1, -1, 1, 1)
+        out = sliding + mix * (full - sliding)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def consa_mask(*args, **kwargs):
+    """Mask function for the ``consa`` implementation: causal + padding only.
+
+    The per-head window is applied inside the attention function, so even layers a model natively builds a
+    sliding mask for (Gemma3) receive the plain causal mask here.
+    """
+    kwargs["mask_function"] = causal_mask_function
+    kwargs.pop("local_size", None)
+    return sdpa_mask(*args, **kwargs)
+
+
+AttentionInterface.register(ATTENTION_NAME, consa_attention_forward)
+AttentionMaskInterface.register(ATTENTION_NAME, consa_mask)
+
+
+# --- installing an allocation on a model -------------------------------------------------------------------
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The self-attention module of every decoder layer, in layer order."""
+    return adapter_for(model.config.model_type).attention_modules(model)
+
+
+def install_hybrid(
+    model: nn.Module,
+    fa_weights: torch.Tensor,
+    sliding_window: int,
+    sink_tokens: int,
+    backend: str = "sdpa",
+) -> None:
+    """Switch ``model`` to consa attention with per-(layer, KV head) weights ``fa_weights [L, H]``.
+
+    Bool weights give a hard allocation; float weights the relaxed mix. Call :func:`set_fa_weights` to
+    change the weights later (each search step does) and :func:`remove_hybrid` to restore the original.
+    """
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend '{backend}'; choose from {', '.join(ATTENTION_BACKENDS)}")
+    modules = attention_modules(model)
+    if fa_weights.shape[0] != len(modules):
+        raise ValueError(f"fa_weights has {fa_weights.shape[0]} layers, model has {len(modules)}")
+    if not hasattr(model, "_consa_original_attn"):
+        model._consa_original_attn = model.config._attn_implementation
+    for layer_idx, module in enumerate(modules):
+        module.consa_hybrid = LayerHybrid(fa_weights[layer_idx], sliding_window, sink_tokens, backend)
+    model.set_attn_implementation(ATTENTION_NAME)
+
+
+def set_fa_weights(model: nn.Module, fa_weights: torch.Tensor) -> None:
+    """Replace the per-KV-head full-attention weights ``[L, H]`` of an installed hybrid."""
+    for layer_idx, module in enumerate(attention_modules(model)):
+        module.consa_hybrid.fa_weight = fa_weights[layer_idx]
+
+
+def remove_hybrid(model: nn.Module) -> None:
+    """Restore the model's original attention implementation."""
+    original = getattr(model, "_consa_original_attn", None)
+    if original is None:
+        return
+    for module in attention_modules(model):
+        if hasattr(module, "consa_hybrid"):
+            del module.consa_hybrid
+    model.set_attn_implementation(original)
+    del model._consa_original_attn
+
+
+@contextmanager
+def hybrid_attention(model: nn.Module, fa_weights: torch.Tensor, sliding_window: int, sink_tokens: int,
+                     backend: str = "sdpa"):
+    """``with hybrid_attention(model, mask, W, S): ...`` runs the model as a hybrid, then restores it."""
+    install_hybrid(model, fa_weights, sliding_window, sink_tokens, backend)
+    try:
+        yield model
+    finally:
+        remove_hybrid(model)

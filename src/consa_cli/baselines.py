@@ -1,0 +1,85 @@
+"""Hand-written allocation rules, the baselines a learned allocation has to beat.
+
+Each rule returns an :class:`~consa_cli.allocation.Allocation` with the same number of full-attention units a
+search at the same sparsity would keep, so export and eval treat it exactly like a learned one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from consa_cli.allocation import Allocation, AllocationError, full_unit_count
+
+RULES = ("interleaved", "bottom", "top", "middle", "uniform-heads", "random")
+
+
+def _evenly_spaced(count: int, total: int) -> list[int]:
+    """``count`` of ``range(total)``, one at the end of each equal block (Gemma / Mistral style: the last of
+    every ``total / count`` layers is global)."""
+    return [((i + 1) * total) // count - 1 for i in range(count)]
+
+
+def rule_allocation(
+    rule: str,
+    num_layers: int,
+    num_kv_heads: int,
+    sparsity: float,
+    granularity: str,
+    sliding_window: int,
+    sink_tokens: int,
+    seed: int = 0,
+    model: str = "",
+    model_fingerprint: str = "",
+) -> Allocation:
+    """Build the ``rule`` allocation at ``sparsity`` for a model with ``num_layers x num_kv_heads`` units.
+
+    Rules: ``interleaved`` (FA layers evenly spaced), ``bottom`` / ``top`` / ``middle`` (a contiguous FA block),
+    ``uniform-heads`` (the same number of FA KV heads in every layer, rotating which heads), ``random`` (seeded).
+    Layer rules at a KV-head granularity give whole layers; ``uniform-heads`` needs a KV-head granularity.
+    """
+    if rule not in RULES:
+        raise AllocationError(f"unknown rule '{rule}'; choose from {', '.join(RULES)}")
+    fa_mask = torch.zeros(num_layers, num_kv_heads, dtype=torch.bool)
+    if rule == "uniform-heads":
+        if granularity == "layer":
+            raise AllocationError("rule 'uniform-heads' needs --granularity kv-head or kv-head-per-layer")
+        keep = full_unit_count(num_kv_heads, sparsity)
+        for layer in range(num_layers):
+            heads = [(layer + h) % num_kv_heads for h in range(keep)]
+            fa_mask[layer, heads] = True
+    elif rule == "random":
+        generator = torch.Generator().manual_seed(seed)
+        if granularity == "layer":
+            keep = full_unit_count(num_layers, sparsity)
+            fa_mask[torch.randperm(num_layers, generator=generator)[:keep]] = True
+        elif granularity == "kv-head-per-layer":
+            keep = full_unit_count(num_kv_heads, sparsity)
+            for layer in range(num_layers):
+                fa_mask[layer, torch.randperm(num_kv_heads, generator=generator)[:keep]] = True
+        else:
+            keep = full_unit_count(num_layers * num_kv_heads, sparsity)
+            flat = fa_mask.view(-1)
+            flat[torch.randperm(num_layers * num_kv_heads, generator=generator)[:keep]] = True
+    else:
+        # Layer rules keep whole layers; at a head granularity the count is rounded to whole layers.
+        keep = full_unit_count(num_layers, sparsity)
+        if rule == "interleaved":
+            layers = _evenly_spaced(keep, num_layers) if keep else []
+        elif rule == "bottom":
+            layers = list(range(keep))
+        elif rule == "top":
+            layers = list(range(num_layers - keep, num_layers))
+        else:
+            start = (num_layers - keep) // 2
+            layers = list(range(start, start + keep))
+        fa_mask[layers] = True
+    return Allocation(
+        fa_mask=fa_mask,
+        granularity=granularity,
+        sliding_window=sliding_window,
+        sink_tokens=sink_tokens,
+        method=f"rule:{rule}",
+        model=model,
+        model_fingerprint=model_fingerprint,
+        metadata={"rule": rule, "requested_sparsity": sparsity, "seed": seed},
+    )

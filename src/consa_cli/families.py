@@ -1,0 +1,130 @@
+"""Model families consa supports, as adapters in one registry keyed by ``config.model_type``.
+
+An adapter knows three things about a family: where its attention modules live, which sink setting suits
+it by default, and how (if at all) a layer-granularity hybrid is written as a native transformers config
+that loads without consa.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+FULL_ATTENTION = "full_attention"
+SLIDING_ATTENTION = "sliding_attention"
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint's family has no adapter."""
+
+
+@dataclass(frozen=True)
+class FamilyAdapter:
+    """How consa treats one model family.
+
+    Parameters
+    ----------
+    model_type:
+        ``config.model_type`` this adapter serves.
+    default_sink_tokens:
+        Sink tokens that sliding-window units keep by default. Models trained with full attention everywhere
+        need sinks once some heads lose them (CONTEXT.md section 5: SmolLM2 window 256 all-SWA PPL 49.9 -> 25.4
+        with 4 sinks); models trained with sliding windows (Gemma3) get worse with them.
+    native_layer_export:
+        Builds the config dict of a plain-transformers checkpoint for a layer allocation without sinks, or
+        ``None`` when the family has no exact native form.
+    """
+
+    model_type: str
+    default_sink_tokens: int
+    native_layer_export: Callable[[dict, list[bool], int], dict | None] | None = None
+
+    def attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The self-attention module of every decoder layer, in layer order."""
+        base = getattr(model, "model", model)
+        layers = getattr(base, "layers", None)
+        if layers is None and hasattr(base, "language_model"):
+            layers = base.language_model.layers
+        if layers is None:
+            raise UnsupportedModelError(f"cannot find decoder layers in {type(model).__name__}")
+        return [layer.self_attn for layer in layers]
+
+
+def _layer_types(layer_is_full: list[bool]) -> list[str]:
+    return [FULL_ATTENTION if full else SLIDING_ATTENTION for full in layer_is_full]
+
+
+def _qwen_native(config: dict, layer_is_full: list[bool], window: int) -> dict:
+    # Qwen2/Qwen3 configs drop sliding_window unless use_sliding_window is set, and without explicit
+    # layer_types they make the TOP layers sliding: write all three.
+    patched = copy.deepcopy(config)
+    patched["use_sliding_window"] = True
+    patched["sliding_window"] = window
+    patched["max_window_layers"] = 0
+    patched["layer_types"] = _layer_types(layer_is_full)
+    return patched
+
+
+def _llama_as_smollm3(config: dict, layer_is_full: list[bool], window: int) -> dict:
+    # Llama ignores layer_types; SmolLM3 is Llama plus layer_types and per-layer NoPE. With RoPE on in every
+    # layer it computes exactly what Llama computes, so the relabelled checkpoint runs the hybrid natively.
+    patched = copy.deepcopy(config)
+    patched["model_type"] = "smollm3"
+    patched["architectures"] = ["SmolLM3ForCausalLM"]
+    patched["no_rope_layers"] = [1] * len(layer_is_full)
+    patched["use_sliding_window"] = True
+    patched["sliding_window"] = window
+    patched["layer_types"] = _layer_types(layer_is_full)
+    return patched
+
+
+def _mistral_as_ministral(config: dict, layer_is_full: list[bool], window: int) -> dict:
+    # Mistral applies one window to every layer; Ministral is the same network with per-layer types.
+    patched = copy.deepcopy(config)
+    patched["model_type"] = "ministral"
+    patched["architectures"] = ["MinistralForCausalLM"]
+    patched["sliding_window"] = window
+    patched["layer_types"] = _layer_types(layer_is_full)
+    return patched
+
+
+def _gemma3_native(config: dict, layer_is_full: list[bool], window: int) -> dict | None:
+    # Gemma3 picks its RoPE base by layer type (local 1e4, global 1e6), so relabelling a layer would change
+    # its positional encoding, not only its mask. Only allocations that keep every layer's original type
+    # (with any window) are exact natively; anything else loads through consa.
+    original = config.get("layer_types")
+    if original is None or _layer_types(layer_is_full) != list(original):
+        return None
+    patched = copy.deepcopy(config)
+    patched["sliding_window"] = window
+    return patched
+
+
+FAMILIES: dict[str, FamilyAdapter] = {
+    adapter.model_type: adapter
+    for adapter in (
+        FamilyAdapter("qwen3", default_sink_tokens=4, native_layer_export=_qwen_native),
+        FamilyAdapter("qwen2", default_sink_tokens=4, native_layer_export=_qwen_native),
+        FamilyAdapter("llama", default_sink_tokens=4, native_layer_export=_llama_as_smollm3),
+        FamilyAdapter("smollm3", default_sink_tokens=4, native_layer_export=_llama_as_smollm3),
+        FamilyAdapter("mistral", default_sink_tokens=4, native_layer_export=_mistral_as_ministral),
+        FamilyAdapter("ministral", default_sink_tokens=4, native_layer_export=_mistral_as_ministral),
+        FamilyAdapter("gemma3_text", default_sink_tokens=0, native_layer_export=_gemma3_native),
+    )
+}
+
+
+def adapter_for(model_type: str) -> FamilyAdapter:
+    """The adapter for ``model_type``, or a one-line error naming what is supported."""
+    if model_type == "gemma3":
+        model_type = "gemma3_text"
+    try:
+        return FAMILIES[model_type]
+    except KeyError:
+        supported = ", ".join(sorted(FAMILIES))
+        raise UnsupportedModelError(
+            f"model type '{model_type}' is not supported; consa supports: {supported}"
+        ) from None

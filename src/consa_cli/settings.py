@@ -1,0 +1,123 @@
+"""Settings for each pipeline stage: dataclasses, the single source of defaults.
+
+A recipe (``recipes/*.yaml``) is these dataclasses written down; command-line flags override recipe values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from consa_cli.allocation import GRANULARITIES
+from consa_cli.data import EMBEDDED_CORPUS
+
+LOSSES = ("kl", "lm")
+DTYPES = ("bfloat16", "float32", "float16")
+
+
+class SettingsError(ValueError):
+    """A setting or recipe is invalid."""
+
+
+@dataclass
+class SearchSettings:
+    """Everything ``consa search`` needs. Defaults suit the embedded SmolLM2-135M on a 2-core CPU.
+
+    Window 128 with 1024-token sequences is where allocation differences are measurable on that model
+    (CONTEXT.md section 5: seq_len >= 8 x window); larger models on GPUs want the qwen3 recipes.
+    """
+
+    model: str | None = None
+    sparsity: float = 0.75
+    granularity: str = "kv-head"
+    window: int = 128
+    sink_tokens: int | None = None  # None: the model family's default (4 for Llama/Qwen, 0 for Gemma3)
+    seq_len: int = 1024
+    data: str = EMBEDDED_CORPUS
+    steps: int = 150
+    batch_size: int = 1
+    loss: str = "kl"
+    seed: int = 0
+    gate_lr: float = 0.1
+    multiplier_lr: float = 0.05
+    target_warmup_steps: int = 30
+    log_alpha_init: float = 5.0
+    temperature: float = 2.0 / 3.0
+    stretch_low: float = -0.1
+    stretch_high: float = 1.1
+    dtype: str = "bfloat16"
+    device: str = "auto"
+    backend: str = "sdpa"
+    output: str = "runs/search"
+
+    def validate(self) -> None:
+        if not 0.0 <= self.sparsity <= 1.0:
+            raise SettingsError(f"--sparsity must be between 0 and 1, got {self.sparsity}")
+        if self.granularity not in GRANULARITIES:
+            raise SettingsError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got '{self.granularity}'")
+        if self.loss not in LOSSES:
+            raise SettingsError(f"--loss must be one of {', '.join(LOSSES)}, got '{self.loss}'")
+        if self.dtype not in DTYPES:
+            raise SettingsError(f"--dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
+        for name in ("window", "seq_len", "steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.window >= self.seq_len:
+            raise SettingsError(
+                f"--window ({self.window}) must be smaller than --seq-len ({self.seq_len}), or sliding-window "
+                "and full attention are identical and there is nothing to learn"
+            )
+        if self.sink_tokens is not None and self.sink_tokens < 0:
+            raise SettingsError(f"--sink-tokens must be >= 0, got {self.sink_tokens}")
+        if self.target_warmup_steps < 0:
+            raise SettingsError("--target-warmup-steps must be >= 0")
+        if not self.stretch_low < 0.0 < 1.0 < self.stretch_high:
+            raise SettingsError("the stretch interval must satisfy stretch_low < 0 < 1 < stretch_high")
+        if self.temperature <= 0 or self.gate_lr <= 0 or self.multiplier_lr < 0:
+            raise SettingsError("temperature and gate_lr must be > 0, multiplier_lr >= 0")
+
+
+def load_recipe(path: str | Path, cls: type = SearchSettings) -> dict[str, Any]:
+    """Read a recipe YAML into a dict of ``cls`` field values, rejecting unknown keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise SettingsError(f"recipe not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise SettingsError(f"recipe {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise SettingsError(f"recipe {path} must be a mapping of setting names to values")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SettingsError(f"recipe {path} has unknown settings: {', '.join(unknown)}")
+    return values
+
+
+def build_settings(cls: type, recipe: str | Path | None = None, **overrides: Any):
+    """Defaults <- recipe <- flags (``None`` flags mean 'not given'), then validated."""
+    values: dict[str, Any] = {}
+    if recipe is not None:
+        values.update(load_recipe(recipe, cls))
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    try:
+        settings = cls(**values)
+    except TypeError as error:
+        raise SettingsError(str(error)) from None
+    for f in fields(settings):
+        expected = {"int": int, "float": (int, float), "str": str}.get(str(f.type))
+        value = getattr(settings, f.name)
+        if expected is not None and not isinstance(value, expected):
+            raise SettingsError(f"setting '{f.name}' must be {f.type}, got {value!r}")
+    if hasattr(settings, "validate"):
+        settings.validate()
+    return settings
+
+
+def settings_to_dict(settings) -> dict[str, Any]:
+    return dataclasses.asdict(settings)
