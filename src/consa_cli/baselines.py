@@ -83,3 +83,20 @@ def rule_allocation(
         model_fingerprint=model_fingerprint,
         metadata={"rule": rule, "requested_sparsity": sparsity, "seed": seed},
     )
+
+
+def native_allocation(config, model: str = "", model_fingerprint: str = "") -> Allocation:
+    """The model's own pattern as an allocation: its sliding layers (Gemma3) or all full attention."""
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    is_full = torch.tensor([kind != "sliding_attention" for kind in layer_types])
+    fa_mask = is_full.unsqueeze(1).expand(config.num_hidden_layers, config.num_key_value_heads)
+    return Allocation(
+        fa_mask=fa_mask,
+        granularity="layer",
+        sliding_window=int(window) if window else config.max_position_embeddings,
+        sink_tokens=0,
+        method="native",
+        model=model,
+        model_fingerprint=model_fingerprint,
+    )

@@ -1,0 +1,124 @@
+"""The hybrid attention: exact against the original model, transformers' native windows and a slow reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, DynamicCache
+
+from consa_cli.attention import (
+    causal_window_mask,
+    consa_attention_forward,
+    hybrid_attention,
+    install_hybrid,
+    remove_hybrid,
+)
+from consa_cli.baselines import native_allocation
+from consa_cli.families import adapter_for
+
+WINDOW = 8
+TOKENS = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(1))
+MIXED = torch.tensor([[True, False], [False, False], [False, True], [True, True]])
+
+
+def test_native_allocation_reproduces_original_logits(family):
+    """All full attention, or for Gemma3 its own 5:1 sliding pattern, is the original model exactly."""
+    model = tiny_model(family)
+    reference = model(TOKENS).logits
+    native = native_allocation(model.config)
+    assert native.num_full_units == (4 if family != "gemma3_text" else 0)  # tiny Gemma3: 4 layers < 6
+    with hybrid_attention(model, native.fa_mask, native.sliding_window, native.sink_tokens):
+        hybrid = model(TOKENS).logits
+    torch.testing.assert_close(hybrid, reference, rtol=0, atol=0)
+    assert model.config._attn_implementation == "sdpa"  # restored
+
+
+def test_all_sliding_without_sinks_equals_native_sliding_window(family):
+    overrides = {}
+    if family == "gemma3_text":  # Gemma3 ties RoPE to the layer type: compare on an all-sliding Gemma3
+        overrides = {"layer_types": ["sliding_attention"] * 4, "sliding_window": WINDOW}
+    model = tiny_model(family, **overrides)
+    native_config = adapter_for(family).native_layer_export(model.config.to_dict(), [False] * 4, WINDOW)
+    native = AutoModelForCausalLM.from_config(AutoConfig.for_model(**native_config), attn_implementation="sdpa")
+    native.load_state_dict(model.state_dict())
+    with hybrid_attention(model, torch.zeros(4, 2, dtype=torch.bool), WINDOW, sink_tokens=0):
+        sliding = model(TOKENS).logits
+    with hybrid_attention(model, torch.ones(4, 2, dtype=torch.bool), WINDOW, sink_tokens=0):
+        full = model(TOKENS).logits
+    torch.testing.assert_close(sliding, native.eval()(TOKENS).logits, rtol=1e-5, atol=1e-5)
+    assert (sliding - full).abs().max() > 1e-3  # the window really bites at 40 tokens
+
+
+def _reference_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Slow reference: every query head separately, an explicit mask built from first principles."""
+    hybrid = module.consa_hybrid
+    groups = query.shape[1] // key.shape[1]
+    q_len, kv_len = query.shape[2], key.shape[2]
+    outputs = []
+    for head in range(query.shape[1]):
+        kv_head = head // groups
+        full = bool(hybrid.fa_weight[kv_head])
+        mask = torch.zeros(q_len, kv_len, dtype=torch.bool)
+        for i in range(q_len):
+            q_pos = kv_len - q_len + i
+            for k in range(q_pos + 1):
+                mask[i, k] = full or k > q_pos - hybrid.sliding_window or k < hybrid.sink_tokens
+        scores = query[:, head] @ key[:, kv_head].transpose(-1, -2) * scaling
+        scores = scores.masked_fill(~mask, float("-inf"))
+        outputs.append(torch.softmax(scores, dim=-1) @ value[:, kv_head])
+    return torch.stack(outputs, dim=1).transpose(1, 2), None
+
+
+AttentionInterface.register("consa_reference", _reference_attention)
+
+
+@pytest.mark.parametrize("sinks", [0, 3])
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_mixed_head_allocation_equals_slow_reference(family, sinks, backend):
+    model = tiny_model(family)
+    install_hybrid(model, MIXED, WINDOW, sinks, backend=backend)
+    hybrid = model(TOKENS).logits
+    model.set_attn_implementation("consa_reference")
+    reference = model(TOKENS).logits
+    remove_hybrid(model)
+    torch.testing.assert_close(hybrid, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_relaxed_weights_mix_full_and_sliding_outputs():
+    model = tiny_model("qwen3")
+    module = model.model.layers[0].self_attn
+    query, key, value = torch.randn(1, 4, 20, 16), torch.randn(1, 2, 20, 16), torch.randn(1, 2, 20, 16)
+    outputs = {}
+    for name, weight in {"full": torch.ones(2, dtype=torch.bool), "sliding": torch.zeros(2, dtype=torch.bool),
+                         "mix": torch.tensor([0.25, 0.75])}.items():
+        install_hybrid(model, weight.expand(4, 2), WINDOW, 2)
+        outputs[name], _ = consa_attention_forward(module, query, key, value, None, scaling=0.25)
+        remove_hybrid(model)
+    mix_per_head = torch.tensor([0.25, 0.25, 0.75, 0.75]).view(1, 1, 4, 1)
+    expected = mix_per_head * outputs["full"] + (1 - mix_per_head) * outputs["sliding"]
+    torch.testing.assert_close(outputs["mix"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_incremental_decoding_matches_full_forward(family):
+    """With a KV cache, queries at later positions must see the same window and sinks as in one pass."""
+    model = tiny_model(family)
+    install_hybrid(model, MIXED, WINDOW, 2)
+    full_pass = model(TOKENS[:1]).logits
+    cache = DynamicCache()
+    prefix = model(TOKENS[:1, :25], past_key_values=cache, use_cache=True).logits
+    steps = [model(TOKENS[:1, i : i + 1], past_key_values=cache, use_cache=True).logits for i in range(25, 40)]
+    remove_hybrid(model)
+    torch.testing.assert_close(torch.cat([prefix, *steps], dim=1), full_pass, rtol=1e-4, atol=1e-4)
+
+
+def test_window_mask_semantics():
+    mask = causal_window_mask(5, 5, window=2, sink_tokens=1, device="cpu")
+    expected = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 0, 1, 1, 0], [1, 0, 0, 1, 1]])
+    assert torch.equal(mask, expected.bool())
+
+
+def test_install_rejects_wrong_layer_count():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="3 layers, model has 4"):
+        install_hybrid(model, torch.ones(3, 2, dtype=torch.bool), WINDOW, 0)
