@@ -197,10 +197,13 @@ class Allocation:
 
 
 def full_unit_count(num_units: int, sparsity: float) -> int:
-    """How many units keep full attention at ``sparsity`` (fraction sliding), rounded to the nearest unit."""
+    """How many units keep full attention at ``sparsity`` (fraction sliding).
+
+    Rounded down: the target is a budget, so the sliding fraction is never below what was asked for.
+    """
     if not 0.0 <= sparsity <= 1.0:
         raise AllocationError(f"sparsity must be in [0, 1], got {sparsity}")
-    return int(math.floor((1.0 - sparsity) * num_units + 0.5))
+    return int(math.floor((1.0 - sparsity) * num_units + 1e-9))
 
 
 def write_atomically(path: Path, write) -> None:

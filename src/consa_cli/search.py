@@ -254,3 +254,73 @@ def run_search(
         "final_expected_sparsity": 1.0 - gates.prob_full().mean().item(),
     }
     return SearchResult(allocation=allocation, metrics=metrics, seconds=time.perf_counter() - started)
+
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+def environment_versions() -> dict[str, str]:
+    """Versions that decide whether a run can be reproduced."""
+    import platform
+
+    import transformers
+
+    from consa_cli import __version__
+
+    return {"consa": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def prepare_run_dir(output: str | Path, force: bool) -> Path:
+    """Create the run directory, refusing to mix a new run into an old one unless ``force``."""
+    output = Path(output)
+    if output.exists() and any(output.iterdir()) and not force:
+        raise FileExistsError(f"{output} already holds a run; pass --force to overwrite it or choose --output")
+    output.mkdir(parents=True, exist_ok=True)
+    return output
+
+
+def search(settings: SearchSettings, force: bool = False, on_start: Callable[[dict], None] | None = None,
+           on_step: Callable[[dict], None] | None = None) -> SearchResult:
+    """``consa search`` end to end: load model and calibration data, learn, write the run directory.
+
+    The run directory holds ``allocation.safetensors`` (the result), ``metrics.jsonl`` (one line per step)
+    and ``run.json`` (settings, summary, versions).
+    """
+    from consa_cli.allocation import ALLOCATION_FILE, write_atomically
+    from consa_cli.data import load_token_sequences
+    from consa_cli.families import adapter_for
+    from consa_cli.models import load_model_and_tokenizer, model_fingerprint
+
+    settings.validate()
+    output = prepare_run_dir(settings.output, force)
+    device = resolve_device(settings.device)
+    model, tokenizer = load_model_and_tokenizer(settings.model, dtype=getattr(torch, settings.dtype),
+                                                device=str(device))
+    sink_tokens = settings.sink_tokens
+    if sink_tokens is None:
+        sink_tokens = adapter_for(model.config.model_type).default_sink_tokens
+    # All calibration sequences: the seeded order draws from the whole split, not just its first articles.
+    sequences = load_token_sequences(settings.data, tokenizer, settings.seq_len, "calibration")
+    if on_start is not None:
+        on_start({"model": model.config.name_or_path, "sink_tokens": sink_tokens,
+                  "calibration_sequences": sequences.shape[0], "device": str(device),
+                  "units": UnitLayout(settings.granularity, model.config.num_hidden_layers,
+                                      model.config.num_key_value_heads).num_units})
+    result = run_search(settings, model, sequences, sink_tokens, model_fingerprint(model), on_step=on_step,
+                        metrics_path=output / METRICS_FILE)
+    result.allocation.metadata["calibration_sequences"] = int(sequences.shape[0])
+    result.allocation.metadata["versions"] = environment_versions()
+    result.allocation.save(output / ALLOCATION_FILE)
+    summary = {
+        "settings": settings_to_dict(settings),
+        "sink_tokens": sink_tokens,
+        "allocation": result.allocation.settings_dict(),
+        "fa_rows": result.allocation.render_rows(),
+        "seconds": round(result.seconds, 2),
+        "seconds_per_step": round(result.seconds / max(1, settings.steps), 3),
+        "versions": environment_versions(),
+    }
+    write_atomically(output / RUN_FILE, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+    return result
