@@ -217,3 +217,16 @@ def write_atomically(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def full_heads_per_layer(num_kv_heads: int, sparsity: float) -> int:
+    """FA heads per layer when every layer must have the same sliding ratio; exact or an error."""
+    keep = (1.0 - sparsity) * num_kv_heads
+    if abs(keep - round(keep)) > 1e-6:
+        achievable = ", ".join(f"{1 - k / num_kv_heads:.3g}" for k in range(num_kv_heads + 1))
+        raise AllocationError(
+            f"kv-head-per-layer needs the same whole number of sliding heads in every layer: with "
+            f"{num_kv_heads} KV heads, sparsity {sparsity} gives {keep * 1:.3g} full heads per layer; "
+            f"use one of {achievable}, or --granularity kv-head"
+        )
+    return int(round(keep))

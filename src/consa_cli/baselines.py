@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from consa_cli.allocation import Allocation, AllocationError, full_unit_count
+from consa_cli.allocation import Allocation, AllocationError, full_heads_per_layer, full_unit_count
 
 RULES = ("interleaved", "bottom", "top", "middle", "uniform-heads", "random")
 
@@ -43,17 +43,23 @@ def rule_allocation(
     if rule == "uniform-heads":
         if granularity == "layer":
             raise AllocationError("rule 'uniform-heads' needs --granularity kv-head or kv-head-per-layer")
-        keep = full_unit_count(num_kv_heads, sparsity)
-        for layer in range(num_layers):
-            heads = [(layer + h) % num_kv_heads for h in range(keep)]
-            fa_mask[layer, heads] = True
+        if granularity == "kv-head-per-layer":
+            per_layer = [full_heads_per_layer(num_kv_heads, sparsity)] * num_layers
+        else:  # spread the global count evenly over depth: every layer gets floor or ceil of the mean
+            keep = full_unit_count(num_layers * num_kv_heads, sparsity)
+            extra = set(_evenly_spaced(keep % num_layers, num_layers)) if keep % num_layers else set()
+            per_layer = [keep // num_layers + (layer in extra) for layer in range(num_layers)]
+        offset = 0
+        for layer, count in enumerate(per_layer):  # rotate which heads, so no head index is favoured
+            fa_mask[layer, [(offset + h) % num_kv_heads for h in range(count)]] = True
+            offset += count
     elif rule == "random":
         generator = torch.Generator().manual_seed(seed)
         if granularity == "layer":
             keep = full_unit_count(num_layers, sparsity)
             fa_mask[torch.randperm(num_layers, generator=generator)[:keep]] = True
         elif granularity == "kv-head-per-layer":
-            keep = full_unit_count(num_kv_heads, sparsity)
+            keep = full_heads_per_layer(num_kv_heads, sparsity)
             for layer in range(num_layers):
                 fa_mask[layer, torch.randperm(num_kv_heads, generator=generator)[:keep]] = True
         else:

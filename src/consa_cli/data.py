@@ -94,6 +94,9 @@ def load_documents(data: str) -> list[str]:
     records and ``.parquet`` rows give their ``text`` field); a directory, read recursively for such files;
     or a Hub dataset id ``name`` or ``name:config``, whose ``train`` split's ``text`` column is used.
     """
+    if data == EMBEDDED_CORPUS:  # our own JSONL: read directly, no need for the datasets library
+        lines = embedded_corpus_path().read_text(encoding="utf-8").splitlines()
+        return [json.loads(line)["text"] for line in lines if line.strip()]
     files = _local_files(data)
     texts = _read_hub(data) if files is None else [text for path in files for text in _read_file(path)]
     texts = [text for text in texts if isinstance(text, str) and text.strip()]
@@ -142,8 +145,6 @@ def load_token_sequences(
 
 def _local_files(data: str) -> list[Path] | None:
     """The files that ``data`` names, or ``None`` when it names a Hub dataset."""
-    if data == EMBEDDED_CORPUS:
-        return [embedded_corpus_path()]
     path = Path(data).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _LOADERS)

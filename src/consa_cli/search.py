@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from consa_cli.allocation import Allocation, full_unit_count
+from consa_cli.allocation import Allocation, full_heads_per_layer, full_unit_count
 from consa_cli.attention import install_hybrid, remove_hybrid, set_fa_weights
 from consa_cli.settings import SearchSettings, settings_to_dict
 
@@ -97,7 +97,7 @@ class UnitLayout:
         """Exact-count FA mask ``[L, H]`` keeping the highest-scoring units (per layer for the per-layer scope)."""
         if self.granularity == "kv-head-per-layer":
             per_layer = scores.view(self.num_layers, self.num_kv_heads)
-            keep = full_unit_count(self.num_kv_heads, sparsity)
+            keep = full_heads_per_layer(self.num_kv_heads, sparsity)
             mask = torch.zeros_like(per_layer, dtype=torch.bool)
             top = per_layer.topk(keep, dim=1, sorted=False).indices if keep else None
             if top is not None:
@@ -159,13 +159,15 @@ def run_search(
     device = next(model.parameters()).device
     config = model.config
     layout = UnitLayout(settings.granularity, config.num_hidden_layers, config.num_key_value_heads)
+    if settings.granularity == "kv-head-per-layer":
+        full_heads_per_layer(layout.num_kv_heads, settings.sparsity)  # fail before any compute
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
 
     gates = HardConcreteGates(layout.num_units, settings.log_alpha_init, settings.temperature,
                               settings.stretch_low, settings.stretch_high).to(device)
     lagrange_linear = nn.Parameter(torch.zeros(layout.num_constraints, device=device))
-    lagrange_quadratic = nn.Parameter(torch.zeros(layout.num_constraints, device=device))
+    lagrange_quadratic = nn.Parameter(torch.full((layout.num_constraints,), float(settings.penalty_init), device=device))
     gate_optimizer = torch.optim.Adam(gates.parameters(), lr=settings.gate_lr)
     multiplier_optimizer = torch.optim.SGD([lagrange_linear, lagrange_quadratic], lr=settings.multiplier_lr,
                                            maximize=True)

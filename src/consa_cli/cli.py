@@ -1,0 +1,306 @@
+"""The ``consa`` command line. Parses flags, calls the pipeline functions, prints; holds no logic of its own."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from consa_cli.settings import SearchSettings
+
+app = typer.Typer(
+    help="Learn which layers or KV heads of a causal LM keep full attention (ConSA): search -> export -> eval.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=False)
+errors = Console(stderr=True)
+DEFAULTS = SearchSettings()
+STATE = {"debug": False}
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn expected failures into one line on stderr and exit code 2 (a traceback only with --debug)."""
+    from consa_cli.allocation import AllocationError
+    from consa_cli.data import DataError
+    from consa_cli.export import ExportError
+    from consa_cli.families import UnsupportedModelError
+    from consa_cli.models import ModelError
+    from consa_cli.settings import SettingsError
+
+    expected = (AllocationError, DataError, ExportError, UnsupportedModelError, ModelError, SettingsError,
+                FileExistsError, FileNotFoundError, PermissionError, FloatingPointError)
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        errors.print("interrupted", style="yellow")
+        raise typer.Exit(130) from None
+    except Exception as error:  # noqa: BLE001 - every failure ends as one line unless --debug
+        if STATE["debug"]:
+            traceback.print_exc()
+        import torch
+
+        if isinstance(error, torch.OutOfMemoryError):
+            message = "out of memory; lower --seq-len or --batch-size, or use --dtype bfloat16"
+        elif isinstance(error, expected):
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        else:
+            message = f"unexpected {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            message += " (rerun with --debug for the traceback)"
+        errors.print(f"error: {message}", style="red", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors.")):
+    STATE["debug"] = debug
+
+
+def _default(name: str) -> str:
+    return f"[default: {getattr(DEFAULTS, name)}]"
+
+
+@app.command()
+def search(
+    model: str = typer.Option(None, "--model", "-m", help="Hub id, alias (Qwen3-0.6B), local checkpoint dir or .gguf "
+                              "file. [default: the embedded SmolLM2-135M-Instruct]"),
+    sparsity: float = typer.Option(None, help=f"Fraction of units that become sliding-window. {_default('sparsity')}"),
+    granularity: str = typer.Option(None, help="Unit: layer, kv-head (one global constraint) or kv-head-per-layer "
+                                    f"(same ratio in every layer). {_default('granularity')}"),
+    window: int = typer.Option(None, help=f"Sliding window in tokens, the query included. {_default('window')}"),
+    sink_tokens: int = typer.Option(None, help="Leading tokens sliding-window units always see "
+                                    "[default: 4 for Llama/Qwen/Mistral, 0 for Gemma3]"),
+    seq_len: int = typer.Option(None, help=f"Tokens per calibration sequence. {_default('seq_len')}"),
+    data: str = typer.Option(None, help="Calibration text: 'embedded:enwiki', a .txt/.jsonl/.parquet file or dir, "
+                             f"or a hub dataset id. {_default('data')}"),
+    steps: int = typer.Option(None, help=f"Optimisation steps. {_default('steps')}"),
+    batch_size: int = typer.Option(None, help=f"Sequences per step. {_default('batch_size')}"),
+    loss: str = typer.Option(None, help="kl (match the dense model's own outputs) or lm (next-token loss). "
+                             f"{_default('loss')}"),
+    seed: int = typer.Option(None, help=f"Seed for data order and gate noise. {_default('seed')}"),
+    gate_lr: float = typer.Option(None, help=f"Adam learning rate of the gates' log_alpha. {_default('gate_lr')}"),
+    multiplier_lr: float = typer.Option(None, help="Ascent rate of the Lagrange multipliers. "
+                                        f"{_default('multiplier_lr')}"),
+    target_warmup_steps: int = typer.Option(None, help="Steps over which the target sparsity ramps up from 0. "
+                                            f"{_default('target_warmup_steps')}"),
+    penalty_init: float = typer.Option(None, help="Starting value of the quadratic multiplier phi; damps the "
+                                       f"overshoot of E[s] around the target. {_default('penalty_init')}"),
+    dtype: str = typer.Option(None, help=f"Model dtype: bfloat16, float32 or float16. {_default('dtype')}"),
+    device: str = typer.Option(None, help=f"cpu, cuda, cuda:N or auto. {_default('device')}"),
+    output: str = typer.Option(None, "--output", "-o", help=f"Run directory to write. {_default('output')}"),
+    recipe: Path = typer.Option(None, help="YAML file of settings (see recipes/); flags override it."),
+    force: bool = typer.Option(False, help="Overwrite an existing run directory."),
+):
+    """Learn an allocation: hard-concrete gates + augmented Lagrangian on calibration text, weights frozen."""
+    from consa_cli.search import search as run
+    from consa_cli.settings import build_settings
+
+    with user_errors():
+        settings = build_settings(
+            SearchSettings, recipe, model=model, sparsity=sparsity, granularity=granularity, window=window,
+            sink_tokens=sink_tokens, seq_len=seq_len, data=data, steps=steps, batch_size=batch_size, loss=loss,
+            seed=seed, gate_lr=gate_lr, multiplier_lr=multiplier_lr, target_warmup_steps=target_warmup_steps,
+            penalty_init=penalty_init, dtype=dtype, device=device, output=output,
+        )
+        progress = Progress(
+            TextColumn("[bold]search"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TimeRemainingColumn(), TextColumn("{task.description}"), console=console,
+        )
+        task = progress.add_task("", total=settings.steps)
+
+        def on_start(info: dict) -> None:
+            console.print(
+                f"model [bold]{info['model']}[/] on {info['device']}: {info['units']} {settings.granularity} units, "
+                f"target sparsity {settings.sparsity}, window {settings.window} + {info['sink_tokens']} sinks, "
+                f"{info['calibration_sequences']} x {settings.seq_len}-token calibration sequences, {settings.loss} loss"
+            )
+            progress.start()
+
+        def on_step(record: dict) -> None:
+            progress.update(task, advance=1, description=(
+                f"loss {record['task_loss']:.4f}  E[s] {record['expected_sparsity']:.3f}/"
+                f"{record['target_sparsity']:.3f}  lambda {record['lambda']:+.3f}  phi {record['phi']:.3f}"
+            ))
+
+        try:
+            result = run(settings, force=force, on_start=on_start, on_step=on_step)
+        finally:
+            progress.stop()
+        allocation = result.allocation
+        console.print(allocation.describe())
+        _print_mask(allocation)
+        meta = allocation.metadata
+        console.print(
+            f"log_alpha > 0 threshold keeps {meta['full_units_threshold']} units; ranking keeps exactly "
+            f"{allocation.num_full_units} ({meta['units_where_ranking_differs_from_threshold']} units differ). "
+            f"{result.seconds:.0f} s. Written to {settings.output}"
+        )
+
+
+def _print_mask(allocation) -> None:
+    console.print("layer  KV heads ('#' full attention, '.' sliding window)")
+    for layer, row in enumerate(allocation.render_rows()):
+        console.print(f"{layer:>5}  {row}", highlight=False)
+
+
+@app.command()
+def baseline(
+    rule: str = typer.Option("interleaved", help="interleaved, bottom, top, middle, uniform-heads or random."),
+    model: str = typer.Option(None, "--model", "-m", help="Model the allocation is for [default: embedded model]."),
+    sparsity: float = typer.Option(DEFAULTS.sparsity, help="Fraction of units that become sliding-window."),
+    granularity: str = typer.Option("layer", help="layer, kv-head or kv-head-per-layer."),
+    window: int = typer.Option(DEFAULTS.window, help="Sliding window in tokens."),
+    sink_tokens: int = typer.Option(None, help="Sink tokens [default: the family's default]."),
+    seed: int = typer.Option(0, help="Seed of the random rule."),
+    output: str = typer.Option(..., "--output", "-o", help="Directory to write allocation.safetensors into."),
+    force: bool = typer.Option(False, help="Overwrite an existing directory."),
+):
+    """Write a hand-written rule allocation (same format as a learned one) for export and eval."""
+    from consa_cli.allocation import ALLOCATION_FILE
+    from consa_cli.baselines import rule_allocation
+    from consa_cli.families import adapter_for
+    from consa_cli.models import DEFAULT_MODEL, load_model_and_tokenizer, model_fingerprint
+    from consa_cli.search import prepare_run_dir
+    from consa_cli.settings import SettingsError
+
+    with user_errors():
+        if not 0.0 <= sparsity <= 1.0:
+            raise SettingsError(f"--sparsity must be between 0 and 1, got {sparsity}")
+        if window < 1:
+            raise SettingsError(f"--window must be at least 1, got {window}")
+        loaded, _ = load_model_and_tokenizer(model)
+        sinks = sink_tokens if sink_tokens is not None else adapter_for(loaded.config.model_type).default_sink_tokens
+        allocation = rule_allocation(rule, loaded.config.num_hidden_layers, loaded.config.num_key_value_heads,
+                                     sparsity, granularity, window, sinks, seed, model or DEFAULT_MODEL,
+                                     model_fingerprint(loaded))
+        directory = prepare_run_dir(output, force)
+        allocation.save(directory / ALLOCATION_FILE)
+        console.print(allocation.describe())
+        _print_mask(allocation)
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="Run directory from `consa search`/`consa baseline`, or an allocation "
+                                   "file."),
+    output: Path = typer.Option(..., "--output", "-o", help="Checkpoint directory to write."),
+    model: str = typer.Option(None, "--model", "-m", help="Override the model named in the allocation."),
+    force: bool = typer.Option(False, help="Replace an existing output directory."),
+    verify: bool = typer.Option(True, help="Check a native export reproduces consa's runtime logits."),
+):
+    """Write a loadable checkpoint: safetensors weights, mask file, tokenizer, patched config.json."""
+    from consa_cli.export import export_checkpoint
+
+    with user_errors():
+        result = export_checkpoint(run_dir, output, model_name=model, force=force, verify=verify)
+        how = ("plain transformers: AutoModelForCausalLM.from_pretrained(path)" if result.loader == "transformers"
+               else "consa_cli.load_hybrid(path)")
+        console.print(f"{result.allocation.describe()}\nwrote {result.path}; load it with {how}")
+        if result.max_logit_difference is not None:
+            console.print(f"verified: native load matches consa's runtime (max logit difference "
+                          f"{result.max_logit_difference:.2e})")
+
+
+@app.command("eval")
+def eval_command(
+    targets: list[str] = typer.Argument(..., help="Export dirs, run dirs / allocation files (applied to their "
+                                        "model in memory) or model names, compared side by side."),
+    data: str = typer.Option(None, help="Evaluation text (its held-out split) [default: embedded:enwiki]."),
+    seq_len: list[int] = typer.Option(None, "--seq-len", help="Sequence length; repeat for several [default: 1024]."),
+    max_sequences: int = typer.Option(None, help="Held-out sequences per length [default: 32]."),
+    batch_size: int = typer.Option(None, help="Sequences per forward pass [default: 1]."),
+    dtype: str = typer.Option(None, help="bfloat16, float32 or float16 [default: bfloat16]."),
+    device: str = typer.Option(None, help="cpu or cuda [default: cpu]."),
+    dense: bool = typer.Option(True, help="Include the dense original model as the reference row."),
+    dense_model: str = typer.Option(None, help="Dense reference model [default: the targets' source model]."),
+    json_path: Path = typer.Option(None, "--json", help="Also write the results as JSON here."),
+):
+    """Held-out perplexity of hybrids next to the dense original (paired per-sequence statistics)."""
+    from consa_cli.evaluate import DTYPES, EvalSettings, evaluate, resolve_target
+    from consa_cli.settings import SettingsError
+
+    with user_errors():
+        settings = EvalSettings()
+        for name, value in {"data": data, "seq_lens": seq_len or None, "max_sequences": max_sequences,
+                            "batch_size": batch_size, "dtype": dtype, "device": device,
+                            "dense_model": dense_model}.items():
+            if value is not None:
+                setattr(settings, name, value)
+        settings.include_dense = dense
+        if settings.dtype not in DTYPES:
+            raise SettingsError(f"--dtype must be one of {', '.join(DTYPES)}")
+        if any(n < 2 for n in settings.seq_lens) or settings.max_sequences < 1 or settings.batch_size < 1:
+            raise SettingsError("--seq-len must be >= 2, --max-sequences and --batch-size >= 1")
+        resolved = [resolve_target(spec) for spec in targets]
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=console, transient=True) as progress:
+            tasks: dict[str, int] = {}
+
+            def on_progress(label: str, done: int, total: int) -> None:
+                if label not in tasks:
+                    tasks[label] = progress.add_task(label, total=total * len(settings.seq_lens))
+                progress.advance(tasks[label], done)
+
+            rows = evaluate(resolved, settings, on_progress)
+        _print_eval_table(rows)
+        if json_path is not None:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps({"settings": settings.__dict__, "rows": rows}, indent=2) + "\n")
+            console.print(f"wrote {json_path}")
+
+
+def _print_eval_table(rows: list[dict]) -> None:
+    table = Table(title="held-out perplexity (delta = mean per-sequence NLL difference vs dense, paired t)")
+    for column in ("model", "method", "granularity", "FA units", "sparsity", "window+sinks", "seq len", "PPL",
+                   "delta NLL", "t"):
+        table.add_column(column, justify="left" if column in ("model", "method", "granularity") else "right")
+    for row in rows:
+        units = f"{row['full_units']}/{row['units']}" if row["units"] else "all"
+        window = f"{row['sliding_window']}+{row['sink_tokens']}" if row["sliding_window"] else "-"
+        delta = f"{row['delta_nll_vs_dense']:+.4f}" if "delta_nll_vs_dense" in row else "ref" if row.get(
+            "is_reference") else "-"
+        t_stat = f"{row['paired_t_vs_dense']:.1f}" if "paired_t_vs_dense" in row else "-"
+        table.add_row(row["label"], row["method"], row["granularity"] or "-", units, f"{row['sparsity']:.3f}",
+                      window, str(row["seq_len"]), f"{row['ppl']:.3f}", delta, t_stat)
+    console.print(table)
+
+
+@app.command()
+def show(allocation_path: Path = typer.Argument(..., help="Allocation file, run directory or export directory.")):
+    """Print an allocation's layers x KV-heads mask."""
+    from consa_cli.allocation import Allocation
+    from consa_cli.export import MASK_FILE
+
+    with user_errors():
+        path = allocation_path / MASK_FILE if (allocation_path / MASK_FILE).is_file() else allocation_path
+        allocation = Allocation.load(path)
+        console.print(allocation.describe())
+        _print_mask(allocation)
+
+
+def run() -> None:
+    """Console-script entry point."""
+    app(prog_name="consa")
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -1,0 +1,168 @@
+"""``consa export``: write a hybrid checkpoint, and ``load_hybrid`` to read it back.
+
+An export directory is an ordinary transformers checkpoint (safetensors weights, tokenizer, ``config.json``)
+plus ``consa_mask.safetensors`` holding the allocation. ``config.json`` carries a ``consa`` section that says
+how to load it:
+
+* ``loader: transformers`` -- a layer allocation without sinks in a family with a native hybrid config
+  (Qwen3/Qwen2 ``layer_types``; Llama relabelled as SmolLM3; Mistral as Ministral). Plain
+  ``AutoModelForCausalLM.from_pretrained`` runs it as the hybrid, no consa import needed.
+* ``loader: consa`` -- everything else (KV-head allocations, sinks): ``consa_cli.load_hybrid(path)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from consa_cli.allocation import Allocation, AllocationError
+from consa_cli.attention import hybrid_attention, install_hybrid
+from consa_cli.families import adapter_for
+from consa_cli.models import load_model_and_tokenizer, model_fingerprint
+
+MASK_FILE = "consa_mask.safetensors"
+LOADER_TRANSFORMERS = "transformers"
+LOADER_CONSA = "consa"
+
+
+class ExportError(ValueError):
+    """The export cannot be written or read back."""
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    loader: str
+    allocation: Allocation
+    max_logit_difference: float | None  # native export vs consa runtime, when verified
+
+
+def native_config(config: dict, allocation: Allocation) -> dict | None:
+    """The plain-transformers config for ``allocation``, or None when only consa's runtime can run it."""
+    if allocation.sink_tokens != 0 or not all(bool((row == row[0]).all()) for row in allocation.fa_mask):
+        return None
+    export = adapter_for(config["model_type"]).native_layer_export
+    return export(config, allocation.layer_is_full, allocation.sliding_window) if export else None
+
+
+def export_checkpoint(
+    allocation_path: str | Path,
+    output: str | Path,
+    model_name: str | None = None,
+    force: bool = False,
+    verify: bool = True,
+) -> ExportResult:
+    """Write the model named by the allocation (or ``model_name``) with the allocation into ``output``.
+
+    The directory is written under a temporary name and renamed at the end, so an interrupted export never
+    leaves a half-written checkpoint. An existing ``output`` is only replaced with ``force``.
+    """
+    output = Path(output)
+    allocation = Allocation.load(allocation_path)
+    if output.exists() and not force:
+        raise ExportError(f"{output} already exists; pass --force to replace it")
+    name = model_name or allocation.model or None
+    model, tokenizer = load_model_and_tokenizer(name, dtype=None)
+    allocation.check_fits(model.config.num_hidden_layers, model.config.num_key_value_heads,
+                          model_fingerprint(model))
+
+    original_config = model.config.to_dict()
+    patched = native_config(original_config, allocation)
+    loader = LOADER_TRANSFORMERS if patched is not None else LOADER_CONSA
+    config_dict = patched if patched is not None else dict(original_config)
+    config_dict["consa"] = {
+        "loader": loader,
+        "load_with": "transformers.AutoModelForCausalLM.from_pretrained"
+        if loader == LOADER_TRANSFORMERS else "consa_cli.load_hybrid",
+        "mask_file": MASK_FILE,
+        "source_model": allocation.model,
+        "allocation": allocation.settings_dict(),
+    }
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+        allocation.save(staging / MASK_FILE)
+        difference = _verify_native(staging, model, allocation) if verify and patched is not None else None
+        _replace_directory(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ExportResult(output, loader, allocation, difference)
+
+
+def _verify_native(path: Path, model, allocation: Allocation) -> float:
+    """Max |logit| difference between plain transformers on the export and consa's runtime on the source."""
+    length = min(2 * allocation.sliding_window + 16, getattr(model.config, "max_position_embeddings", 4096))
+    tokens = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+    native = AutoModelForCausalLM.from_pretrained(path, dtype=model.dtype).eval()
+    with torch.no_grad():
+        native_logits = native(tokens).logits.float()
+        with hybrid_attention(model, allocation.fa_mask, allocation.sliding_window, allocation.sink_tokens):
+            consa_logits = model(tokens).logits.float()
+    difference = (native_logits - consa_logits).abs().max().item()
+    tolerance = 1e-3 if model.dtype == torch.float32 else 5e-2 * consa_logits.abs().max().item()
+    if difference > tolerance:
+        raise ExportError(f"native export does not reproduce consa's runtime (max logit difference {difference:.3g})")
+    return difference
+
+
+def _replace_directory(staging: Path, output: Path) -> None:
+    """Move ``staging`` to ``output``; an old ``output`` is removed only once the new one is in place."""
+    backup = None
+    if output.exists():
+        backup = output.with_name(f".{output.name}.old")
+        shutil.rmtree(backup, ignore_errors=True)
+        os.replace(output, backup)
+    os.replace(staging, output)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def read_export_config(path: str | Path) -> dict:
+    """The ``consa`` section of an export's config.json."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise ExportError(f"{path} is not a checkpoint directory (no config.json)")
+    try:
+        section = json.loads(config_file.read_text()).get("consa")
+    except json.JSONDecodeError as error:
+        raise ExportError(f"{config_file} is not valid JSON ({error})") from None
+    if not section:
+        raise ExportError(f"{path} is not a consa export (config.json has no 'consa' section)")
+    return section
+
+
+def load_hybrid(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu",
+                return_tokenizer: bool = False):
+    """Load a ``consa export`` directory as a ready-to-use transformers model running its hybrid attention.
+
+    Checks that the mask fits the weights (layer and KV-head counts, model fingerprint) and says what differs.
+    """
+    path = Path(path)
+    section = read_export_config(path)
+    allocation = Allocation.load(path / section.get("mask_file", MASK_FILE))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto").to(device).eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    allocation.check_fits(model.config.num_hidden_layers, model.config.num_key_value_heads,
+                          model_fingerprint(model))
+    if section.get("loader") != LOADER_TRANSFORMERS:
+        install_hybrid(model, allocation.fa_mask.to(device), allocation.sliding_window, allocation.sink_tokens)
+    model.consa_allocation = allocation
+    if return_tokenizer:
+        return model, AutoTokenizer.from_pretrained(path)
+    return model
+
+
+__all__ = ["AllocationError", "ExportError", "ExportResult", "export_checkpoint", "load_hybrid", "native_config"]

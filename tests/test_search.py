@@ -1,0 +1,106 @@
+"""The search: hard-concrete gates, the constraint, exact counts, determinism, and that it learns something."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from consa_cli.search import HardConcreteGates, UnitLayout, run_search, target_at
+from consa_cli.settings import SearchSettings, SettingsError, build_settings
+
+SEQUENCES = torch.randint(0, 96, (16, 64), generator=torch.Generator().manual_seed(3))
+
+
+def settings(**overrides):
+    values = dict(window=8, seq_len=64, steps=40, sparsity=0.5, target_warmup_steps=10, dtype="float32")
+    return SearchSettings(**{**values, **overrides})
+
+
+def test_prob_full_matches_sampled_frequency():
+    gates = HardConcreteGates(4)
+    with torch.no_grad():
+        gates.log_alpha.copy_(torch.tensor([-3.0, -1.0, 0.5, 3.0]))
+        samples = torch.stack([gates.sample() for _ in range(20000)])
+    frequency = (samples > 0).float().mean(dim=0)
+    torch.testing.assert_close(frequency, gates.prob_full().detach(), atol=0.015, rtol=0)
+    assert samples.min() >= 0 and samples.max() <= 1
+    assert ((samples == 0) | (samples == 1)).float().mean() > 0.2  # hard-concrete puts mass on exact 0 and 1
+
+
+def test_initial_gates_are_full_attention():
+    gates = HardConcreteGates(10)
+    assert gates.prob_full().min() > 0.99
+    assert (gates.deterministic() == 1).all()
+
+
+def test_layout_constraints_and_exact_ranking():
+    per_layer = UnitLayout("kv-head-per-layer", 3, 4)
+    scores = torch.tensor([9.0, 1, 2, 3, 0, 8, 7, 6, 5, 4, 3, 10])
+    mask = per_layer.rank_to_mask(scores, 0.5)
+    assert mask.sum(dim=1).tolist() == [2, 2, 2]
+    assert mask[0].tolist() == [True, False, False, True]
+    assert per_layer.constraint_sparsity(torch.full((12,), 0.25)).tolist() == [0.75] * 3
+    global_heads = UnitLayout("kv-head", 3, 4)
+    assert global_heads.rank_to_mask(scores, 0.75).flatten().nonzero().flatten().tolist() == [0, 5, 11]
+    layers = UnitLayout("layer", 3, 4)
+    assert layers.rank_to_mask(torch.tensor([0.0, 2.0, 1.0]), 0.5).tolist() == [[False] * 4, [True] * 4, [False] * 4]
+
+
+@pytest.mark.parametrize("granularity", ["layer", "kv-head", "kv-head-per-layer"])
+@pytest.mark.parametrize("loss", ["kl", "lm"])
+def test_search_hits_exact_count_and_approaches_target(granularity, loss):
+    model = tiny_model("qwen3")
+    result = run_search(settings(granularity=granularity, loss=loss), model, SEQUENCES, sink_tokens=2)
+    allocation = result.allocation
+    assert allocation.sparsity == pytest.approx(0.5)
+    if granularity == "kv-head-per-layer":
+        assert allocation.fa_mask.sum(dim=1).tolist() == [1, 1, 1, 1]
+    assert len(result.metrics) == 40
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.metrics)
+    assert result.metrics[0]["expected_sparsity"] < 0.05  # starts dense
+    assert abs(result.metrics[-1]["expected_sparsity"] - 0.5) < 0.15
+    assert model.config._attn_implementation == "sdpa"  # hybrid removed afterwards
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_search_is_deterministic_for_a_seed():
+    first = run_search(settings(steps=10), tiny_model("llama"), SEQUENCES, 2).allocation.scores
+    second = run_search(settings(steps=10), tiny_model("llama"), SEQUENCES, 2).allocation.scores
+    third = run_search(settings(steps=10, seed=1), tiny_model("llama"), SEQUENCES, 2).allocation.scores
+    assert torch.equal(first, second)
+    assert not torch.equal(first, third)
+
+
+def test_search_keeps_full_attention_where_it_matters():
+    """Layers whose attention output is switched off cannot affect the loss: they must be the ones made SWA."""
+    model = tiny_model("qwen3", num_hidden_layers=4)
+    with torch.no_grad():
+        for layer in (0, 2):
+            model.model.layers[layer].self_attn.o_proj.weight.zero_()
+    result = run_search(settings(granularity="layer", steps=60), model, SEQUENCES, sink_tokens=0)
+    assert result.allocation.layer_is_full == [False, True, False, True]
+
+
+def test_target_warmup_ramps_linearly():
+    s = settings(sparsity=0.6, target_warmup_steps=3)
+    assert [round(target_at(step, s), 3) for step in range(5)] == [0.2, 0.4, 0.6, 0.6, 0.6]
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"sparsity": 1.5}, "--sparsity"), ({"granularity": "head"}, "--granularity"), ({"loss": "mse"}, "--loss"),
+    ({"window": 2048}, "smaller than --seq-len"), ({"steps": 0}, "--steps"), ({"sink_tokens": -1}, "--sink-tokens"),
+])
+def test_invalid_settings_are_rejected(overrides, message):
+    with pytest.raises(SettingsError, match=message):
+        build_settings(SearchSettings, None, **overrides)
+
+
+def test_recipe_values_are_overridden_by_flags(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("sparsity: 0.5\nwindow: 64\nsteps: 7\n")
+    built = build_settings(SearchSettings, recipe, steps=9)
+    assert (built.sparsity, built.window, built.steps) == (0.5, 64, 9)
+    recipe.write_text("sparsity: 0.5\nwindw: 64\n")
+    with pytest.raises(SettingsError, match="unknown settings: windw"):
+        build_settings(SearchSettings, recipe)
