@@ -37,3 +37,72 @@ def tiny_model(family: str, seed: int = 0, **config_overrides):
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param
+
+
+# --- saved checkpoints for export / eval / CLI tests ------------------------------------------------------
+
+TOKENIZER_WORDS = [f"w{i}" for i in range(2, 96)]  # ids 2..95: with <unk> and <eos> exactly vocab_size=96
+
+
+def tiny_tokenizer():
+    """Offline word-level tokenizer over the tiny models' 96-token vocabulary (``<unk>`` 0, ``<eos>`` 1)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, **{word: i for i, word in enumerate(TOKENIZER_WORDS, start=2)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
+
+
+def save_tiny(path, family: str = "qwen3", seed: int = 0, **config_overrides):
+    """Save a tiny random ``family`` model and the tiny tokenizer as a checkpoint directory; returns the model."""
+    model = tiny_model(family, seed=seed, **config_overrides)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return model
+
+
+def tiny_text(words: int = 2000, seed: int = 0) -> str:
+    """Random text in the tiny tokenizer's vocabulary: one token per word, lines of 20 words."""
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(0, len(TOKENIZER_WORDS), (words,), generator=generator).tolist()
+    lines = [" ".join(TOKENIZER_WORDS[i] for i in picks[start : start + 20]) for start in range(0, words, 20)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """One saved tiny qwen3 checkpoint (with tokenizer), shared read-only by the whole session."""
+    path = tmp_path_factory.mktemp("tiny-qwen3")
+    save_tiny(path, "qwen3")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_text_file(tmp_path_factory):
+    """A .txt file of 2000 tokens under the tiny tokenizer: 50 calibration and 12 evaluation 32-token sequences."""
+    path = tmp_path_factory.mktemp("tiny-data") / "text.txt"
+    path.write_text(tiny_text())
+    return path
+
+
+@pytest.fixture(scope="session")
+def session_cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("consa-cache")
+
+
+@pytest.fixture
+def isolated_consa_cache(monkeypatch, session_cache_dir):
+    """Point consa's cache (token streams, dataset conversions) at a session-wide temporary directory."""
+    monkeypatch.setenv("CONSA_CACHE", str(session_cache_dir))
+    return session_cache_dir
+
+
+@pytest.fixture
+def one_thread():
+    """Run torch on one thread: tiny models gain nothing from more, and lose a lot when other work holds the cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

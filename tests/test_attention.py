@@ -30,7 +30,10 @@ def test_native_allocation_reproduces_original_logits(family):
     assert native.num_full_units == (4 if family != "gemma3_text" else 0)  # tiny Gemma3: 4 layers < 6
     with hybrid_attention(model, native.fa_mask, native.sliding_window, native.sink_tokens):
         hybrid = model(TOKENS).logits
-    torch.testing.assert_close(hybrid, reference, rtol=0, atol=0)
+    # Full attention takes the very same SDPA call: bit-exact. Gemma3's sliding layers go through consa's
+    # blocked sliding-window path, which sums in another order: equal to float32 rounding.
+    tolerance = 0.0 if family != "gemma3_text" else 1e-5
+    torch.testing.assert_close(hybrid, reference, rtol=0, atol=tolerance)
     assert model.config._attn_implementation == "sdpa"  # restored
 
 

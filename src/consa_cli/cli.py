@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from collections.abc import Iterator
@@ -29,7 +30,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console(stderr=False)
+# Wide enough for the comparison table when output goes to a file or CI log (rich defaults to 80 there).
+console = Console(stderr=False, width=None if sys.stdout.isatty() else 150)
 errors = Console(stderr=True)
 DEFAULTS = SearchSettings()
 STATE = {"debug": False}
@@ -73,22 +75,42 @@ def user_errors() -> Iterator[None]:
 @app.callback()
 def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors.")):
     STATE["debug"] = debug
+    if not sys.stderr.isatty():
+        _quiet_library_progress_bars()
+
+
+def _quiet_library_progress_bars() -> None:
+    """Turn off transformers' / datasets' / the hub's tqdm bars when stderr is not a terminal.
+
+    In logs, pipes and CI they are carriage-return noise around consa's own output and one-line errors.
+    Modules not imported yet read the environment; those already imported are told directly.
+    """
+    for variable in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        os.environ.setdefault(variable, "1")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        import datasets
+
+        datasets.disable_progress_bars()
 
 
 def _default(name: str) -> str:
-    return f"[default: {getattr(DEFAULTS, name)}]"
+    return f"\\[default: {getattr(DEFAULTS, name)}]"  # escaped: rich would read [..] as markup
 
 
 @app.command()
 def search(
     model: str = typer.Option(None, "--model", "-m", help="Hub id, alias (Qwen3-0.6B), local checkpoint dir or .gguf "
-                              "file. [default: the embedded SmolLM2-135M-Instruct]"),
+                              "file. \\[default: the embedded SmolLM2-135M-Instruct]"),
     sparsity: float = typer.Option(None, help=f"Fraction of units that become sliding-window. {_default('sparsity')}"),
     granularity: str = typer.Option(None, help="Unit: layer, kv-head (one global constraint) or kv-head-per-layer "
                                     f"(same ratio in every layer). {_default('granularity')}"),
     window: int = typer.Option(None, help=f"Sliding window in tokens, the query included. {_default('window')}"),
     sink_tokens: int = typer.Option(None, help="Leading tokens sliding-window units always see "
-                                    "[default: 4 for Llama/Qwen/Mistral, 0 for Gemma3]"),
+                                    "\\[default: 4 for Llama/Qwen/Mistral, 0 for Gemma3]"),
     seq_len: int = typer.Option(None, help=f"Tokens per calibration sequence. {_default('seq_len')}"),
     data: str = typer.Option(None, help="Calibration text: 'embedded:enwiki', a .txt/.jsonl/.parquet file or dir, "
                              f"or a hub dataset id. {_default('data')}"),
@@ -103,7 +125,7 @@ def search(
     target_warmup_steps: int = typer.Option(None, help="Steps over which the target sparsity ramps up from 0. "
                                             f"{_default('target_warmup_steps')}"),
     penalty_init: float = typer.Option(None, help="Starting value of the quadratic multiplier phi; damps the "
-                                       f"overshoot of E[s] around the target. {_default('penalty_init')}"),
+                                       f"overshoot of E\\[s] around the target. {_default('penalty_init')}"),
     dtype: str = typer.Option(None, help=f"Model dtype: bfloat16, float32 or float16. {_default('dtype')}"),
     device: str = typer.Option(None, help=f"cpu, cuda, cuda:N or auto. {_default('device')}"),
     output: str = typer.Option(None, "--output", "-o", help=f"Run directory to write. {_default('output')}"),
@@ -165,11 +187,11 @@ def _print_mask(allocation) -> None:
 @app.command()
 def baseline(
     rule: str = typer.Option("interleaved", help="interleaved, bottom, top, middle, uniform-heads or random."),
-    model: str = typer.Option(None, "--model", "-m", help="Model the allocation is for [default: embedded model]."),
+    model: str = typer.Option(None, "--model", "-m", help="Model the allocation is for \\[default: embedded model]."),
     sparsity: float = typer.Option(DEFAULTS.sparsity, help="Fraction of units that become sliding-window."),
     granularity: str = typer.Option("layer", help="layer, kv-head or kv-head-per-layer."),
     window: int = typer.Option(DEFAULTS.window, help="Sliding window in tokens."),
-    sink_tokens: int = typer.Option(None, help="Sink tokens [default: the family's default]."),
+    sink_tokens: int = typer.Option(None, help="Sink tokens \\[default: the family's default]."),
     seed: int = typer.Option(0, help="Seed of the random rule."),
     output: str = typer.Option(..., "--output", "-o", help="Directory to write allocation.safetensors into."),
     force: bool = typer.Option(False, help="Overwrite an existing directory."),
@@ -224,14 +246,14 @@ def export(
 def eval_command(
     targets: list[str] = typer.Argument(..., help="Export dirs, run dirs / allocation files (applied to their "
                                         "model in memory) or model names, compared side by side."),
-    data: str = typer.Option(None, help="Evaluation text (its held-out split) [default: embedded:enwiki]."),
-    seq_len: list[int] = typer.Option(None, "--seq-len", help="Sequence length; repeat for several [default: 1024]."),
-    max_sequences: int = typer.Option(None, help="Held-out sequences per length [default: 32]."),
-    batch_size: int = typer.Option(None, help="Sequences per forward pass [default: 1]."),
-    dtype: str = typer.Option(None, help="bfloat16, float32 or float16 [default: bfloat16]."),
-    device: str = typer.Option(None, help="cpu or cuda [default: cpu]."),
+    data: str = typer.Option(None, help="Evaluation text (its held-out split) \\[default: embedded:enwiki]."),
+    seq_len: list[int] = typer.Option(None, "--seq-len", help="Sequence length; repeat for several \\[default: 1024]."),
+    max_sequences: int = typer.Option(None, help="Held-out sequences per length \\[default: 32]."),
+    batch_size: int = typer.Option(None, help="Sequences per forward pass \\[default: 1]."),
+    dtype: str = typer.Option(None, help="bfloat16, float32 or float16 \\[default: bfloat16]."),
+    device: str = typer.Option(None, help="cpu or cuda \\[default: cpu]."),
     dense: bool = typer.Option(True, help="Include the dense original model as the reference row."),
-    dense_model: str = typer.Option(None, help="Dense reference model [default: the targets' source model]."),
+    dense_model: str = typer.Option(None, help="Dense reference model \\[default: the targets' source model]."),
     json_path: Path = typer.Option(None, "--json", help="Also write the results as JSON here."),
 ):
     """Held-out perplexity of hybrids next to the dense original (paired per-sequence statistics)."""

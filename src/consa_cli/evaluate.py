@@ -85,7 +85,9 @@ def paired_difference(candidate: torch.Tensor, reference: torch.Tensor) -> tuple
     if delta.numel() < 2:
         return mean, math.nan
     std = delta.std(unbiased=True).item()
-    return mean, (mean / (std / math.sqrt(delta.numel())) if std > 0 else math.inf * (1 if mean > 0 else -1))
+    if std == 0:  # every sequence differs by the same amount: +-inf, or 0 when the scores are identical
+        return mean, math.copysign(math.inf, mean) if mean != 0 else 0.0
+    return mean, mean / (std / math.sqrt(delta.numel()))
 
 
 def evaluate(targets: list[Target], settings: EvalSettings,
@@ -94,9 +96,10 @@ def evaluate(targets: list[Target], settings: EvalSettings,
     dtype = DTYPES[settings.dtype]
     rows: list[dict] = []
     dense_name = settings.dense_model or next((t.base_model for t in targets if t.base_model), None)
-    if settings.include_dense and dense_name is not None and not any(
-        t.kind == "model" and t.path == dense_name for t in targets
-    ):
+    listed = next((t for t in targets if t.kind == "model" and t.path == dense_name), None)
+    if listed is not None:  # the reference is scored first, so every other target gets its delta
+        targets = [listed, *(t for t in targets if t is not listed)]
+    elif settings.include_dense and dense_name is not None:
         targets = [Target(f"dense ({dense_name})", "model", dense_name, None, base_model=dense_name), *targets]
     loaded: dict[str, tuple] = {}
     sequences: dict[tuple, torch.Tensor] = {}

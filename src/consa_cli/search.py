@@ -22,6 +22,7 @@ from torch import nn
 
 from consa_cli.allocation import Allocation, full_heads_per_layer, full_unit_count
 from consa_cli.attention import install_hybrid, remove_hybrid, set_fa_weights
+from consa_cli.models import DEFAULT_MODEL
 from consa_cli.settings import SearchSettings, settings_to_dict
 
 
@@ -123,12 +124,21 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Mean per-token KL(teacher || student)."""
-    teacher_logp = F.log_softmax(teacher_logits.float(), dim=-1)
-    student_logp = F.log_softmax(student_logits.float(), dim=-1)
-    return F.kl_div(student_logp.flatten(0, -2), teacher_logp.flatten(0, -2), log_target=True,
-                    reduction="batchmean")
+def teacher_targets(teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense-model token distributions ``[tokens, vocab]`` and their mean entropy (the KL's constant part)."""
+    log_probs = F.log_softmax(teacher_logits.flatten(0, -2).float(), dim=-1)
+    probs = log_probs.exp()
+    return probs, -(probs * log_probs).sum(dim=-1).mean()
+
+
+def kl_to_teacher(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
+                  teacher_entropy: torch.Tensor) -> torch.Tensor:
+    """Mean per-token KL(teacher || student), as soft-label cross-entropy minus the teacher's entropy.
+
+    One fused cross-entropy instead of two log-softmaxes and a KL: about half the cost per step on a CPU,
+    where the 49k-word vocabulary of the embedded model makes the loss a large share of the step.
+    """
+    return F.cross_entropy(student_logits.flatten(0, -2).float(), teacher_probs) - teacher_entropy
 
 
 def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -185,16 +195,15 @@ def run_search(
             batch_idx = [order[(step * settings.batch_size + i) % len(order)] for i in range(settings.batch_size)]
             input_ids = sequences[torch.stack(batch_idx)].to(device)
 
-            teacher_logits = None
             if settings.loss == "kl":
                 set_fa_weights(model, all_full)
                 with torch.no_grad():
-                    teacher_logits = model(input_ids=input_ids, use_cache=False).logits
+                    teacher_probs, teacher_entropy = teacher_targets(model(input_ids=input_ids, use_cache=False).logits)
 
             z = gates.sample(generator)
             set_fa_weights(model, layout.to_fa_weights(z))
             logits = model(input_ids=input_ids, use_cache=False).logits
-            task_loss = (kl_to_teacher(logits, teacher_logits) if teacher_logits is not None
+            task_loss = (kl_to_teacher(logits, teacher_probs, teacher_entropy) if settings.loss == "kl"
                          else next_token_loss(logits, input_ids))
 
             target = target_at(step, settings)
@@ -244,7 +253,7 @@ def run_search(
         sliding_window=settings.window,
         sink_tokens=sink_tokens,
         method="learned",
-        model=settings.model or "",
+        model=settings.model or DEFAULT_MODEL,
         model_fingerprint=model_fingerprint,
         scores=scores,
     )
@@ -274,11 +283,19 @@ def environment_versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def prepare_run_dir(output: str | Path, force: bool) -> Path:
-    """Create the run directory, refusing to mix a new run into an old one unless ``force``."""
+def check_run_dir(output: str | Path, force: bool) -> Path:
+    """Refuse to mix a new run into an old one (unless ``force``) or to write into a file; creates nothing."""
     output = Path(output)
-    if output.exists() and any(output.iterdir()) and not force:
+    if output.exists() and not output.is_dir():
+        raise FileExistsError(f"{output} exists and is not a directory; choose another --output")
+    if output.is_dir() and any(output.iterdir()) and not force:
         raise FileExistsError(f"{output} already holds a run; pass --force to overwrite it or choose --output")
+    return output
+
+
+def prepare_run_dir(output: str | Path, force: bool) -> Path:
+    """:func:`check_run_dir`, then create the directory."""
+    output = check_run_dir(output, force)
     output.mkdir(parents=True, exist_ok=True)
     return output
 
@@ -296,15 +313,18 @@ def search(settings: SearchSettings, force: bool = False, on_start: Callable[[di
     from consa_cli.models import load_model_and_tokenizer, model_fingerprint
 
     settings.validate()
-    output = prepare_run_dir(settings.output, force)
+    check_run_dir(settings.output, force)  # fail before minutes of loading; create it only once all loaded
     device = resolve_device(settings.device)
     model, tokenizer = load_model_and_tokenizer(settings.model, dtype=getattr(torch, settings.dtype),
                                                 device=str(device))
+    if settings.granularity == "kv-head-per-layer":
+        full_heads_per_layer(model.config.num_key_value_heads, settings.sparsity)
     sink_tokens = settings.sink_tokens
     if sink_tokens is None:
         sink_tokens = adapter_for(model.config.model_type).default_sink_tokens
     # All calibration sequences: the seeded order draws from the whole split, not just its first articles.
     sequences = load_token_sequences(settings.data, tokenizer, settings.seq_len, "calibration")
+    output = prepare_run_dir(settings.output, force)
     if on_start is not None:
         on_start({"model": model.config.name_or_path, "sink_tokens": sink_tokens,
                   "calibration_sequences": sequences.shape[0], "device": str(device),

@@ -1,0 +1,256 @@
+"""The command line: search -> export -> eval -> show end to end, and one-line errors that write nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model
+from transformers import GPT2Config
+from typer.testing import CliRunner
+
+from consa_cli.allocation import Allocation
+from consa_cli.cli import app
+
+SEARCH = ["--seq-len", "32", "--window", "8", "--steps", "1"]
+runner = CliRunner()  # click >= 8.2 keeps stderr apart: result.stdout, result.stderr
+
+
+@pytest.fixture(autouse=True)
+def _isolated(isolated_consa_cache, one_thread, monkeypatch):
+    """Out of the real consa cache, on one torch thread; progress-bar settings restored afterwards."""
+    for variable in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        monkeypatch.setenv(variable, os.environ.get(variable, "1"))
+
+
+def invoke(*args: str | Path):
+    return runner.invoke(app, [str(arg) for arg in args])
+
+
+def tree(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path under ``root`` with its size and modification time."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+def test_search_export_eval_show_end_to_end(tmp_path, tiny_model_dir, tiny_text_file):
+    run_dir, export_dir, json_path = tmp_path / "run", tmp_path / "exp", tmp_path / "out" / "eval.json"
+
+    result = invoke("search", "--model", tiny_model_dir, "--data", tiny_text_file, "--seq-len", "32", "--window", "8",
+                    "--steps", "3", "--sparsity", "0.5", "--output", run_dir)
+    assert result.exit_code == 0, result.output
+    assert "learned kv-head allocation: 4/8 units full attention (sparsity 0.500)" in result.stdout
+    assert result.stderr == ""  # no library progress bars around consa's own output
+    assert {p.name for p in run_dir.iterdir()} == {"allocation.safetensors", "metrics.jsonl", "run.json"}
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in metrics] == [1, 2, 3]
+    summary = json.loads((run_dir / "run.json").read_text())
+    assert summary["settings"]["steps"] == 3 and summary["sink_tokens"] == 4  # qwen3's default sinks
+    allocation = Allocation.load(run_dir)
+    assert (allocation.num_full_units, allocation.num_units, allocation.model) == (4, 8, str(tiny_model_dir))
+
+    result = invoke("export", run_dir, "--output", export_dir)
+    assert result.exit_code == 0, result.output
+    assert "load it with consa_cli.load_hybrid(path)" in result.stdout
+    config = json.loads((export_dir / "config.json").read_text())
+    assert config["consa"]["loader"] == "consa" and config["consa"]["source_model"] == str(tiny_model_dir)
+    assert (export_dir / "consa_mask.safetensors").is_file() and (export_dir / "model.safetensors").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+    result = invoke("eval", export_dir, "--data", tiny_text_file, "--seq-len", "32", "--max-sequences", "2",
+                    "--json", json_path)
+    assert result.exit_code == 0, result.output
+    assert f"wrote {json_path}" in result.stdout and "held-out perplexity" in result.stdout
+    written = json.loads(json_path.read_text())
+    assert written["settings"]["seq_lens"] == [32] and written["settings"]["max_sequences"] == 2
+    assert [(row["label"], row["kind"], row["sequences"]) for row in written["rows"]] == [("exp", "export", 2)]
+    assert written["rows"][0]["full_units"] == 4
+
+    result = invoke("show", export_dir)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0] == allocation.describe()
+    assert result.stdout.splitlines()[2:] == [f"{i:>5}  {row}" for i, row in enumerate(allocation.render_rows())]
+    assert invoke("show", run_dir).stdout == result.stdout  # a run directory shows the same mask
+
+
+def test_eval_of_a_run_dir_adds_the_dense_reference(tmp_path, tiny_model_dir, tiny_text_file):
+    result = invoke("baseline", "--rule", "bottom", "--model", tiny_model_dir, "--sparsity", "0.5", "--window",
+                    "4", "--output", tmp_path / "rule")
+    assert result.exit_code == 0, result.output
+    assert "rule:bottom layer allocation: 2/4 units full attention" in result.stdout
+    result = invoke("eval", tmp_path / "rule", "--data", tiny_text_file, "--seq-len", "32", "--max-sequences", "2",
+                    "--dtype", "float32", "--json", tmp_path / "eval.json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "eval.json").read_text())["rows"]
+    assert [row["label"] for row in rows] == [f"dense ({tiny_model_dir})", "rule"]
+    assert rows[0]["is_reference"] and rows[1]["delta_nll_vs_dense"] > 0
+
+
+def _bad_inputs() -> dict[str, tuple]:
+    """name -> (build(tmp_path, model_dir, data_file) -> argv, expected error fragment)."""
+
+    def search(*extra, data=None, model=None):
+        def build(tmp, model_dir, data_file):
+            return ["search", "--model", model(tmp) if model else model_dir,
+                    "--data", data(tmp) if data else data_file, *SEARCH, "--output", tmp / "new" / "run", *extra]
+        return build
+
+    def write(name, content: str | bytes):
+        def make(tmp):
+            path = tmp / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+            return path
+        return make
+
+    def gpt2_dir(tmp):
+        GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp / "gpt2")
+        return tmp / "gpt2"
+
+    def empty_dir(tmp):
+        (tmp / "not-a-checkpoint").mkdir()
+        return tmp / "not-a-checkpoint"
+
+    def recipe(content):
+        return lambda tmp, model_dir, data_file: search()(tmp, model_dir, data_file) + [
+            "--recipe", write("recipe.yaml", content)(tmp)]
+
+    def existing_run(tmp, model_dir, data_file):
+        write("run/allocation.safetensors", b"an older run")(tmp)
+        return ["search", "--model", model_dir, "--data", data_file, *SEARCH, "--output", tmp / "run"]
+
+    def valid_run(tmp):
+        Allocation(torch.ones(4, 2, dtype=torch.bool), "layer", 4, 0, model=str(tmp / "gone")).save(
+            tmp / "run" / "allocation.safetensors")
+        return tmp / "run"
+
+    def export(run, *extra, existing=False):
+        def build(tmp, model_dir, data_file):
+            if existing:
+                write("exp/config.json", "{}")(tmp)
+            return ["export", run(tmp) if callable(run) else tmp / run, "--output", tmp / "exp", *extra]
+        return build
+
+    def eval_(*extra, target=None):
+        return lambda tmp, model_dir, data_file: ["eval", target(tmp) if target else model_dir, "--data", data_file,
+                                                  "--json", tmp / "eval.json", *extra]
+
+    return {
+        "sparsity-above-1": (search("--sparsity", "1.5"), "--sparsity must be between 0 and 1, got 1.5"),
+        "granularity-head": (search("--granularity", "head"), "--granularity must be one of"),
+        "loss-mse": (search("--loss", "mse"), "--loss must be one of kl, lm, got 'mse'"),
+        "window-not-below-seq-len": (search("--window", "32"), "--window (32) must be smaller than --seq-len (32)"),
+        "steps-0": (search("--steps", "0"), "--steps must be at least 1, got 0"),
+        "negative-sinks": (search("--sink-tokens", "-1"), "--sink-tokens must be >= 0"),
+        "dtype-int8": (search("--dtype", "int8"), "--dtype must be one of"),
+        "unknown-model-path": (search(model=lambda tmp: tmp / "no-such-model"), "no such file or directory"),
+        "dir-without-config": (search(model=empty_dir), "has no config.json"),
+        "unsupported-family": (search(model=gpt2_dir), "model type 'gpt2' is not supported"),
+        "missing-data-file": (search(data=lambda tmp: tmp / "missing.txt"), "no such file or directory"),
+        "data-extension": (search(data=write("data.csv", "a,b\n")), "unsupported file type '.csv'"),
+        "empty-data-file": (search(data=write("empty.txt", "")), "is empty"),
+        "data-shorter-than-seq-len": (search(data=write("short.txt", "w2 w3 w4\n")), "fewer than --seq-len 32"),
+        "per-layer-sparsity-not-exact": (search("--granularity", "kv-head-per-layer", "--sparsity", "0.25"),
+                                         "same whole number of sliding heads"),
+        "existing-run-without-force": (existing_run, "already holds a run; pass --force"),
+        "recipe-unknown-key": (recipe("sparsity: 0.5\nwindw: 8\n"), "unknown settings: windw"),
+        "recipe-missing": (lambda tmp, m, d: search()(tmp, m, d) + ["--recipe", tmp / "nope.yaml"],
+                           "recipe not found"),
+        "recipe-not-a-mapping": (recipe("- sparsity\n"), "must be a mapping"),
+        "recipe-wrong-type": (recipe("gate_lr: fast\n"), "setting 'gate_lr' must be float, got 'fast'"),
+        "export-missing-run": (export("no-such-run"), "no allocation file at"),
+        "export-corrupt-allocation": (export(write("run/allocation.safetensors", b"garbage")),
+                                      "is not a readable safetensors allocation file"),
+        "export-existing-output": (export(valid_run, existing=True), "already exists; pass --force"),
+        "export-model-gone": (export(valid_run), "no such file or directory"),
+        "eval-seq-len-1": (eval_("--seq-len", "1"), "--seq-len must be >= 2"),
+        "eval-dtype": (eval_("--dtype", "int8"), "--dtype must be one of"),
+        "eval-max-sequences-0": (eval_("--max-sequences", "0"), "--max-sequences and --batch-size >= 1"),
+        "eval-corrupt-target": (eval_(target=write("a.safetensors", b"garbage")), "not a readable safetensors"),
+        "eval-missing-target": (eval_(target=lambda tmp: tmp / "no-such-run"), "no such file or directory"),
+        "show-not-safetensors": (lambda tmp, m, d: ["show", write("notes.txt", "hello")(tmp)],
+                                 "is not a readable safetensors allocation file"),
+        "show-missing": (lambda tmp, m, d: ["show", tmp / "nothing-here"], "no allocation file at"),
+        "baseline-unknown-rule": (lambda tmp, m, d: ["baseline", "--rule", "nope", "--model", m, "--output",
+                                                     tmp / "rule"], "unknown rule 'nope'"),
+    }
+
+
+BAD_INPUTS = _bad_inputs()
+FAILS_AFTER_SEARCH_STARTS = {"per-layer-sparsity-not-exact"}  # needs the model's KV-head count: checked once loaded
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, tiny_model_dir, tiny_text_file):
+    build, fragment = BAD_INPUTS[case]
+    argv = build(tmp_path, tiny_model_dir, tiny_text_file)
+    before, model_before = tree(tmp_path), tree(tiny_model_dir)
+
+    result = invoke(*argv)
+
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert fragment in result.stderr
+    assert "Traceback" not in result.output and "unexpected" not in result.stderr
+    if case not in FAILS_AFTER_SEARCH_STARTS:
+        assert result.stdout.strip() == ""
+    assert tree(tmp_path) == before  # no run directory, export, staging directory or JSON left behind
+    assert tree(tiny_model_dir) == model_before
+
+
+def test_debug_shows_the_traceback(tmp_path, tiny_model_dir, tiny_text_file):
+    result = runner.invoke(app, ["--debug", "search", "--model", str(tmp_path / "no-such-model"), *SEARCH,
+                                 "--data", str(tiny_text_file), "--output", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert "Traceback (most recent call last)" in result.stderr and "ModelError" in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("error: no such file or directory")
+    assert not (tmp_path / "run").exists()
+
+
+def test_usage_errors_are_clicks_and_exit_2():
+    result = invoke("search", "--steps", "many")
+    assert result.exit_code == 2 and "Invalid value" in result.stderr
+    assert invoke().exit_code == 2  # no command: the help, as a usage error
+
+
+def test_console_script_help():
+    script = Path(sys.executable).with_name("consa")
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for command in ("search", "baseline", "export", "eval", "show"):
+        assert command in result.stdout
+    assert result.stderr == ""
+
+
+def test_console_script_error_after_loading_the_model_is_one_line(tmp_path, tiny_model_dir):
+    """In a real process with stderr piped: no weight-loading progress bar around the one-line error."""
+    script = Path(sys.executable).with_name("consa")
+    env = {key: value for key, value in os.environ.items() if not key.endswith("DISABLE_PROGRESS_BARS")}
+    result = subprocess.run(
+        [str(script), "search", "--model", str(tiny_model_dir), "--data", str(tmp_path / "missing.txt"), *SEARCH,
+         "--output", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=120, env={**env, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 2
+    assert result.stderr == f"error: no such file or directory: {tmp_path / 'missing.txt'}\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_help_of_every_command_renders():
+    for command in ("search", "baseline", "export", "eval", "show"):
+        result = invoke(command, "--help")
+        assert result.exit_code == 0, result.output
+        assert "Usage:" in result.stdout and "Traceback" not in result.output
+
+
+def test_tiny_model_fixture_matches_conftest(tiny_model_dir):
+    """The shared checkpoint is the conftest qwen3 model (same weights), so fingerprints agree across tests."""
+    from consa_cli.models import load_model_and_tokenizer, model_fingerprint
+
+    loaded, tokenizer = load_model_and_tokenizer(str(tiny_model_dir), dtype=torch.float32)
+    assert model_fingerprint(loaded) == model_fingerprint(tiny_model("qwen3"))
+    assert len(tokenizer) == 96 and tokenizer.eos_token_id == 1 and tokenizer.pad_token == "<eos>"

@@ -1,0 +1,164 @@
+"""Eval: paired statistics, target classification, and perplexity rows against the dense reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import save_tiny
+
+from consa_cli.allocation import Allocation, AllocationError
+from consa_cli.evaluate import EvalSettings, Target, evaluate, paired_difference, resolve_target
+from consa_cli.export import MASK_FILE, export_checkpoint
+from consa_cli.models import load_model_and_tokenizer, model_fingerprint
+
+SEQ_LEN = 32
+
+
+@pytest.fixture(autouse=True)
+def _isolated(isolated_consa_cache, one_thread):
+    """Keep every test out of the real consa cache, on one torch thread."""
+
+
+@pytest.fixture(scope="module")
+def fingerprint(tiny_model_dir):
+    model, _ = load_model_and_tokenizer(str(tiny_model_dir), dtype=torch.float32)
+    return model_fingerprint(model)
+
+
+def write_allocation(run_dir, model_dir, fingerprint, full: bool, window: int = 2, sinks: int = 0, **fields):
+    """A run directory with an all-full or all-sliding layer allocation of the tiny 4 x 2 model."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    mask = torch.full((4, 2), full, dtype=torch.bool)
+    Allocation(mask, "layer", window, sinks, method="test", model=str(model_dir), model_fingerprint=fingerprint,
+               **fields).save(run_dir / "allocation.safetensors")
+    return run_dir
+
+
+def eval_settings(data, **overrides) -> EvalSettings:
+    return EvalSettings(**{"data": str(data), "seq_lens": [SEQ_LEN], "max_sequences": 4, "dtype": "float32",
+                           **overrides})
+
+
+def test_paired_difference_matches_hand_computation():
+    candidate = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    reference = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    # delta = [0.5, 1, 1]: mean 5/6, sample variance ((1/3)^2 + 2 (1/6)^2) / 2 = 1/12,
+    # standard error sqrt(1/12) / sqrt(3) = 1/6, so t = (5/6) / (1/6) = 5.
+    mean, t = paired_difference(candidate, reference)
+    assert mean == pytest.approx(5 / 6)
+    assert t == pytest.approx(5.0)
+    mean, t = paired_difference(reference, candidate)
+    assert (mean, t) == (pytest.approx(-5 / 6), pytest.approx(-5.0))
+
+
+def test_paired_difference_edge_cases():
+    mean, t = paired_difference(torch.tensor([2.0]), torch.tensor([1.5]))
+    assert mean == pytest.approx(0.5) and math.isnan(t)  # one sequence: no t statistic
+    assert paired_difference(torch.tensor([2.0, 3.0]), torch.tensor([1.0, 2.0])) == (1.0, math.inf)
+    assert paired_difference(torch.tensor([1.0, 2.0]), torch.tensor([2.0, 3.0])) == (-1.0, -math.inf)
+    # identical scores (an all-full-attention allocation vs the dense model): no difference, not -inf
+    assert paired_difference(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0])) == (0.0, 0.0)
+
+
+def test_resolve_target_classifies_every_kind(tmp_path, tiny_model_dir, fingerprint):
+    run_dir = write_allocation(tmp_path / "run", tiny_model_dir, fingerprint, full=False)
+    target = resolve_target(str(run_dir))
+    assert (target.kind, target.label, target.path) == ("allocation", "run", str(run_dir))
+    assert target.base_model == str(tiny_model_dir) and target.allocation.num_full_units == 0
+
+    file_target = resolve_target(str(run_dir / "allocation.safetensors"))
+    assert (file_target.kind, file_target.label, file_target.base_model) == ("allocation", "allocation",
+                                                                            str(tiny_model_dir))
+
+    export_checkpoint(run_dir, tmp_path / "exported", verify=False)
+    export = resolve_target(str(tmp_path / "exported"))
+    assert (export.kind, export.label) == ("export", "exported")
+    assert export.allocation.sliding_window == 2
+
+    model = resolve_target(str(tiny_model_dir))  # a plain checkpoint directory is a model
+    assert (model.kind, model.allocation, model.base_model) == ("model", None, str(tiny_model_dir))
+    hub = resolve_target("Qwen/Qwen3-0.6B")
+    assert (hub.kind, hub.label, hub.base_model) == ("model", "Qwen/Qwen3-0.6B", "Qwen/Qwen3-0.6B")
+
+
+def test_resolve_target_refuses_a_corrupt_allocation(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not safetensors")
+    with pytest.raises(AllocationError, match="not a readable safetensors allocation"):
+        resolve_target(str(bad))
+
+
+def test_evaluate_rows_against_the_dense_reference(tmp_path, tiny_model_dir, tiny_text_file, fingerprint):
+    full = write_allocation(tmp_path / "all-full", tiny_model_dir, fingerprint, full=True)
+    sliding = write_allocation(tmp_path / "all-sliding", tiny_model_dir, fingerprint, full=False, window=2)
+    seen = []
+
+    rows = evaluate([resolve_target(str(full)), resolve_target(str(sliding))], eval_settings(tiny_text_file),
+                    on_progress=lambda label, done, total: seen.append((label, done, total)))
+
+    assert [row["label"] for row in rows] == [f"dense ({tiny_model_dir})", "all-full", "all-sliding"]
+    dense, all_full, all_sliding = rows
+    assert dense["is_reference"] is True and dense["kind"] == "model" and dense["method"] == "dense"
+    assert "delta_nll_vs_dense" not in dense
+    assert not any(row.get("is_reference") for row in rows[1:])
+    assert all_full["delta_nll_vs_dense"] == 0.0 and all_full["nll"] == dense["nll"]
+    assert all_full["paired_t_vs_dense"] == 0.0
+    assert all_sliding["delta_nll_vs_dense"] > 0
+    assert all_sliding["delta_nll_vs_dense"] == pytest.approx(all_sliding["nll"] - dense["nll"])
+    for row in rows:
+        assert row["seq_len"] == SEQ_LEN and row["sequences"] == 4 and len(row["nll_per_sequence"]) == 4
+        assert row["ppl"] == pytest.approx(math.exp(row["nll"]), rel=1e-12)
+        assert row["nll"] == pytest.approx(sum(row["nll_per_sequence"]) / 4, abs=1e-6)
+    assert (all_sliding["sparsity"], all_sliding["sliding_window"], all_sliding["sink_tokens"]) == (1.0, 2, 0)
+    assert (all_sliding["full_units"], all_sliding["units"], all_sliding["granularity"]) == (0, 4, "layer")
+    assert {label for label, _, _ in seen} == {row["label"] for row in rows}
+    assert all(total == 4 for _, _, total in seen)
+
+
+def test_evaluate_export_matches_the_allocation_applied_in_memory(tmp_path, tiny_model_dir, tiny_text_file,
+                                                                  fingerprint):
+    run_dir = tmp_path / "run"
+    mask = torch.tensor([[True, False], [False, False], [False, True], [True, True]])
+    run_dir.mkdir()
+    Allocation(mask, "kv-head", 4, 1, model=str(tiny_model_dir), model_fingerprint=fingerprint).save(
+        run_dir / "allocation.safetensors")
+    export_checkpoint(run_dir, tmp_path / "exported")
+    assert (tmp_path / "exported" / MASK_FILE).is_file()
+
+    rows = evaluate([resolve_target(str(tmp_path / "exported")), resolve_target(str(run_dir))],
+                    eval_settings(tiny_text_file, seq_lens=[SEQ_LEN, 16], max_sequences=3))
+
+    by_key = {(row["label"], row["seq_len"]): row for row in rows}
+    assert [row["label"] for row in rows][:2] == [f"dense ({tiny_model_dir})"] * 2  # dense first, both lengths
+    assert [row["seq_len"] for row in rows] == [SEQ_LEN, 16] * 3
+    for seq_len in (SEQ_LEN, 16):
+        exported, in_memory = by_key[("exported", seq_len)], by_key[("run", seq_len)]
+        assert exported["kind"] == "export" and in_memory["kind"] == "allocation"
+        assert exported["nll_per_sequence"] == in_memory["nll_per_sequence"]
+        assert exported["delta_nll_vs_dense"] == in_memory["delta_nll_vs_dense"] > 0
+
+
+def test_evaluate_without_dense_and_with_an_explicit_dense_model(tmp_path, tiny_model_dir, tiny_text_file,
+                                                                fingerprint):
+    sliding = write_allocation(tmp_path / "all-sliding", tiny_model_dir, fingerprint, full=False)
+    rows = evaluate([resolve_target(str(sliding))], eval_settings(tiny_text_file, include_dense=False))
+    assert [row["label"] for row in rows] == ["all-sliding"] and "delta_nll_vs_dense" not in rows[0]
+
+    # Naming the dense model as a target itself gives one reference row, not two, first whatever the order.
+    dense = Target(str(tiny_model_dir), "model", str(tiny_model_dir), None, str(tiny_model_dir))
+    for targets in ([dense, resolve_target(str(sliding))], [resolve_target(str(sliding)), dense]):
+        rows = evaluate(targets, eval_settings(tiny_text_file))
+        assert [row["label"] for row in rows] == [str(tiny_model_dir), "all-sliding"]
+        assert [row.get("is_reference", False) for row in rows] == [True, False]
+        assert rows[1]["delta_nll_vs_dense"] > 0
+
+
+def test_evaluate_refuses_an_allocation_for_another_model(tmp_path, tiny_model_dir, tiny_text_file):
+    other = save_tiny(tmp_path / "other", "qwen3", seed=1)
+    run_dir = write_allocation(tmp_path / "run", tmp_path / "other", model_fingerprint(other), full=False)
+    target = resolve_target(str(run_dir))
+    target.base_model = str(tiny_model_dir)  # applied to the wrong weights
+    with pytest.raises(AllocationError, match="another model"):
+        evaluate([target], eval_settings(tiny_text_file, include_dense=False))
