@@ -67,8 +67,11 @@ def test_search_export_eval_show_end_to_end(tmp_path, tiny_model_dir, tiny_text_
     assert f"wrote {json_path}" in result.stdout and "held-out perplexity" in result.stdout
     written = json.loads(json_path.read_text())
     assert written["settings"]["seq_lens"] == [32] and written["settings"]["max_sequences"] == 2
-    assert [(row["label"], row["kind"], row["sequences"]) for row in written["rows"]] == [("exp", "export", 2)]
-    assert written["rows"][0]["full_units"] == 4
+    # The export's config names its source model, which becomes the dense reference row.
+    assert [(row["label"], row["kind"], row["sequences"]) for row in written["rows"]] == [
+        (f"dense ({tiny_model_dir})", "model", 2), ("exp", "export", 2)]
+    assert written["rows"][0]["is_reference"] and "delta_nll_vs_dense" in written["rows"][1]
+    assert written["rows"][1]["full_units"] == 4
 
     result = invoke("show", export_dir)
     assert result.exit_code == 0, result.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import traceback
@@ -286,7 +287,10 @@ def eval_command(
         _print_eval_table(rows)
         if json_path is not None:
             json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps({"settings": settings.__dict__, "rows": rows}, indent=2) + "\n")
+            # Strict JSON: a t statistic can be inf/nan (identical or constant differences) -> null.
+            finite_rows = [{key: (None if isinstance(value, float) and not math.isfinite(value) else value)
+                            for key, value in row.items()} for row in rows]
+            json_path.write_text(json.dumps({"settings": settings.__dict__, "rows": finite_rows}, indent=2) + "\n")
             console.print(f"wrote {json_path}")
 
 

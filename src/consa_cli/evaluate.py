@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from consa_cli.allocation import ALLOCATION_FILE, Allocation
 from consa_cli.attention import hybrid_attention
 from consa_cli.data import EMBEDDED_CORPUS, load_token_sequences
-from consa_cli.export import MASK_FILE, load_hybrid
+from consa_cli.export import MASK_FILE, load_hybrid, read_export_config
 from consa_cli.models import load_model_and_tokenizer, model_fingerprint
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -54,7 +54,8 @@ def resolve_target(spec: str) -> Target:
     """Classify a command-line target: export dir, allocation file / run dir, or model name."""
     path = Path(spec)
     if path.is_dir() and (path / MASK_FILE).is_file():
-        return Target(path.name, "export", spec, Allocation.load(path / MASK_FILE))
+        source = read_export_config(path).get("source_model") or None
+        return Target(path.name, "export", spec, Allocation.load(path / MASK_FILE), base_model=source)
     if (path.is_dir() and (path / ALLOCATION_FILE).is_file()) or (path.is_file() and path.suffix == ".safetensors"):
         allocation = Allocation.load(path)
         return Target(path.stem if path.is_file() else path.name, "allocation", spec, allocation,
@@ -104,6 +105,7 @@ def evaluate(targets: list[Target], settings: EvalSettings,
     loaded: dict[str, tuple] = {}
     sequences: dict[tuple, torch.Tensor] = {}
     dense_nll: dict[int, torch.Tensor] = {}
+    dense_fingerprint = None
 
     for target in targets:
         if target.kind == "export":
@@ -133,10 +135,11 @@ def evaluate(targets: list[Target], settings: EvalSettings,
             else:
                 nll = sequence_nll(model, batch, settings.batch_size, progress)
             row = _row(target, seq_len, nll)
+            fingerprint = model_fingerprint(model)
             if target.kind == "model" and target.allocation is None and seq_len not in dense_nll:
-                dense_nll[seq_len] = nll
+                dense_nll[seq_len], dense_fingerprint = nll, fingerprint
                 row["is_reference"] = True
-            elif seq_len in dense_nll:
+            elif seq_len in dense_nll and fingerprint == dense_fingerprint:  # paired only on the same weights
                 row["delta_nll_vs_dense"], row["paired_t_vs_dense"] = paired_difference(nll, dense_nll[seq_len])
             rows.append(row)
         if target.kind == "export":
