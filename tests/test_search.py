@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import tiny_model
 
-from consa_cli.search import HardConcreteGates, UnitLayout, run_search, target_at
+from consa_cli.search import (
+    HardConcreteGates,
+    UnitLayout,
+    kl_to_teacher,
+    run_search,
+    target_at,
+    teacher_targets,
+)
 from consa_cli.settings import SearchSettings, SettingsError, build_settings
 
 SEQUENCES = torch.randint(0, 96, (16, 64), generator=torch.Generator().manual_seed(3))
@@ -104,3 +113,19 @@ def test_recipe_values_are_overridden_by_flags(tmp_path):
     recipe.write_text("sparsity: 0.5\nwindw: 64\n")
     with pytest.raises(SettingsError, match="unknown settings: windw"):
         build_settings(SearchSettings, recipe)
+
+
+def test_every_recipe_is_valid():
+    recipes = sorted(Path(__file__).parent.parent.glob("recipes/*.yaml"))
+    assert recipes
+    for recipe in recipes:
+        assert build_settings(SearchSettings, recipe).window > 0
+
+
+def test_kl_loss_equals_kl_divergence():
+    teacher, student = torch.randn(2, 7, 50), torch.randn(2, 7, 50)
+    probs, entropy = teacher_targets(teacher)
+    expected = torch.nn.functional.kl_div(student.log_softmax(-1).flatten(0, 1), teacher.log_softmax(-1).flatten(0, 1),
+                                          log_target=True, reduction="batchmean")
+    torch.testing.assert_close(kl_to_teacher(student, probs, entropy), expected, rtol=1e-5, atol=1e-6)
+    assert kl_to_teacher(teacher, probs, entropy).abs() < 1e-5  # zero against itself

@@ -53,54 +53,41 @@ class FamilyAdapter:
         return [layer.self_attn for layer in layers]
 
 
-def _layer_types(layer_is_full: list[bool]) -> list[str]:
-    return [FULL_ATTENTION if full else SLIDING_ATTENTION for full in layer_is_full]
+def _with_layer_types(config: dict, layer_is_full: list[bool], window: int, **fields) -> dict:
+    """A copy of ``config`` with explicit per-layer types, the window, and ``fields`` set."""
+    patched = copy.deepcopy(config)
+    patched.update(fields, sliding_window=window,
+                   layer_types=[FULL_ATTENTION if full else SLIDING_ATTENTION for full in layer_is_full])
+    return patched
 
 
 def _qwen_native(config: dict, layer_is_full: list[bool], window: int) -> dict:
     # Qwen2/Qwen3 configs drop sliding_window unless use_sliding_window is set, and without explicit
     # layer_types they make the TOP layers sliding: write all three.
-    patched = copy.deepcopy(config)
-    patched["use_sliding_window"] = True
-    patched["sliding_window"] = window
-    patched["max_window_layers"] = 0
-    patched["layer_types"] = _layer_types(layer_is_full)
-    return patched
+    return _with_layer_types(config, layer_is_full, window, use_sliding_window=True, max_window_layers=0)
 
 
 def _llama_as_smollm3(config: dict, layer_is_full: list[bool], window: int) -> dict:
     # Llama ignores layer_types; SmolLM3 is Llama plus layer_types and per-layer NoPE. With RoPE on in every
     # layer it computes exactly what Llama computes, so the relabelled checkpoint runs the hybrid natively.
-    patched = copy.deepcopy(config)
-    patched["model_type"] = "smollm3"
-    patched["architectures"] = ["SmolLM3ForCausalLM"]
-    patched["no_rope_layers"] = [1] * len(layer_is_full)
-    patched["use_sliding_window"] = True
-    patched["sliding_window"] = window
-    patched["layer_types"] = _layer_types(layer_is_full)
-    return patched
+    return _with_layer_types(config, layer_is_full, window, model_type="smollm3",
+                             architectures=["SmolLM3ForCausalLM"], no_rope_layers=[1] * len(layer_is_full),
+                             use_sliding_window=True)
 
 
 def _mistral_as_ministral(config: dict, layer_is_full: list[bool], window: int) -> dict:
     # Mistral applies one window to every layer; Ministral is the same network with per-layer types.
-    patched = copy.deepcopy(config)
-    patched["model_type"] = "ministral"
-    patched["architectures"] = ["MinistralForCausalLM"]
-    patched["sliding_window"] = window
-    patched["layer_types"] = _layer_types(layer_is_full)
-    return patched
+    return _with_layer_types(config, layer_is_full, window, model_type="ministral",
+                             architectures=["MinistralForCausalLM"])
 
 
 def _gemma3_native(config: dict, layer_is_full: list[bool], window: int) -> dict | None:
     # Gemma3 picks its RoPE base by layer type (local 1e4, global 1e6), so relabelling a layer would change
     # its positional encoding, not only its mask. Only allocations that keep every layer's original type
     # (with any window) are exact natively; anything else loads through consa.
+    patched = _with_layer_types(config, layer_is_full, window)
     original = config.get("layer_types")
-    if original is None or _layer_types(layer_is_full) != list(original):
-        return None
-    patched = copy.deepcopy(config)
-    patched["sliding_window"] = window
-    return patched
+    return patched if original is not None and patched["layer_types"] == list(original) else None
 
 
 FAMILIES: dict[str, FamilyAdapter] = {
