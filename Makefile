@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch is enough for everything here; GPU users can pass TORCH_SPEC=torch (or their build).
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= demo-out
-DEMO_STEPS ?= 100
+DEMO_STEPS ?= 80
 
 .PHONY: install test demo lint clean
 

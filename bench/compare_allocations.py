@@ -75,6 +75,7 @@ def main() -> None:
                "delta_nll_vs_dense": delta, "paired_t_vs_dense": t_stat, "fa_rows": allocation.render_rows(),
                "nll_per_sequence": nll.tolist(), **extra}
         rows.append(row)
+        write_report(args, device, sinks, evaluation.shape[0], rows, started)  # a killed run keeps its rows
         print(f"{name}: ppl {row['ppl']:.3f}  delta {delta:+.4f} (t {t_stat:.1f})  "
               f"{allocation.num_full_units}/{allocation.num_units} FA  {extra}", flush=True)
 
@@ -101,6 +102,9 @@ def main() -> None:
             "scores": result.allocation.scores.tolist(),
         })
 
+    write_report(args, device, sinks, evaluation.shape[0], rows, started)
+
+def write_report(args, device, sinks: int, eval_sequences: int, rows: list[dict], started: float) -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
         "date": datetime.date.today().isoformat(),
@@ -108,7 +112,7 @@ def main() -> None:
         "versions": environment_versions(),
         "args": {k: str(v) for k, v in vars(args).items()},
         "sink_tokens": sinks,
-        "eval_sequences": evaluation.shape[0],
+        "eval_sequences": eval_sequences,
         "rows": rows,
         "seconds": round(time.perf_counter() - started, 1),
     }, indent=1) + "\n")

@@ -211,18 +211,17 @@ def run_search(
             gap = expected - target
             constraint = (lagrange_linear * gap + lagrange_quadratic * gap.pow(2)).sum()
             loss = task_loss + constraint
+            if not torch.isfinite(loss):  # checked before the update, so the gates stay the last good ones
+                raise FloatingPointError(
+                    f"loss became {loss.item()} at step {step + 1}; lower --gate-lr or --multiplier-lr, or use "
+                    "--dtype float32"
+                )
 
             gate_optimizer.zero_grad(set_to_none=True)
             multiplier_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             gate_optimizer.step()
             multiplier_optimizer.step()
-
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss became {loss.item()} at step {step}; lower --gate-lr or --multiplier-lr, or use "
-                    "--dtype float32"
-                )
             record = {
                 "step": step + 1,
                 "loss": round(loss.item(), 6),
