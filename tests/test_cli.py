@@ -45,7 +45,7 @@ def test_search_export_eval_show_end_to_end(tmp_path, tiny_model_dir, tiny_text_
     assert result.exit_code == 0, result.output
     assert "learned kv-head allocation: 4/8 units full attention (sparsity 0.500)" in result.stdout
     assert result.stderr == ""  # no library progress bars around consa's own output
-    assert {p.name for p in run_dir.iterdir()} == {"allocation.safetensors", "metrics.jsonl", "run.json"}
+    assert {p.name for p in run_dir.iterdir()} == {"allocation.safetensors", "checkpoint.safetensors", "metrics.jsonl", "run.json"}
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [record["step"] for record in metrics] == [1, 2, 3]
     summary = json.loads((run_dir / "run.json").read_text())

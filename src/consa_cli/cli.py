@@ -126,35 +126,60 @@ def search(
     target_warmup_steps: int = typer.Option(None, help="Steps over which the target sparsity ramps up from 0. "
                                             f"{_default('target_warmup_steps')}"),
     penalty_init: float = typer.Option(None, help="Starting value of the quadratic multiplier phi; damps the "
-                                       f"overshoot of E\\[s] around the target. {_default('penalty_init')}"),
+                                       "overshoot of E\\[s] around the target (with --resume, a new value restarts phi "
+                                       f"from it). {_default('penalty_init')}"),
     dtype: str = typer.Option(None, help=f"Model dtype: bfloat16, float32 or float16. {_default('dtype')}"),
     device: str = typer.Option(None, help=f"cpu, cuda, cuda:N or auto. {_default('device')}"),
     output: str = typer.Option(None, "--output", "-o", help=f"Run directory to write. {_default('output')}"),
+    checkpoint_every: int = typer.Option(None, help="Steps between checkpoints (checkpoint.safetensors in the run "
+                                         "directory, for --resume); 0: only when interrupted and at the end. "
+                                         f"{_default('checkpoint_every')}"),
+    resume: Path = typer.Option(None, "--resume", metavar="RUN_DIR", help="Continue the run in RUN_DIR from its last "
+                                "checkpoint (after Ctrl-C, a kill or a NaN), ending exactly as an uninterrupted run "
+                                "would; or extend a finished run with a higher --steps. It keeps its own settings: "
+                                "only --steps, --gate-lr, --multiplier-lr, --penalty-init and --checkpoint-every may "
+                                "change."),
     recipe: Path = typer.Option(None, help="YAML file of settings (see recipes/); flags override it."),
     force: bool = typer.Option(False, help="Overwrite an existing run directory."),
 ):
-    """Learn an allocation: hard-concrete gates + augmented Lagrangian on calibration text, weights frozen."""
+    """Learn an allocation: hard-concrete gates + augmented Lagrangian on calibration text, weights frozen.
+
+    Ctrl-C (or SIGTERM) stops after the current step with a checkpoint; continue with --resume RUN_DIR.
+    """
+    import shlex
+
+    from consa_cli.checkpoint import SearchInterrupted, load_checkpoint
     from consa_cli.search import search as run
-    from consa_cli.settings import build_settings
+    from consa_cli.settings import SettingsError, build_settings, resumed_settings
 
     with user_errors():
-        settings = build_settings(
-            SearchSettings, recipe, model=model, sparsity=sparsity, granularity=granularity, window=window,
-            sink_tokens=sink_tokens, seq_len=seq_len, data=data, steps=steps, batch_size=batch_size, loss=loss,
-            seed=seed, gate_lr=gate_lr, multiplier_lr=multiplier_lr, target_warmup_steps=target_warmup_steps,
-            penalty_init=penalty_init, dtype=dtype, device=device, output=output,
+        flags = dict(
+            model=model, sparsity=sparsity, granularity=granularity, window=window, sink_tokens=sink_tokens,
+            seq_len=seq_len, data=data, steps=steps, batch_size=batch_size, loss=loss, seed=seed, gate_lr=gate_lr,
+            multiplier_lr=multiplier_lr, target_warmup_steps=target_warmup_steps, penalty_init=penalty_init,
+            dtype=dtype, device=device, output=output, checkpoint_every=checkpoint_every,
         )
+        checkpoint = None
+        if resume is None:
+            settings = build_settings(SearchSettings, recipe, **flags)
+        else:
+            if force:
+                raise SettingsError("--resume continues a run in place; --force does not apply")
+            checkpoint = load_checkpoint(resume)
+            settings = resumed_settings(checkpoint.settings, resume, checkpoint.step, recipe, **flags)
         progress = Progress(
             TextColumn("[bold]search"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TimeRemainingColumn(), TextColumn("{task.description}"), console=console,
         )
-        task = progress.add_task("", total=settings.steps)
+        task = progress.add_task("", total=settings.steps, completed=0 if checkpoint is None else checkpoint.step)
 
         def on_start(info: dict) -> None:
+            resumed = f", continuing after step {info['resumed_from']}" if info["resumed_from"] else ""
             console.print(
                 f"model [bold]{info['model']}[/] on {info['device']}: {info['units']} {settings.granularity} units, "
                 f"target sparsity {settings.sparsity}, window {settings.window} + {info['sink_tokens']} sinks, "
                 f"{info['calibration_sequences']} x {settings.seq_len}-token calibration sequences, {settings.loss} loss"
+                f"{resumed}"
             )
             progress.start()
 
@@ -165,9 +190,15 @@ def search(
             ))
 
         try:
-            result = run(settings, force=force, on_start=on_start, on_step=on_step)
-        finally:
-            progress.stop()
+            try:
+                result = run(settings, force=force, on_start=on_start, on_step=on_step, resume=checkpoint)
+            finally:
+                progress.stop()
+        except SearchInterrupted as stop:
+            errors.print(f"interrupted at step {stop.step} of {stop.steps}; checkpoint saved, continue with: "
+                         f"consa search --resume {shlex.quote(str(stop.run_dir))}",
+                         style="yellow", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(128 + stop.signal_number) from None  # the shell's convention: 130 for Ctrl-C
         allocation = result.allocation
         console.print(allocation.describe())
         _print_mask(allocation)

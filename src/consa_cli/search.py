@@ -5,12 +5,16 @@ attention (z = 1) and sliding-window attention (z = 0); during search a unit out
 The expected sliding fraction E[s] is differentiable in the gates' log_alpha, and an augmented Lagrangian
 ``lambda * (E[s] - t) + phi * (E[s] - t)^2`` whose multipliers rise by gradient ascent drives it to the target t.
 Model weights stay frozen. The final mask ranks log_alpha so the requested count is hit exactly.
+
+A search survives interruption: it checkpoints its whole state (gates, multipliers, optimiser state, noise
+generator) into the run directory, atomically, and ``--resume`` continues bit for bit where it stopped.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,10 +24,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from consa_cli.allocation import Allocation, full_heads_per_layer, full_unit_count
+from consa_cli.allocation import (
+    ALLOCATION_FILE,
+    Allocation,
+    full_heads_per_layer,
+    full_unit_count,
+    write_atomically,
+)
 from consa_cli.attention import install_hybrid, remove_hybrid, set_fa_weights
+from consa_cli.checkpoint import (
+    CHECKPOINT_FILE,
+    CheckpointError,
+    CheckpointState,
+    SearchInterrupted,
+    data_fingerprint,
+    deferred_stop_signals,
+    save_checkpoint,
+)
 from consa_cli.models import DEFAULT_MODEL
-from consa_cli.settings import SearchSettings, settings_to_dict
+from consa_cli.settings import RESUMABLE, SearchSettings, settings_to_dict
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
 
 
 class HardConcreteGates(nn.Module):
@@ -116,6 +138,7 @@ class SearchResult:
     allocation: Allocation
     metrics: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    first_step: int = 0  # steps done before this call, by the run it resumed
 
 
 def resolve_device(device: str) -> torch.device:
@@ -160,10 +183,17 @@ def run_search(
     model_fingerprint: str = "",
     on_step: Callable[[dict], None] | None = None,
     metrics_path: Path | None = None,
+    checkpoint_dir: Path | None = None,
+    resume: CheckpointState | None = None,
 ) -> SearchResult:
     """Learn an allocation for ``model`` (frozen) on calibration ``sequences [N, seq_len]``.
 
     ``on_step`` receives each step's metrics (for progress display); ``metrics_path`` gets them as JSONL.
+    With ``checkpoint_dir``, ``checkpoint.safetensors`` is written there every ``settings.checkpoint_every``
+    steps and after the last, and SIGINT/SIGTERM end the search after the step under way with a checkpoint and
+    :class:`SearchInterrupted`. ``resume`` continues from such a checkpoint (same model, data and settings but
+    :data:`~consa_cli.settings.RESUMABLE`): ``metrics_path`` is cut back to the checkpoint's steps and extended,
+    and the result's metrics include those earlier steps.
     """
     started = time.perf_counter()
     device = next(model.parameters()).device
@@ -181,65 +211,95 @@ def run_search(
     gate_optimizer = torch.optim.Adam(gates.parameters(), lr=settings.gate_lr)
     multiplier_optimizer = torch.optim.SGD([lagrange_linear, lagrange_quadratic], lr=settings.multiplier_lr,
                                            maximize=True)
+    # The data order is drawn first; a resumed run draws it the same way and only then takes over the generator's
+    # saved state, so the remaining steps see exactly the sequences and gate noise the uninterrupted run would.
+    order = torch.randperm(sequences.shape[0], generator=generator)
+    fingerprint_of_data = data_fingerprint(sequences)
+    first_step, resumes, metrics = 0, [], []
+    if resume is not None:
+        _restore(resume, settings, model_fingerprint, fingerprint_of_data, gates, lagrange_linear,
+                 lagrange_quadratic, gate_optimizer, multiplier_optimizer, generator)
+        first_step = resume.step
+        changed = {name: [resume.settings.get(name), getattr(settings, name)] for name in RESUMABLE
+                   if resume.settings.get(name) != getattr(settings, name)}
+        resumes = [*resume.resumes, {"step": resume.step, "changed": changed}]
+        if metrics_path is not None:
+            metrics = _metrics_up_to(metrics_path, resume.step)
+    checkpointed_step = resume.step if resume is not None else None
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(checkpoint_dir / CHECKPOINT_FILE, CheckpointState(
+            step=step, settings=settings_to_dict(settings), model_fingerprint=model_fingerprint,
+            data_fingerprint=fingerprint_of_data, log_alpha=gates.log_alpha, lagrange_linear=lagrange_linear,
+            lagrange_quadratic=lagrange_quadratic, gate_optimizer=gate_optimizer.state_dict()["state"],
+            multiplier_optimizer=multiplier_optimizer.state_dict()["state"], generator_state=generator.get_state(),
+            resumes=resumes,
+        ))
 
     for param in model.parameters():
         param.requires_grad_(False)
     all_full = torch.ones(layout.num_layers, layout.num_kv_heads, dtype=torch.bool, device=device)
     install_hybrid(model, all_full, settings.window, sink_tokens, settings.backend)
-    order = torch.randperm(sequences.shape[0], generator=generator)
-    metrics: list[dict] = []
-    metrics_file = metrics_path.open("w") if metrics_path is not None else None
+    metrics_file = metrics_path.open("a" if resume is not None else "w") if metrics_path is not None else None
     try:
-        for step in range(settings.steps):
-            step_started = time.perf_counter()
-            batch_idx = [order[(step * settings.batch_size + i) % len(order)] for i in range(settings.batch_size)]
-            input_ids = sequences[torch.stack(batch_idx)].to(device)
+        with deferred_stop_signals(active=checkpoint_dir is not None) as stop_signals:
+            for step in range(first_step, settings.steps):
+                step_started = time.perf_counter()
+                batch_idx = [order[(step * settings.batch_size + i) % len(order)]
+                             for i in range(settings.batch_size)]
+                input_ids = sequences[torch.stack(batch_idx)].to(device)
 
-            if settings.loss == "kl":
-                set_fa_weights(model, all_full)
-                with torch.no_grad():
-                    teacher_probs, teacher_entropy = teacher_targets(model(input_ids=input_ids, use_cache=False).logits)
+                if settings.loss == "kl":
+                    set_fa_weights(model, all_full)
+                    with torch.no_grad():
+                        teacher_probs, teacher_entropy = teacher_targets(
+                            model(input_ids=input_ids, use_cache=False).logits)
 
-            z = gates.sample(generator)
-            set_fa_weights(model, layout.to_fa_weights(z))
-            logits = model(input_ids=input_ids, use_cache=False).logits
-            task_loss = (kl_to_teacher(logits, teacher_probs, teacher_entropy) if settings.loss == "kl"
-                         else next_token_loss(logits, input_ids))
+                z = gates.sample(generator)
+                set_fa_weights(model, layout.to_fa_weights(z))
+                logits = model(input_ids=input_ids, use_cache=False).logits
+                task_loss = (kl_to_teacher(logits, teacher_probs, teacher_entropy) if settings.loss == "kl"
+                             else next_token_loss(logits, input_ids))
 
-            target = target_at(step, settings)
-            expected = layout.constraint_sparsity(gates.prob_full())
-            gap = expected - target
-            constraint = (lagrange_linear * gap + lagrange_quadratic * gap.pow(2)).sum()
-            loss = task_loss + constraint
-            if not torch.isfinite(loss):  # checked before the update, so the gates stay the last good ones
-                raise FloatingPointError(
-                    f"loss became {loss.item()} at step {step + 1}; lower --gate-lr or --multiplier-lr, or use "
-                    "--dtype float32"
-                )
+                target = target_at(step, settings)
+                expected = layout.constraint_sparsity(gates.prob_full())
+                gap = expected - target
+                constraint = (lagrange_linear * gap + lagrange_quadratic * gap.pow(2)).sum()
+                loss = task_loss + constraint
+                if not torch.isfinite(loss):  # checked before the update, so the gates stay the last good ones
+                    raise FloatingPointError(_non_finite_message(loss.item(), step + 1, settings, checkpoint_dir,
+                                                                 checkpointed_step))
 
-            gate_optimizer.zero_grad(set_to_none=True)
-            multiplier_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            gate_optimizer.step()
-            multiplier_optimizer.step()
-            record = {
-                "step": step + 1,
-                "loss": round(loss.item(), 6),
-                "task_loss": round(task_loss.item(), 6),
-                "expected_sparsity": round(1.0 - gates.prob_full().mean().item(), 6),
-                "target_sparsity": round(target, 6),
-                "constraint_gap_max": round(gap.abs().max().item(), 6),
-                "lambda": round(lagrange_linear.mean().item(), 6),
-                "phi": round(lagrange_quadratic.mean().item(), 6),
-                "full_units_threshold": int((gates.log_alpha > 0).sum().item()),
-                "seconds": round(time.perf_counter() - step_started, 3),
-            }
-            metrics.append(record)
-            if metrics_file is not None:
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-            if on_step is not None:
-                on_step(record)
+                gate_optimizer.zero_grad(set_to_none=True)
+                multiplier_optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                gate_optimizer.step()
+                multiplier_optimizer.step()
+                record = {
+                    "step": step + 1,
+                    "loss": round(loss.item(), 6),
+                    "task_loss": round(task_loss.item(), 6),
+                    "expected_sparsity": round(1.0 - gates.prob_full().mean().item(), 6),
+                    "target_sparsity": round(target, 6),
+                    "constraint_gap_max": round(gap.abs().max().item(), 6),
+                    "lambda": round(lagrange_linear.mean().item(), 6),
+                    "phi": round(lagrange_quadratic.mean().item(), 6),
+                    "full_units_threshold": int((gates.log_alpha > 0).sum().item()),
+                    "seconds": round(time.perf_counter() - step_started, 3),
+                }
+                metrics.append(record)
+                if metrics_file is not None:  # before the checkpoint: the file never lags behind it
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                if on_step is not None:
+                    on_step(record)
+                every = settings.checkpoint_every
+                if checkpoint_dir is not None and (stop_signals or step + 1 == settings.steps
+                                                   or (every and (step + 1) % every == 0)):
+                    checkpoint(step + 1)
+                    checkpointed_step = step + 1
+                if stop_signals:
+                    raise SearchInterrupted(step + 1, settings.steps, checkpoint_dir, stop_signals[0])
     finally:
         remove_hybrid(model)
         if metrics_file is not None:
@@ -263,11 +323,66 @@ def run_search(
         "units_where_ranking_differs_from_threshold": int((allocation.unit_mask != threshold_units).sum()),
         "final_expected_sparsity": 1.0 - gates.prob_full().mean().item(),
     }
-    return SearchResult(allocation=allocation, metrics=metrics, seconds=time.perf_counter() - started)
+    if resumes:
+        allocation.metadata["resumes"] = resumes
+    return SearchResult(allocation=allocation, metrics=metrics, seconds=time.perf_counter() - started,
+                        first_step=first_step)
 
 
-RUN_FILE = "run.json"
-METRICS_FILE = "metrics.jsonl"
+def _restore(resume: CheckpointState, settings: SearchSettings, model_fingerprint: str, fingerprint_of_data: str,
+             gates: HardConcreteGates, lagrange_linear: nn.Parameter, lagrange_quadratic: nn.Parameter,
+             gate_optimizer: torch.optim.Optimizer, multiplier_optimizer: torch.optim.Optimizer,
+             generator: torch.Generator) -> None:
+    """Load a checkpoint's state into a freshly set-up search, after checking it belongs to this model and data."""
+    if model_fingerprint and resume.model_fingerprint and model_fingerprint != resume.model_fingerprint:
+        raise CheckpointError(f"the checkpoint was made for another model (fingerprint {resume.model_fingerprint}, "
+                              f"this model {model_fingerprint})")
+    if resume.data_fingerprint != fingerprint_of_data:
+        raise CheckpointError(f"the calibration data differ from the checkpoint's ({settings.data} changed since "
+                              "the run began?)")
+    if (resume.log_alpha.shape, resume.lagrange_linear.shape) != (gates.log_alpha.shape, lagrange_linear.shape):
+        raise CheckpointError(f"the checkpoint has {resume.log_alpha.numel()} units, this search "
+                              f"{gates.log_alpha.numel()}")
+    with torch.no_grad():
+        gates.log_alpha.copy_(resume.log_alpha)
+        lagrange_linear.copy_(resume.lagrange_linear)
+        lagrange_quadratic.copy_(resume.lagrange_quadratic)
+        if settings.penalty_init != resume.settings.get("penalty_init"):  # a new --penalty-init restarts phi
+            lagrange_quadratic.fill_(settings.penalty_init)
+    for optimizer, state in ((gate_optimizer, resume.gate_optimizer),
+                             (multiplier_optimizer, resume.multiplier_optimizer)):
+        # The hyperparameters stay the ones built from the settings, which may carry new rates.
+        optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    generator.set_state(resume.generator_state)
+
+
+def _metrics_up_to(path: Path, step: int) -> list[dict]:
+    """The first ``step`` records of a run's metrics file, which is cut back to them.
+
+    A killed run may have logged steps after its last checkpoint; the resumed run does those steps again.
+    """
+    lines = path.read_text().splitlines()[:step] if path.is_file() else []
+    try:
+        records = [json.loads(line) for line in lines]
+        logged = [record["step"] for record in records]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        logged = []
+    if logged != list(range(1, step + 1)):
+        raise CheckpointError(f"{path} does not hold the checkpoint's {step} steps, so the resumed run's metrics "
+                              "would not match it")
+    write_atomically(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in lines)))
+    return records
+
+
+def _non_finite_message(value: float, step: int, settings: SearchSettings, checkpoint_dir: Path | None,
+                        checkpointed_step: int | None) -> str:
+    """One line for a NaN/inf loss: where the last good checkpoint is and how to continue from it."""
+    message = f"loss became {value} at step {step}; "
+    if checkpoint_dir is None or checkpointed_step is None:
+        return message + "lower --gate-lr or --multiplier-lr, or use --dtype float32"
+    return message + (f"the last good checkpoint is step {checkpointed_step}; continue from it with a lower rate: "
+                      f"consa search --resume {shlex.quote(str(checkpoint_dir))} --gate-lr {settings.gate_lr / 2:g}"
+                      " (or a lower --multiplier-lr)")
 
 
 def environment_versions() -> dict[str, str]:
@@ -300,19 +415,21 @@ def prepare_run_dir(output: str | Path, force: bool) -> Path:
 
 
 def search(settings: SearchSettings, force: bool = False, on_start: Callable[[dict], None] | None = None,
-           on_step: Callable[[dict], None] | None = None) -> SearchResult:
+           on_step: Callable[[dict], None] | None = None, resume: CheckpointState | None = None) -> SearchResult:
     """``consa search`` end to end: load model and calibration data, learn, write the run directory.
 
-    The run directory holds ``allocation.safetensors`` (the result), ``metrics.jsonl`` (one line per step)
-    and ``run.json`` (settings, summary, versions).
+    The run directory holds ``allocation.safetensors`` (the result), ``metrics.jsonl`` (one line per step),
+    ``run.json`` (settings, summary, versions) and ``checkpoint.safetensors`` (the search state after the last
+    checkpointed step). It is kept after a finished run, which ``resume`` can then extend to more steps.
+    With ``resume`` (:func:`load_checkpoint` of ``settings.output``), the run continues in place.
     """
-    from consa_cli.allocation import ALLOCATION_FILE, write_atomically
     from consa_cli.data import load_token_sequences
     from consa_cli.families import adapter_for
     from consa_cli.models import load_model_and_tokenizer, model_fingerprint
 
     settings.validate()
-    check_run_dir(settings.output, force)  # fail before minutes of loading; create it only once all loaded
+    if resume is None:
+        check_run_dir(settings.output, force)  # fail before minutes of loading; create it only once all loaded
     device = resolve_device(settings.device)
     model, tokenizer = load_model_and_tokenizer(settings.model, dtype=getattr(torch, settings.dtype),
                                                 device=str(device))
@@ -323,14 +440,23 @@ def search(settings: SearchSettings, force: bool = False, on_start: Callable[[di
         sink_tokens = adapter_for(model.config.model_type).default_sink_tokens
     # All calibration sequences: the seeded order draws from the whole split, not just its first articles.
     sequences = load_token_sequences(settings.data, tokenizer, settings.seq_len, "calibration")
-    output = prepare_run_dir(settings.output, force)
+    if resume is None:
+        output = prepare_run_dir(settings.output, force)
+        # An overwritten run's checkpoint must not be left for a later --resume to continue.
+        (output / CHECKPOINT_FILE).unlink(missing_ok=True)
+    else:
+        output = Path(settings.output)
+        for name in (CHECKPOINT_FILE, METRICS_FILE, ALLOCATION_FILE, RUN_FILE):
+            for leftover in output.glob(f".{name}.*.tmp"):  # write_atomically's temp files from a killed process
+                leftover.unlink()
     if on_start is not None:
         on_start({"model": model.config.name_or_path, "sink_tokens": sink_tokens,
                   "calibration_sequences": sequences.shape[0], "device": str(device),
                   "units": UnitLayout(settings.granularity, model.config.num_hidden_layers,
-                                      model.config.num_key_value_heads).num_units})
+                                      model.config.num_key_value_heads).num_units,
+                  "resumed_from": resume.step if resume is not None else 0})
     result = run_search(settings, model, sequences, sink_tokens, model_fingerprint(model), on_step=on_step,
-                        metrics_path=output / METRICS_FILE)
+                        metrics_path=output / METRICS_FILE, checkpoint_dir=output, resume=resume)
     result.allocation.metadata["calibration_sequences"] = int(sequences.shape[0])
     result.allocation.metadata["versions"] = environment_versions()
     result.allocation.save(output / ALLOCATION_FILE)
@@ -339,9 +465,11 @@ def search(settings: SearchSettings, force: bool = False, on_start: Callable[[di
         "sink_tokens": sink_tokens,
         "allocation": result.allocation.settings_dict(),
         "fa_rows": result.allocation.render_rows(),
-        "seconds": round(result.seconds, 2),
-        "seconds_per_step": round(result.seconds / max(1, settings.steps), 3),
+        "seconds": round(result.seconds, 2),  # of this call only, for a resumed run
+        "seconds_per_step": round(result.seconds / max(1, settings.steps - result.first_step), 3),
         "versions": environment_versions(),
     }
+    if "resumes" in result.allocation.metadata:
+        summary["resumes"] = result.allocation.metadata["resumes"]
     write_atomically(output / RUN_FILE, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
     return result

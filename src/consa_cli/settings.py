@@ -32,6 +32,7 @@ class SearchSettings:
     the tuning runs in docs/results.md: gate_lr 0.3 reaches the target within ~30 steps from log_alpha +5,
     and penalty_init 20 damps the overshoot so E[s] stays within 0.01 of the target from ~80 steps (with phi starting
     at 0 it was still 0.05-0.24 above the target after 150 steps and oscillated over 600).
+    ``checkpoint_every`` only decides how much work an interruption can cost; it never changes the result.
     """
 
     model: str | None = None
@@ -57,6 +58,7 @@ class SearchSettings:
     device: str = "auto"
     backend: str = "sdpa"
     output: str = "runs/search"
+    checkpoint_every: int = 25  # steps between checkpoints; 0: only when interrupted and at the end
 
     def validate(self) -> None:
         if not 0.0 <= self.sparsity <= 1.0:
@@ -79,6 +81,8 @@ class SearchSettings:
             raise SettingsError(f"--sink-tokens must be >= 0, got {self.sink_tokens}")
         if self.target_warmup_steps < 0:
             raise SettingsError("--target-warmup-steps must be >= 0")
+        if self.checkpoint_every < 0:
+            raise SettingsError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         if not self.stretch_low < 0.0 < 1.0 < self.stretch_high:
             raise SettingsError("the stretch interval must satisfy stretch_low < 0 < 1 < stretch_high")
         if self.penalty_init < 0:
@@ -127,3 +131,32 @@ def build_settings(cls: type, recipe: str | Path | None = None, **overrides: Any
 
 def settings_to_dict(settings) -> dict[str, Any]:
     return dataclasses.asdict(settings)
+
+
+# What `consa search --resume` may change: the step budget, the optimiser's rates (to get past a NaN, say) and how
+# often to checkpoint. Every other setting decides what the run computes, so it must stay as the run began.
+RESUMABLE = ("steps", "gate_lr", "multiplier_lr", "penalty_init", "checkpoint_every")
+
+
+def resumed_settings(saved: dict[str, Any], run_dir: str | Path, completed_steps: int,
+                     recipe: str | Path | None = None, **overrides: Any) -> SearchSettings:
+    """The settings of a run continued with ``--resume``: ``saved`` (its checkpoint's), changed only in RESUMABLE.
+
+    ``recipe`` and ``overrides`` are what the user gave, as for :func:`build_settings`; a given value equal to the
+    saved one is no conflict. The run stays in ``run_dir`` wherever it was first written.
+    """
+    run = build_settings(SearchSettings, None, **saved)
+    given = load_recipe(recipe) if recipe is not None else {}
+    given.update({key: value for key, value in overrides.items() if value is not None})
+    output = given.pop("output", None)
+    if output is not None and Path(output).resolve() != Path(run_dir).resolve():
+        raise SettingsError(f"--resume continues a run with its own settings; --output differs (run: {run_dir}, "
+                            f"given: {output})")
+    for name, value in given.items():
+        if name not in RESUMABLE and value != getattr(run, name):
+            raise SettingsError(f"--resume continues a run with its own settings; --{name.replace('_', '-')} "
+                                f"differs (run: {getattr(run, name)}, given: {value})")
+    settings = build_settings(SearchSettings, None, **{**settings_to_dict(run), **given, "output": str(run_dir)})
+    if settings.steps < completed_steps:
+        raise SettingsError(f"--steps {settings.steps} is fewer than the {completed_steps} steps the run has done")
+    return settings
