@@ -78,6 +78,9 @@ def test_search_export_eval_show_end_to_end(tmp_path, tiny_model_dir, tiny_text_
     assert result.stdout.splitlines()[0] == allocation.describe()
     assert result.stdout.splitlines()[2:] == [f"{i:>5}  {row}" for i, row in enumerate(allocation.render_rows())]
     assert invoke("show", run_dir).stdout == result.stdout  # a run directory shows the same mask
+    picture = tmp_path / "mask.png"
+    result = invoke("show", run_dir, "--png", picture)
+    assert result.exit_code == 0 and picture.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_eval_of_a_run_dir_adds_the_dense_reference(tmp_path, tiny_model_dir, tiny_text_file):

@@ -46,9 +46,10 @@ def user_errors() -> Iterator[None]:
     from consa_cli.export import ExportError
     from consa_cli.families import UnsupportedModelError
     from consa_cli.models import ModelError
+    from consa_cli.plots import PlotError
     from consa_cli.settings import SettingsError
 
-    expected = (AllocationError, DataError, ExportError, UnsupportedModelError, ModelError, SettingsError,
+    expected = (AllocationError, DataError, ExportError, UnsupportedModelError, ModelError, SettingsError, PlotError,
                 FileExistsError, FileNotFoundError, PermissionError, FloatingPointError)
     try:
         yield
@@ -342,16 +343,23 @@ def _print_eval_table(rows: list[dict]) -> None:
 
 
 @app.command()
-def show(allocation_path: Path = typer.Argument(..., help="Allocation file, run directory or export directory.")):
-    """Print an allocation's layers x KV-heads mask."""
+def show(
+    allocation_path: Path = typer.Argument(..., help="Allocation file, run directory or export directory."),
+    png: Path = typer.Option(None, "--png", help="Also draw the mask (and learned log_alpha) into this image "
+                             "file (.png, .svg or .pdf; needs matplotlib)."),
+):
+    """Print an allocation's layers x KV-heads mask; optionally draw it as a heatmap."""
     from consa_cli.allocation import Allocation
     from consa_cli.export import MASK_FILE
+    from consa_cli.plots import plot_allocation
 
     with user_errors():
         path = allocation_path / MASK_FILE if (allocation_path / MASK_FILE).is_file() else allocation_path
         allocation = Allocation.load(path)
         console.print(allocation.describe())
         _print_mask(allocation)
+        if png is not None:
+            console.print(f"wrote {plot_allocation(allocation, png)}")
 
 
 def run() -> None:
