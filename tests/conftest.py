@@ -106,3 +106,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# --- character-level tokenizer for retrieval prompts ------------------------------------------------------
+
+CHAR_TOKENIZER_CHARS = " \n.,?:=-'" + "0123456789" + "abcdefghijklmnopqrstuvwxyz" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def tiny_char_tokenizer():
+    """Offline one-token-per-character tokenizer (``<unk>`` 0, ``<eos>`` 1, 73 ids: fits the tiny models).
+
+    Retrieval prompts mix prose, digits and upper-case names, which the word-level tiny tokenizer maps to
+    ``<unk>``; here every character keeps its identity, and token positions equal text positions.
+    """
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, **{char: i for i, char in enumerate(CHAR_TOKENIZER_CHARS, start=2)}}
+    backend = Tokenizer(models.BPE(vocab, merges=[], unk_token="<unk>"))  # no merges: one token per char
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer():
+    return tiny_char_tokenizer()

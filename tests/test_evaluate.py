@@ -162,3 +162,20 @@ def test_evaluate_refuses_an_allocation_for_another_model(tmp_path, tiny_model_d
     target.base_model = str(tiny_model_dir)  # applied to the wrong weights
     with pytest.raises(AllocationError, match="another model"):
         evaluate([target], eval_settings(tiny_text_file, include_dense=False))
+
+
+def test_evaluate_scores_retrieval_for_every_target(tmp_path, tiny_model_dir, tiny_text_file, fingerprint,
+                                                    monkeypatch):
+    import consa_cli.retrieval
+
+    words = " ".join(f"w{i}" for i in range(10, 40))
+    monkeypatch.setattr(consa_cli.retrieval, "default_filler", lambda: (f"{words} .", f"{words} w5 ."))
+    full = write_allocation(tmp_path / "all-full", tiny_model_dir, fingerprint, full=True)
+    settings = eval_settings(tiny_text_file, retrieval_tasks=["passkey"], retrieval_lengths=[96],
+                             retrieval_depths=[0.5], retrieval_samples=2)
+    dense, hybrid = evaluate([resolve_target(str(full))], settings)
+    for row in (dense, hybrid):
+        cells = row["retrieval"]["cells"]
+        assert [(c["task"], c["length"], c["depth"], c["n"]) for c in cells] == [("passkey", 96, 0.5, 2)]
+        assert 0.0 <= row["retrieval"]["overall"] <= 1.0
+    assert hybrid["retrieval"] == dense["retrieval"]  # all-full allocation: the very same answers

@@ -288,6 +288,13 @@ def eval_command(
     dense: bool = typer.Option(True, help="Include the dense original model as the reference row."),
     dense_model: str = typer.Option(None, help="Dense reference model \\[default: the targets' source model]."),
     json_path: Path = typer.Option(None, "--json", help="Also write the results as JSON here."),
+    retrieval: str = typer.Option(None, "--retrieval", help="Also score long-context retrieval (exact match): "
+                                  "comma-separated tasks from passkey, multikey, variable-tracking."),
+    retrieval_lengths: str = typer.Option("1024,2048", "--retrieval-lengths",
+                                          help="Retrieval prompt lengths in tokens, comma-separated."),
+    retrieval_depths: str = typer.Option("0.1,0.5,0.9", "--retrieval-depths", help="Needle depths, comma-separated: "
+                                         "0 = start of the context, 1 = just before the question."),
+    retrieval_samples: int = typer.Option(4, "--retrieval-samples", help="Prompts per (task, length, depth)."),
 ):
     """Held-out perplexity of hybrids next to the dense original (paired per-sequence statistics)."""
     from consa_cli.evaluate import DTYPES, EvalSettings, evaluate, resolve_target
@@ -301,6 +308,17 @@ def eval_command(
             if value is not None:
                 setattr(settings, name, value)
         settings.include_dense = dense
+        if retrieval:
+            from consa_cli.retrieval import TASKS
+
+            settings.retrieval_tasks = _csv(retrieval, str, "--retrieval")
+            settings.retrieval_lengths = _csv(retrieval_lengths, int, "--retrieval-lengths")
+            settings.retrieval_depths = _csv(retrieval_depths, float, "--retrieval-depths")
+            settings.retrieval_samples = retrieval_samples
+            unknown = [task for task in settings.retrieval_tasks if task not in TASKS]
+            if unknown or retrieval_samples < 1 or not all(0 <= d <= 1 for d in settings.retrieval_depths):
+                raise SettingsError(f"--retrieval takes {', '.join(TASKS)}; --retrieval-depths lie in [0, 1]; "
+                                    "--retrieval-samples >= 1")
         if settings.dtype not in DTYPES:
             raise SettingsError(f"--dtype must be one of {', '.join(DTYPES)}")
         if any(n < 2 for n in settings.seq_lens) or settings.max_sequences < 1 or settings.batch_size < 1:
@@ -317,6 +335,8 @@ def eval_command(
 
             rows = evaluate(resolved, settings, on_progress)
         _print_eval_table(rows)
+        if settings.retrieval_tasks:
+            _print_retrieval_table(rows)
         if json_path is not None:
             json_path.parent.mkdir(parents=True, exist_ok=True)
             # Strict JSON: a t statistic can be inf/nan (identical or constant differences) -> null.
@@ -339,6 +359,33 @@ def _print_eval_table(rows: list[dict]) -> None:
         t_stat = f"{row['paired_t_vs_dense']:.1f}" if "paired_t_vs_dense" in row else "-"
         table.add_row(row["label"], row["method"], row["granularity"] or "-", units, f"{row['sparsity']:.3f}",
                       window, str(row["seq_len"]), f"{row['ppl']:.3f}", delta, t_stat)
+    console.print(table)
+
+
+def _csv(text: str, kind: type, option: str) -> list:
+    """A comma-separated option as a list of ``kind``."""
+    from consa_cli.settings import SettingsError
+
+    try:
+        return [kind(item.strip()) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise SettingsError(f"{option} must be a comma-separated list of {kind.__name__}, got '{text}'") from None
+
+
+def _print_retrieval_table(rows: list[dict]) -> None:
+    """Retrieval accuracy: one row per (model, task), one column per (length, depth) cell."""
+    results = {row["label"]: row["retrieval"] for row in rows if "retrieval" in row}
+    columns = list(dict.fromkeys((c["length"], c["depth"]) for c in next(iter(results.values()))["cells"]))
+    table = Table(title="retrieval exact-match accuracy (columns: prompt tokens @ needle depth)")
+    table.add_column("model")
+    table.add_column("task")
+    for length, depth in columns:
+        table.add_column(f"{length}@{depth:g}", justify="right")
+    table.add_column("task mean", justify="right")
+    for label, result in results.items():
+        for task, accuracy in result["by_task"].items():
+            by_cell = {(c["length"], c["depth"]): c["accuracy"] for c in result["cells"] if c["task"] == task}
+            table.add_row(label, task, *(f"{by_cell[cell]:.2f}" for cell in columns), f"{accuracy:.2f}")
     console.print(table)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from consa_cli.attention import hybrid_attention
 from consa_cli.data import EMBEDDED_CORPUS, load_token_sequences
 from consa_cli.export import MASK_FILE, load_hybrid, read_export_config
 from consa_cli.models import load_model_and_tokenizer, model_fingerprint
+from consa_cli.retrieval import evaluate_retrieval
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -37,6 +39,12 @@ class EvalSettings:
     device: str = "cpu"
     include_dense: bool = True
     dense_model: str | None = None
+    # Long-context retrieval (consa_cli.retrieval); no tasks = perplexity only.
+    retrieval_tasks: list[str] = field(default_factory=list)
+    retrieval_lengths: list[int] = field(default_factory=lambda: [1024, 2048])
+    retrieval_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
+    retrieval_samples: int = 4
+    retrieval_seed: int = 0
 
 
 @dataclass
@@ -142,6 +150,16 @@ def evaluate(targets: list[Target], settings: EvalSettings,
             elif seq_len in dense_nll and fingerprint == dense_fingerprint:  # paired only on the same weights
                 row["delta_nll_vs_dense"], row["paired_t_vs_dense"] = paired_difference(nll, dense_nll[seq_len])
             rows.append(row)
+        if settings.retrieval_tasks:
+            allocation = target.allocation if target.kind == "allocation" else None
+            runtime = nullcontext() if allocation is None else hybrid_attention(
+                model, allocation.fa_mask.to(model.device), allocation.sliding_window, allocation.sink_tokens)
+            with runtime:  # the same seeded prompts for every target that shares the tokenizer
+                retrieval = evaluate_retrieval(model, tokenizer, settings.retrieval_tasks, settings.retrieval_lengths,
+                                               settings.retrieval_depths, settings.retrieval_samples,
+                                               settings.retrieval_seed, batch_size=settings.batch_size)
+            for row in rows[-len(settings.seq_lens):]:  # this target's rows
+                row["retrieval"] = retrieval
         if target.kind == "export":
             del model
     return rows

@@ -1,0 +1,232 @@
+"""Retrieval prompts (exact lengths, needle depths, determinism), exact-match scoring and the summary."""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_model
+
+from consa_cli import retrieval
+from consa_cli.attention import hybrid_attention
+from consa_cli.data import DataError
+from consa_cli.retrieval import TASKS, evaluate_retrieval, make_samples, score_samples
+
+# A fixed haystack without digits, so any number in a prompt comes from a needle.
+FILLER = ["The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
+          "There and back again."]
+# Each needle as it appears in a prompt (pieces are joined with a leading space).
+NEEDLES = {
+    "passkey": r" The pass key is (\d+)\. Remember it\. \1 is the pass key\.",
+    "multikey": r" The special magic number for ([a-z]+) is (\d+)\.",
+    "variable-tracking": r" VAR ([A-Z]+) = (\d+|VAR [A-Z]+) \.",
+}
+DEPTHS = [0.0, 0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0]
+
+
+def text_of(tokenizer, sample) -> str:
+    text = tokenizer.decode(sample.prompt_ids)
+    assert len(text) == sample.prompt_ids.numel()  # one token per character: text positions = token positions
+    return text
+
+
+def queried_needle(task: str, text: str, needles: list[re.Match]) -> re.Match:
+    """The needle the question asks about (for variable tracking: the start of the chain)."""
+    if task == "multikey":
+        key = re.search(r"magic number for ([a-z]+)\?", text).group(1)
+        return next(m for m in needles if m.group(1) == key)
+    if task == "variable-tracking":
+        return next(m for m in needles if m.group(2).isdigit())
+    return needles[0]
+
+
+class Oracle(torch.nn.Module):
+    """Predicts the true next token of the teacher-forced input, i.e. knows every answer.
+
+    ``knows(row)`` picks the sequences it answers (it predicts token 0 for the others), and ``miss_last``
+    makes it wrong on the final input position only.
+    """
+
+    def __init__(self, knows=lambda row: True, miss_last: bool = False):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))  # score_samples reads the device from a parameter
+        self.knows, self.miss_last = knows, miss_last
+
+    def forward(self, input_ids, logits_to_keep=0, **kwargs):
+        targets = torch.roll(input_ids, -1, dims=1)
+        if self.miss_last:
+            targets[:, -2] = 0
+        for row in range(input_ids.shape[0]):
+            if not self.knows(input_ids[row]):
+                targets[row] = 0
+        logits = F.one_hot(targets, 96).float()
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits)
+
+
+class Zero(torch.nn.Module):
+    """Always predicts token 0; returns every position's logits (ignores logits_to_keep)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids, **kwargs):
+        return SimpleNamespace(logits=F.one_hot(torch.zeros_like(input_ids), 96).float())
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_prompts_have_exactly_the_requested_token_length(char_tokenizer, task):
+    samples = make_samples(task, char_tokenizer, [600, 777, 1000], [0.0, 0.5, 1.0], 2, seed=0, filler=FILLER)
+    cells = [(n, d) for n in (600, 777, 1000) for d in (0.0, 0.5, 1.0)]
+    assert [(s.length, s.depth) for s in samples] == [cell for cell in cells for _ in range(2)]
+    for sample in samples:
+        assert sample.task == task
+        assert sample.prompt_ids.dtype == torch.long and sample.prompt_ids.shape == (sample.length,)
+        answer = char_tokenizer(sample.answer_text, add_special_tokens=False)["input_ids"]
+        assert sample.answer_ids.tolist() == answer
+        assert re.fullmatch(r" \d{5,7}", sample.answer_text)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_needle_sits_at_the_requested_depth(char_tokenizer, task):
+    samples = make_samples(task, char_tokenizer, [1500], DEPTHS, 1, seed=1, filler=FILLER)
+    texts = [text_of(char_tokenizer, s) for s in samples]
+    pattern = re.compile(NEEDLES[task])
+    # Depth 0 puts the queried needle first, so its position is where the haystack starts.
+    start = queried_needle(task, texts[0], list(pattern.finditer(texts[0]))).start()
+    assert len({text[:start] for text in texts}) == 1  # the same instruction precedes every haystack
+    for sample, text in zip(samples, texts, strict=True):
+        needles = list(pattern.finditer(text))
+        expected = {"passkey": 1, "multikey": retrieval.MULTIKEY_DISTRACTORS + 1,
+                    "variable-tracking": retrieval.VARIABLE_HOPS + 1}[task]
+        assert len(needles) == expected
+        end = text.rindex("\n")  # the question follows the haystack after a newline
+        filler = end - start - sum(len(m.group(0)) for m in needles)
+        queried = queried_needle(task, text, needles)
+        earlier = sum(len(m.group(0)) for m in needles if m.start() < queried.start())
+        before = queried.start() - start - earlier
+        # Needles go to the nearest sentence boundary: off by at most half a sentence (plus its space).
+        tolerance = (max(map(len, FILLER)) + 1) / 2 / filler
+        assert abs(before / filler - sample.depth) <= tolerance, (sample.depth, before / filler)
+        if task == "passkey" and sample.depth == 1.0:
+            assert text[queried.end() :] == "\nWhat is the pass key? The pass key is"
+
+
+def test_passkey_answer_comes_only_from_its_single_needle(char_tokenizer):
+    for sample in make_samples("passkey", char_tokenizer, [600], [0.2, 0.8], 3, seed=2, filler=FILLER):
+        text = text_of(char_tokenizer, sample)
+        key = sample.answer_text.strip()
+        needle = f"The pass key is {key}. Remember it. {key} is the pass key."
+        assert text.count(needle) == 1
+        assert text.count(key) == 2  # both inside the needle, nowhere else
+        assert text.endswith("\nWhat is the pass key? The pass key is")
+
+
+def test_multikey_queries_one_key_among_distinct_distractors(char_tokenizer):
+    for sample in make_samples("multikey", char_tokenizer, [900], [0.3, 0.7], 3, seed=3, filler=FILLER):
+        text = text_of(char_tokenizer, sample)
+        needles = re.findall(NEEDLES["multikey"], text)
+        keys, values = [k for k, _ in needles], [v for _, v in needles]
+        assert len(set(keys)) == len(keys) == retrieval.MULTIKEY_DISTRACTORS + 1
+        assert len(set(values)) == len(values)
+        question = r"What is the special magic number for ([a-z]+)\? The special magic number for \1 is$"
+        key = re.search(question, text).group(1)
+        assert dict(needles)[key] == sample.answer_text.strip()
+        assert text.count(sample.answer_text.strip()) == 1
+
+
+def test_variable_tracking_asks_for_the_end_of_an_ordered_chain(char_tokenizer):
+    for sample in make_samples("variable-tracking", char_tokenizer, [900], [0.0, 0.6, 1.0], 2, seed=4,
+                               filler=FILLER):
+        text = text_of(char_tokenizer, sample)
+        chain = re.findall(NEEDLES["variable-tracking"], text)
+        assert chain[0][1] == sample.answer_text.strip()
+        for (previous, _), (_, source) in zip(chain[:-1], chain[1:], strict=True):
+            assert source == f"VAR {previous}"
+        names = [name for name, _ in chain]
+        assert len(set(names)) == len(names) and all(re.fullmatch("[A-Z]{5}", n) for n in names)
+        assert text.endswith(f"\nWhat is the value of VAR {names[-1]}? VAR {names[-1]} =")
+
+
+def test_same_seed_gives_identical_prompts(char_tokenizer):
+    def prompts(seed):
+        return [(s.prompt_ids.tolist(), s.answer_ids.tolist(), s.answer_text)
+                for task in TASKS
+                for s in make_samples(task, char_tokenizer, [500, 700], [0.2, 0.9], 2, seed, FILLER)]
+
+    assert prompts(7) == prompts(7)
+    assert prompts(7) != prompts(8)
+    samples = make_samples("passkey", char_tokenizer, [500], [0.5], 4, seed=7, filler=FILLER)
+    assert len({s.answer_text for s in samples}) > 1  # samples of one cell differ
+
+
+def test_default_filler_is_prose_of_the_held_out_documents(monkeypatch):
+    documents = [f"Document {i} opens here. It has a second sentence!" for i in range(8)]
+    documents += ["History\nThe first held out line is here. Then a question follows here?\n== Notes ==",
+                  "Short one. The last held out document ends here."]
+    monkeypatch.setattr(retrieval, "load_documents", lambda data: documents)
+    retrieval.default_filler.cache_clear()
+    try:
+        assert retrieval.default_filler() == ("The first held out line is here.",
+                                              "Then a question follows here?",
+                                              "The last held out document ends here.")
+    finally:
+        retrieval.default_filler.cache_clear()
+
+
+def test_bad_requests_are_one_line_errors(char_tokenizer):
+    with pytest.raises(DataError, match="unknown retrieval task"):
+        make_samples("haystack", char_tokenizer, [500], [0.5], 1, seed=0, filler=FILLER)
+    with pytest.raises(DataError, match="depths must lie in"):
+        make_samples("passkey", char_tokenizer, [500], [1.5], 1, seed=0, filler=FILLER)
+    with pytest.raises(DataError, match="too short for multikey"):
+        make_samples("multikey", char_tokenizer, [100], [0.5], 1, seed=0, filler=FILLER)
+    with pytest.raises(DataError, match="no usable sentence"):
+        make_samples("passkey", char_tokenizer, [500], [0.5], 1, seed=0, filler=[])
+
+
+def test_a_model_that_knows_the_answers_scores_all_and_one_that_predicts_zero_none(char_tokenizer):
+    samples = [s for task in TASKS
+               for s in make_samples(task, char_tokenizer, [600, 700], [0.3], 2, seed=5, filler=FILLER)]
+    for batch_size in (1, 3, 16):  # 3 and 16 mix tasks, hence answer lengths, in one batch
+        assert score_samples(Oracle(), samples, batch_size) == [True] * len(samples)
+        assert score_samples(Zero(), samples, batch_size) == [False] * len(samples)
+    # Every answer token must match: right on all but the last one is wrong.
+    passkeys = [s for s in samples if s.task == "passkey"]
+    assert score_samples(Oracle(miss_last=True), passkeys, batch_size=2) == [False] * len(passkeys)
+
+
+def test_evaluate_retrieval_summarizes_cells_tasks_and_overall(char_tokenizer):
+    def knows(row):  # right on some samples only, so the averages are not trivial
+        return int(row.sum()) % 3 != 0
+
+    tasks, lengths, depths = ["passkey", "variable-tracking"], [400, 600], [0.1, 0.5, 0.9]
+    result = evaluate_retrieval(Oracle(knows), char_tokenizer, tasks, lengths, depths, samples_per_cell=3,
+                                seed=6, filler=FILLER, batch_size=2)
+    cells = result["cells"]
+    assert [(c["task"], c["length"], c["depth"]) for c in cells] == [(t, n, d) for t in tasks for n in lengths
+                                                                     for d in depths]
+    assert all(c["n"] == 3 for c in cells)
+    for task in tasks:
+        samples = make_samples(task, char_tokenizer, lengths, depths, 3, seed=6, filler=FILLER)
+        correct = score_samples(Oracle(knows), samples)
+        own = [c for c in cells if c["task"] == task]
+        per_cell = [sum(correct[i : i + 3]) / 3 for i in range(0, len(correct), 3)]
+        assert [c["accuracy"] for c in own] == per_cell
+        assert result["by_task"][task] == pytest.approx(sum(correct) / len(correct))
+    assert result["overall"] == pytest.approx(sum(c["accuracy"] for c in cells) / len(cells))
+    assert 0 < result["overall"] < 1
+
+
+def test_evaluate_retrieval_runs_on_a_hybrid(char_tokenizer, one_thread):
+    model = tiny_model("qwen3", max_position_embeddings=1024)
+    fa_mask = torch.tensor([[True, False], [False, False], [False, True], [False, False]])
+    with hybrid_attention(model, fa_mask, sliding_window=16, sink_tokens=4):
+        result = evaluate_retrieval(model, char_tokenizer, list(TASKS), [600], [0.5], samples_per_cell=2,
+                                    filler=FILLER, batch_size=2)
+    assert set(result) == {"overall", "by_task", "cells"}
+    assert set(result["by_task"]) == set(TASKS) and len(result["cells"]) == len(TASKS)
+    assert all(0 <= value <= 1 for value in [result["overall"], *result["by_task"].values()])
