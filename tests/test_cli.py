@@ -265,3 +265,10 @@ def test_tiny_model_fixture_matches_conftest(tiny_model_dir):
     loaded, tokenizer = load_model_and_tokenizer(str(tiny_model_dir), dtype=torch.float32)
     assert model_fingerprint(loaded) == model_fingerprint(tiny_model("qwen3"))
     assert len(tokenizer) == 96 and tokenizer.eos_token_id == 1 and tokenizer.pad_token == "<eos>"
+
+
+def test_native_baseline_is_the_models_own_pattern(tmp_path, tiny_model_dir):
+    result = invoke("baseline", "--rule", "native", "--model", tiny_model_dir, "--output", tmp_path / "native")
+    assert result.exit_code == 0, result.output
+    allocation = Allocation.load(tmp_path / "native")
+    assert allocation.method == "native" and allocation.num_full_units == allocation.num_units  # Qwen3: all full

@@ -11,6 +11,7 @@ import torch
 from consa_cli.allocation import Allocation, AllocationError, full_heads_per_layer, full_unit_count
 
 RULES = ("interleaved", "bottom", "top", "middle", "uniform-heads", "random")
+BASELINES = (*RULES, "native")  # native: the model's own pattern (Gemma3's 5:1), whatever --sparsity says
 
 
 def _evenly_spaced(count: int, total: int) -> list[int]:
@@ -106,3 +107,23 @@ def native_allocation(config, model: str = "", model_fingerprint: str = "") -> A
         model=model,
         model_fingerprint=model_fingerprint,
     )
+
+
+def check_baseline(rule: str, sparsity: float, window: int) -> None:
+    """Refuse bad baseline settings before any model is loaded."""
+    if rule not in BASELINES:
+        raise AllocationError(f"unknown rule '{rule}'; choose from {', '.join(BASELINES)}")
+    if not 0.0 <= sparsity <= 1.0:
+        raise AllocationError(f"--sparsity must be between 0 and 1, got {sparsity}")
+    if window < 1:
+        raise AllocationError(f"--window must be at least 1, got {window}")
+
+
+def baseline_allocation(rule: str, config, sparsity: float, granularity: str, sliding_window: int,
+                        sink_tokens: int, seed: int = 0, model: str = "", model_fingerprint: str = "") -> Allocation:
+    """A rule allocation (:func:`rule_allocation`) or the model's own pattern (``native``) for ``config``."""
+    check_baseline(rule, sparsity, sliding_window)
+    if rule == "native":
+        return native_allocation(config, model, model_fingerprint)
+    return rule_allocation(rule, config.num_hidden_layers, config.num_key_value_heads, sparsity, granularity,
+                           sliding_window, sink_tokens, seed, model, model_fingerprint)

@@ -219,7 +219,8 @@ def _print_mask(allocation) -> None:
 
 @app.command()
 def baseline(
-    rule: str = typer.Option("interleaved", help="interleaved, bottom, top, middle, uniform-heads or random."),
+    rule: str = typer.Option("interleaved", help="interleaved, bottom, top, middle, uniform-heads, random, or "
+                             "native (the model's own sliding pattern, e.g. Gemma3's; ignores --sparsity)."),
     model: str = typer.Option(None, "--model", "-m", help="Model the allocation is for \\[default: embedded model]."),
     sparsity: float = typer.Option(DEFAULTS.sparsity, help="Fraction of units that become sliding-window."),
     granularity: str = typer.Option("layer", help="layer, kv-head or kv-head-per-layer."),
@@ -231,22 +232,18 @@ def baseline(
 ):
     """Write a hand-written rule allocation (same format as a learned one) for export and eval."""
     from consa_cli.allocation import ALLOCATION_FILE
-    from consa_cli.baselines import rule_allocation
+    from consa_cli.baselines import baseline_allocation, check_baseline
     from consa_cli.families import adapter_for
     from consa_cli.models import DEFAULT_MODEL, load_model_and_tokenizer, model_fingerprint
-    from consa_cli.search import prepare_run_dir
-    from consa_cli.settings import SettingsError
+    from consa_cli.search import check_run_dir, prepare_run_dir
 
     with user_errors():
-        if not 0.0 <= sparsity <= 1.0:
-            raise SettingsError(f"--sparsity must be between 0 and 1, got {sparsity}")
-        if window < 1:
-            raise SettingsError(f"--window must be at least 1, got {window}")
+        check_baseline(rule, sparsity, window)
+        check_run_dir(output, force)
         loaded, _ = load_model_and_tokenizer(model)
         sinks = sink_tokens if sink_tokens is not None else adapter_for(loaded.config.model_type).default_sink_tokens
-        allocation = rule_allocation(rule, loaded.config.num_hidden_layers, loaded.config.num_key_value_heads,
-                                     sparsity, granularity, window, sinks, seed, model or DEFAULT_MODEL,
-                                     model_fingerprint(loaded))
+        allocation = baseline_allocation(rule, loaded.config, sparsity, granularity, window, sinks, seed,
+                                         model or DEFAULT_MODEL, model_fingerprint(loaded))
         directory = prepare_run_dir(output, force)
         allocation.save(directory / ALLOCATION_FILE)
         console.print(allocation.describe())
