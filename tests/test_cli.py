@@ -272,3 +272,24 @@ def test_native_baseline_is_the_models_own_pattern(tmp_path, tiny_model_dir):
     assert result.exit_code == 0, result.output
     allocation = Allocation.load(tmp_path / "native")
     assert allocation.method == "native" and allocation.num_full_units == allocation.num_units  # Qwen3: all full
+
+
+def test_out_of_memory_names_the_knob_to_turn(tmp_path, tiny_model_dir, tiny_text_file, monkeypatch):
+    import consa_cli.search
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(consa_cli.search, "run_search", out_of_memory)
+    result = invoke("search", "--model", tiny_model_dir, *SEARCH, "--data", tiny_text_file, "--output", tmp_path / "r")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: out of memory; lower --seq-len or --batch-size, or use --dtype bfloat16"
+
+
+def test_no_code_path_unpickles_files():
+    """Untrusted files are read with safetensors only: no torch.load / pickle anywhere in the package."""
+    source = Path(__file__).parent.parent / "src" / "consa_cli"
+    offenders = [f"{path.name}:{number}" for path in sorted(source.glob("*.py"))
+                 for number, line in enumerate(path.read_text().splitlines(), 1)
+                 if any(call in line for call in ("torch.load(", "pickle.load", "import pickle", "trust_remote_code=True"))]
+    assert offenders == []
