@@ -134,6 +134,17 @@ def _bad_inputs() -> dict[str, tuple]:
             tmp / "run" / "allocation.safetensors")
         return tmp / "run"
 
+    def truncated_run(tmp, model_dir):
+        path = tmp / "run" / "allocation.safetensors"
+        Allocation(torch.ones(4, 2, dtype=torch.bool), "layer", 4, 0, model=str(model_dir)).save(path)
+        path.write_bytes(path.read_bytes()[:-5])
+        return tmp / "run"
+
+    def other_model_run(tmp, model_dir):  # 3 layers: made for some other model than the 4-layer tiny one
+        Allocation(torch.ones(3, 2, dtype=torch.bool), "layer", 4, 0, model=str(model_dir)).save(
+            tmp / "run" / "allocation.safetensors")
+        return tmp / "run"
+
     def export(run, *extra, existing=False):
         def build(tmp, model_dir, data_file):
             if existing:
@@ -188,6 +199,12 @@ def _bad_inputs() -> dict[str, tuple]:
         "show-missing": (lambda tmp, m, d: ["show", tmp / "nothing-here"], "no allocation file at"),
         "baseline-unknown-rule": (lambda tmp, m, d: ["baseline", "--rule", "nope", "--model", m, "--output",
                                                      tmp / "rule"], "unknown rule 'nope'"),
+        "unwritable-output": (lambda tmp, m, d: ["search", "--model", m, *SEARCH, "--data", d, "--output",
+                                                 write("plain-file", "x")(tmp) / "run"], "is not a writable directory"),
+        "export-truncated-allocation": (lambda tmp, m, d: ["export", truncated_run(tmp, m), "--output", tmp / "exp"],
+                                        "is not a readable safetensors allocation file"),
+        "export-mask-from-another-model": (lambda tmp, m, d: ["export", other_model_run(tmp, m), "--output",
+                                                              tmp / "exp"], "allocation is for 3 layers x 2 KV heads"),
     }
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 import time
 from collections.abc import Callable
@@ -402,6 +403,9 @@ def check_run_dir(output: str | Path, force: bool) -> Path:
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise FileExistsError(f"{output} exists and is not a directory; choose another --output")
+    existing = next(parent for parent in output.absolute().parents if parent.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot create {output}: {existing} is not a writable directory")
     if output.is_dir() and any(output.iterdir()) and not force:
         raise FileExistsError(f"{output} already holds a run; pass --force to overwrite it or choose --output")
     return output
