@@ -11,10 +11,9 @@ from conftest import tiny_model
 from consa_cli.search import (
     HardConcreteGates,
     UnitLayout,
-    kl_to_teacher,
     run_search,
     target_at,
-    teacher_targets,
+    token_losses,
 )
 from consa_cli.settings import SearchSettings, SettingsError, build_settings
 
@@ -122,10 +121,20 @@ def test_every_recipe_is_valid():
         assert build_settings(SearchSettings, recipe).window > 0
 
 
-def test_kl_loss_equals_kl_divergence():
+def test_kl_loss_equals_kl_divergence_per_sequence():
     teacher, student = torch.randn(2, 7, 50), torch.randn(2, 7, 50)
-    probs, entropy = teacher_targets(teacher)
-    expected = torch.nn.functional.kl_div(student.log_softmax(-1).flatten(0, 1), teacher.log_softmax(-1).flatten(0, 1),
-                                          log_target=True, reduction="batchmean")
-    torch.testing.assert_close(kl_to_teacher(student, probs, entropy), expected, rtol=1e-5, atol=1e-6)
-    assert kl_to_teacher(teacher, probs, entropy).abs() < 1e-5  # zero against itself
+    all_tokens = torch.ones(2, 7, dtype=torch.bool)
+    ids = torch.zeros(2, 7, dtype=torch.long)
+    expected = torch.stack([torch.nn.functional.kl_div(student[i].log_softmax(-1), teacher[i].log_softmax(-1),
+                                                       log_target=True, reduction="batchmean") for i in range(2)])
+    torch.testing.assert_close(token_losses(student, ids, all_tokens, "kl", teacher), expected, rtol=1e-5, atol=1e-6)
+    assert token_losses(teacher, ids, all_tokens, "kl", teacher).abs().max() < 1e-5  # zero against itself
+
+
+def test_masked_loss_is_the_mean_over_each_sequences_selected_positions():
+    logits, ids = torch.randn(2, 6, 11), torch.randint(0, 11, (2, 6))
+    mask = torch.tensor([[True] * 6, [False, False, True, True, False, False]])
+    per_token = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(),
+                                                  reduction="none").view(2, 5)
+    expected = torch.stack([per_token[0].mean(), per_token[1, 2:4].mean()])  # lm: the last position never counts
+    torch.testing.assert_close(token_losses(logits, ids, mask, "lm"), expected)

@@ -120,6 +120,15 @@ def search(
     batch_size: int = typer.Option(None, help=f"Sequences per step. {_default('batch_size')}"),
     loss: str = typer.Option(None, help="kl (match the dense model's own outputs) or lm (next-token loss). "
                              f"{_default('loss')}"),
+    method: str = typer.Option(None, help="l0 (hard-concrete gates + augmented Lagrangian, ConSA), scalar-l1 (sigmoid "
+                               "gates + L1 penalty, ranked to the target: the paper's ablation) or attention-mass "
+                               "(training-free: rank units by attention mass beyond the window over steps x "
+                               f"batch-size calibration sequences). {_default('method')}"),
+    l1_weight: float = typer.Option(None, help=f"scalar-l1 only: weight of the mean gate value. {_default('l1_weight')}"),
+    retrieval_fraction: float = typer.Option(None, help="Share of calibration sequences that are synthetic long-range "
+                                             "retrieval samples (loss on their answer tokens only; formats distinct "
+                                             "from `consa eval --retrieval`'s). 0: natural text only. "
+                                             f"{_default('retrieval_fraction')}"),
     seed: int = typer.Option(None, help=f"Seed for data order and gate noise. {_default('seed')}"),
     gate_lr: float = typer.Option(None, help=f"Adam learning rate of the gates' log_alpha. {_default('gate_lr')}"),
     multiplier_lr: float = typer.Option(None, help="Ascent rate of the Lagrange multipliers. "
@@ -156,7 +165,8 @@ def search(
     with user_errors():
         flags = dict(
             model=model, sparsity=sparsity, granularity=granularity, window=window, sink_tokens=sink_tokens,
-            seq_len=seq_len, data=data, steps=steps, batch_size=batch_size, loss=loss, seed=seed, gate_lr=gate_lr,
+            seq_len=seq_len, data=data, steps=steps, batch_size=batch_size, loss=loss, method=method,
+            l1_weight=l1_weight, retrieval_fraction=retrieval_fraction, seed=seed, gate_lr=gate_lr,
             multiplier_lr=multiplier_lr, target_warmup_steps=target_warmup_steps, penalty_init=penalty_init,
             dtype=dtype, device=device, output=output, checkpoint_every=checkpoint_every,
         )
@@ -176,15 +186,19 @@ def search(
 
         def on_start(info: dict) -> None:
             resumed = f", continuing after step {info['resumed_from']}" if info["resumed_from"] else ""
+            retrieval = f" ({info['retrieval_sequences']} retrieval)" if info["retrieval_sequences"] else ""
             console.print(
                 f"model [bold]{info['model']}[/] on {info['device']}: {info['units']} {settings.granularity} units, "
                 f"target sparsity {settings.sparsity}, window {settings.window} + {info['sink_tokens']} sinks, "
-                f"{info['calibration_sequences']} x {settings.seq_len}-token calibration sequences, {settings.loss} loss"
-                f"{resumed}"
+                f"{info['calibration_sequences']} x {settings.seq_len}-token calibration sequences"
+                f"{retrieval}, method {settings.method}, {settings.loss} loss{resumed}"
             )
             progress.start()
 
         def on_step(record: dict) -> None:
+            if "task_loss" not in record:  # a training-free method: one record per calibration sequence
+                progress.update(task, completed=record["step"], description="scoring calibration sequences")
+                return
             progress.update(task, advance=1, description=(
                 f"loss {record['task_loss']:.4f}  E[s] {record['expected_sparsity']:.3f}/"
                 f"{record['target_sparsity']:.3f}  lambda {record['lambda']:+.3f}  phi {record['phi']:.3f}"
@@ -204,11 +218,10 @@ def search(
         console.print(allocation.describe())
         _print_mask(allocation)
         meta = allocation.metadata
-        console.print(
-            f"log_alpha > 0 threshold keeps {meta['full_units_threshold']} units; ranking keeps exactly "
-            f"{allocation.num_full_units} ({meta['units_where_ranking_differs_from_threshold']} units differ). "
-            f"{result.seconds:.0f} s. Written to {settings.output}"
-        )
+        threshold = (f"log_alpha > 0 threshold keeps {meta['full_units_threshold']} units; ranking keeps exactly "
+                     f"{allocation.num_full_units} ({meta['units_where_ranking_differs_from_threshold']} units "
+                     "differ). ") if "full_units_threshold" in meta else ""
+        console.print(f"{threshold}{result.seconds:.0f} s. Written to {settings.output}")
 
 
 def _print_mask(allocation) -> None:

@@ -33,6 +33,7 @@ from consa_cli.allocation import (
     write_atomically,
 )
 from consa_cli.attention import install_hybrid, remove_hybrid, set_fa_weights
+from consa_cli.calibration import CalibrationSet, mix_retrieval
 from consa_cli.checkpoint import (
     CHECKPOINT_FILE,
     CheckpointError,
@@ -87,6 +88,28 @@ class HardConcreteGates(nn.Module):
         """P(z > 0) per unit: the probability a unit keeps (some) full attention; its expected L0 norm."""
         shift = self.temperature * math.log(-self.stretch_low / self.stretch_high)
         return torch.sigmoid(self.log_alpha - shift)
+
+
+class ScalarGates(nn.Module):
+    """Deterministic gates ``sigmoid(log_alpha)`` in [0, 1]: the scalar-gate + L1 ablation (DuoAttention / LoZA).
+
+    Same interface as :class:`HardConcreteGates` so the search loop, checkpoints and ranking are shared; there is
+    no noise and no exact zero, so the final count comes from ranking alone.
+    """
+
+    def __init__(self, num_units: int, log_alpha_init: float = 5.0):
+        super().__init__()
+        self.log_alpha = nn.Parameter(torch.full((num_units,), float(log_alpha_init)))
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.sigmoid(self.log_alpha)
+
+    def deterministic(self) -> torch.Tensor:
+        return torch.sigmoid(self.log_alpha)
+
+    def prob_full(self) -> torch.Tensor:
+        """The gate values themselves: their mean is the soft fraction of full attention."""
+        return torch.sigmoid(self.log_alpha)
 
 
 @dataclass(frozen=True)
@@ -148,25 +171,34 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def teacher_targets(teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense-model token distributions ``[tokens, vocab]`` and their mean entropy (the KL's constant part)."""
-    log_probs = F.log_softmax(teacher_logits.flatten(0, -2).float(), dim=-1)
-    probs = log_probs.exp()
-    return probs, -(probs * log_probs).sum(dim=-1).mean()
+def token_losses(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor, loss: str,
+                 teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sequence mean loss ``[B]`` over the logit positions ``loss_mask [B, T]`` selects.
 
-
-def kl_to_teacher(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
-                  teacher_entropy: torch.Tensor) -> torch.Tensor:
-    """Mean per-token KL(teacher || student), as soft-label cross-entropy minus the teacher's entropy.
-
-    One fused cross-entropy instead of two log-softmaxes and a KL: about half the cost per step on a CPU,
-    where the 49k-word vocabulary of the embedded model makes the loss a large share of the step.
+    ``kl``: KL(teacher || student) per token, as soft-label cross-entropy minus the teacher's entropy -- one fused
+    cross-entropy instead of two log-softmaxes and a KL, about half the cost on a CPU, where the 49k-word
+    vocabulary of the embedded model makes the loss a large share of the step. ``lm``: next-token cross-entropy
+    (the last position has no next token and never counts). Only the selected positions' logits are turned into
+    probabilities, so a retrieval sample that scores three answer tokens costs three rows, not a thousand.
     """
-    return F.cross_entropy(student_logits.flatten(0, -2).float(), teacher_probs) - teacher_entropy
-
-
-def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
+    batch, length = input_ids.shape
+    if loss == "lm":
+        loss_mask = loss_mask.clone()
+        loss_mask[:, -1] = False
+    rows = loss_mask.flatten().nonzero().squeeze(1)
+    student = logits.flatten(0, 1).index_select(0, rows).float()
+    if loss == "kl":
+        teacher_log_probs = F.log_softmax(teacher_logits.flatten(0, 1).index_select(0, rows).float(), dim=-1)
+        teacher_probs = teacher_log_probs.exp()
+        entropy = -(teacher_probs * teacher_log_probs).sum(dim=-1)
+        per_token = F.cross_entropy(student, teacher_probs, reduction="none") - entropy
+    else:
+        targets = F.pad(input_ids[:, 1:], (0, 1)).flatten().index_select(0, rows)
+        per_token = F.cross_entropy(student, targets, reduction="none")
+    sequence_of_row = torch.div(rows, length, rounding_mode="floor")
+    totals = torch.zeros(batch, device=per_token.device, dtype=per_token.dtype).index_add_(0, sequence_of_row,
+                                                                                           per_token)
+    return totals / loss_mask.sum(dim=1).clamp(min=1)
 
 
 def target_at(step: int, settings: SearchSettings) -> float:
@@ -179,7 +211,7 @@ def target_at(step: int, settings: SearchSettings) -> float:
 def run_search(
     settings: SearchSettings,
     model: nn.Module,
-    sequences: torch.Tensor,
+    calibration: CalibrationSet | torch.Tensor,
     sink_tokens: int,
     model_fingerprint: str = "",
     on_step: Callable[[dict], None] | None = None,
@@ -187,7 +219,7 @@ def run_search(
     checkpoint_dir: Path | None = None,
     resume: CheckpointState | None = None,
 ) -> SearchResult:
-    """Learn an allocation for ``model`` (frozen) on calibration ``sequences [N, seq_len]``.
+    """Learn an allocation for ``model`` (frozen) on ``calibration`` (or plain text sequences ``[N, seq_len]``).
 
     ``on_step`` receives each step's metrics (for progress display); ``metrics_path`` gets them as JSONL.
     With ``checkpoint_dir``, ``checkpoint.safetensors`` is written there every ``settings.checkpoint_every``
@@ -205,8 +237,11 @@ def run_search(
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
 
-    gates = HardConcreteGates(layout.num_units, settings.log_alpha_init, settings.temperature,
-                              settings.stretch_low, settings.stretch_high).to(device)
+    if settings.method == "scalar-l1":
+        gates = ScalarGates(layout.num_units, settings.log_alpha_init).to(device)
+    else:
+        gates = HardConcreteGates(layout.num_units, settings.log_alpha_init, settings.temperature,
+                                  settings.stretch_low, settings.stretch_high).to(device)
     lagrange_linear = nn.Parameter(torch.zeros(layout.num_constraints, device=device))
     lagrange_quadratic = nn.Parameter(torch.full((layout.num_constraints,), float(settings.penalty_init), device=device))
     gate_optimizer = torch.optim.Adam(gates.parameters(), lr=settings.gate_lr)
@@ -214,8 +249,12 @@ def run_search(
                                            maximize=True)
     # The data order is drawn first; a resumed run draws it the same way and only then takes over the generator's
     # saved state, so the remaining steps see exactly the sequences and gate noise the uninterrupted run would.
-    order = torch.randperm(sequences.shape[0], generator=generator)
-    fingerprint_of_data = data_fingerprint(sequences)
+    if not isinstance(calibration, CalibrationSet):
+        calibration = CalibrationSet.text_only(calibration)
+    order = torch.randperm(calibration.sequences.shape[0], generator=generator)
+    # Text-only data keep the fingerprint of the tokens alone, so runs checkpointed before loss masks existed resume.
+    fingerprint_of_data = data_fingerprint(calibration.sequences if calibration.loss_mask.all() else
+                                           torch.cat([calibration.sequences, calibration.loss_mask.long()]))
     first_step, resumes, metrics = 0, [], []
     if resume is not None:
         _restore(resume, settings, model_fingerprint, fingerprint_of_data, gates, lagrange_linear,
@@ -248,24 +287,29 @@ def run_search(
                 step_started = time.perf_counter()
                 batch_idx = [order[(step * settings.batch_size + i) % len(order)]
                              for i in range(settings.batch_size)]
-                input_ids = sequences[torch.stack(batch_idx)].to(device)
+                input_ids = calibration.sequences[torch.stack(batch_idx)].to(device)
 
+                loss_mask = calibration.loss_mask[torch.stack(batch_idx)].to(device)
+
+                teacher_logits = None
                 if settings.loss == "kl":
                     set_fa_weights(model, all_full)
                     with torch.no_grad():
-                        teacher_probs, teacher_entropy = teacher_targets(
-                            model(input_ids=input_ids, use_cache=False).logits)
+                        teacher_logits = model(input_ids=input_ids, use_cache=False).logits
 
                 z = gates.sample(generator)
                 set_fa_weights(model, layout.to_fa_weights(z))
                 logits = model(input_ids=input_ids, use_cache=False).logits
-                task_loss = (kl_to_teacher(logits, teacher_probs, teacher_entropy) if settings.loss == "kl"
-                             else next_token_loss(logits, input_ids))
+                task_loss = token_losses(logits, input_ids, loss_mask, settings.loss, teacher_logits).mean()
 
                 target = target_at(step, settings)
                 expected = layout.constraint_sparsity(gates.prob_full())
                 gap = expected - target
-                constraint = (lagrange_linear * gap + lagrange_quadratic * gap.pow(2)).sum()
+                if settings.method == "scalar-l1":
+                    # The ablation: no constraint, an L1 pull towards sliding on every gate; the count is set by ranking.
+                    constraint = settings.l1_weight * z.mean()
+                else:
+                    constraint = (lagrange_linear * gap + lagrange_quadratic * gap.pow(2)).sum()
                 loss = task_loss + constraint
                 if not torch.isfinite(loss):  # checked before the update, so the gates stay the last good ones
                     raise FloatingPointError(_non_finite_message(loss.item(), step + 1, settings, checkpoint_dir,
@@ -312,7 +356,7 @@ def run_search(
         granularity=settings.granularity,
         sliding_window=settings.window,
         sink_tokens=sink_tokens,
-        method="learned",
+        method="learned" if settings.method == "l0" else f"learned:{settings.method}",
         model=settings.model or DEFAULT_MODEL,
         model_fingerprint=model_fingerprint,
         scores=scores,
@@ -444,6 +488,7 @@ def search(settings: SearchSettings, force: bool = False, on_start: Callable[[di
         sink_tokens = adapter_for(model.config.model_type).default_sink_tokens
     # All calibration sequences: the seeded order draws from the whole split, not just its first articles.
     sequences = load_token_sequences(settings.data, tokenizer, settings.seq_len, "calibration")
+    calibration = mix_retrieval(sequences, tokenizer, settings.retrieval_fraction, settings.window, settings.seed)
     if resume is None:
         output = prepare_run_dir(settings.output, force)
         # An overwritten run's checkpoint must not be left for a later --resume to continue.
@@ -455,13 +500,21 @@ def search(settings: SearchSettings, force: bool = False, on_start: Callable[[di
                 leftover.unlink()
     if on_start is not None:
         on_start({"model": model.config.name_or_path, "sink_tokens": sink_tokens,
-                  "calibration_sequences": sequences.shape[0], "device": str(device),
+                  "calibration_sequences": calibration.sequences.shape[0],
+                  "retrieval_sequences": calibration.retrieval_count, "device": str(device),
                   "units": UnitLayout(settings.granularity, model.config.num_hidden_layers,
                                       model.config.num_key_value_heads).num_units,
                   "resumed_from": resume.step if resume is not None else 0})
-    result = run_search(settings, model, sequences, sink_tokens, model_fingerprint(model), on_step=on_step,
-                        metrics_path=output / METRICS_FILE, checkpoint_dir=output, resume=resume)
-    result.allocation.metadata["calibration_sequences"] = int(sequences.shape[0])
+    if settings.method == "attention-mass":
+        from consa_cli.heuristics import attention_mass_search
+
+        result = attention_mass_search(settings, model, calibration, sink_tokens, model_fingerprint(model),
+                                       on_step=on_step)
+    else:
+        result = run_search(settings, model, calibration, sink_tokens, model_fingerprint(model), on_step=on_step,
+                            metrics_path=output / METRICS_FILE, checkpoint_dir=output, resume=resume)
+    result.allocation.metadata["calibration_sequences"] = int(calibration.sequences.shape[0])
+    result.allocation.metadata["retrieval_sequences"] = calibration.retrieval_count
     result.allocation.metadata["versions"] = environment_versions()
     result.allocation.save(output / ALLOCATION_FILE)
     summary = {

@@ -16,6 +16,9 @@ from consa_cli.allocation import GRANULARITIES
 from consa_cli.data import EMBEDDED_CORPUS
 
 LOSSES = ("kl", "lm")
+# l0: hard-concrete gates + augmented Lagrangian (ConSA); scalar-l1: sigmoid gates + L1, ranked (the paper's
+# ablation); attention-mass: training-free, rank units by attention mass beyond the window on calibration text.
+METHODS = ("l0", "scalar-l1", "attention-mass")
 DTYPES = ("bfloat16", "float32", "float16")
 
 
@@ -45,6 +48,9 @@ class SearchSettings:
     steps: int = 150
     batch_size: int = 1
     loss: str = "kl"
+    method: str = "l0"
+    l1_weight: float = 0.1  # scalar-l1 only: weight of the mean gate value in the loss
+    retrieval_fraction: float = 0.0  # share of calibration sequences that are synthetic retrieval samples
     seed: int = 0
     gate_lr: float = 0.3
     multiplier_lr: float = 0.05
@@ -67,6 +73,12 @@ class SearchSettings:
             raise SettingsError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got '{self.granularity}'")
         if self.loss not in LOSSES:
             raise SettingsError(f"--loss must be one of {', '.join(LOSSES)}, got '{self.loss}'")
+        if self.method not in METHODS:
+            raise SettingsError(f"--method must be one of {', '.join(METHODS)}, got '{self.method}'")
+        if not 0.0 <= self.retrieval_fraction < 1.0:
+            raise SettingsError(f"--retrieval-fraction must lie in [0, 1), got {self.retrieval_fraction}")
+        if self.l1_weight < 0:
+            raise SettingsError(f"--l1-weight must be >= 0, got {self.l1_weight}")
         if self.dtype not in DTYPES:
             raise SettingsError(f"--dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
         for name in ("window", "seq_len", "steps", "batch_size"):
