@@ -58,7 +58,7 @@ def attention_with_mass(module: nn.Module, query, key, value, attention_mask, dr
         out[:, :, q_pos.squeeze(1)] = torch.matmul(probs, value.float()).to(query.dtype)
         beyond = (k_pos <= q_pos - recorder.window) & (k_pos >= recorder.sink_tokens)  # [chunk, T]
         mass = (probs * beyond).sum(dim=-1)  # [B, Hq, chunk]
-        counted = recorder.query_mask[:, q_pos.squeeze(1)].to(mass.device)  # [B, chunk]
+        counted = recorder.query_mask[:, q_pos.squeeze(1)]  # [B, chunk]
         per_kv_head = (mass * counted.unsqueeze(1)).view(batch, kv_heads, groups, -1).sum(dim=(0, 2, 3)) / groups
         recorder.total += per_kv_head.double()
         recorder.count += int(counted.sum())
@@ -86,7 +86,7 @@ def attention_mass_scores(model: nn.Module, calibration: CalibrationSet, order: 
             index = order[done % len(order)]
             input_ids = calibration.sequences[index : index + 1].to(device)
             # Positions inside the first window have nothing beyond it: they would only dilute the mean.
-            query_mask = calibration.loss_mask[index : index + 1].clone()
+            query_mask = calibration.loss_mask[index : index + 1].to(device, copy=True)
             query_mask[:, :window] = False
             for module in modules:
                 module.consa_mass.query_mask = query_mask
