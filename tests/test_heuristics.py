@@ -49,7 +49,9 @@ def test_attention_mass_equals_the_eager_attention_probabilities():
 def test_attention_mass_pass_leaves_the_model_and_its_logits_unchanged():
     model = tiny_model("llama")
     before = model(input_ids=SEQUENCES[:1]).logits
-    attention_mass_scores(model, CalibrationSet.text_only(SEQUENCES), torch.arange(4), 2, WINDOW, SINKS)
+    calibration = CalibrationSet.text_only(SEQUENCES)
+    attention_mass_scores(model, calibration, torch.arange(4), 2, WINDOW, SINKS)
+    assert calibration.loss_mask.all()  # the first window is left out of the statistics, not out of the data
     assert model.config._attn_implementation == "sdpa"
     assert not any(hasattr(m, "consa_mass") for m in model.modules())
     torch.testing.assert_close(model(input_ids=SEQUENCES[:1]).logits, before)
