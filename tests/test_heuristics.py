@@ -21,7 +21,6 @@ def reference_mass(model, sequences, window, sinks, query_mask):
     config = model.config
     groups = config.num_attention_heads // config.num_key_value_heads
     totals = torch.zeros(config.num_hidden_layers, config.num_key_value_heads, dtype=torch.float64)
-    count = 0
     for row, counted in zip(sequences, query_mask, strict=True):
         attentions = model(input_ids=row[None], output_attentions=True).attentions
         q_pos = torch.arange(row.numel()).unsqueeze(1)
@@ -29,9 +28,8 @@ def reference_mass(model, sequences, window, sinks, query_mask):
         beyond = (k_pos <= q_pos - window) & (k_pos >= sinks)
         for layer, probs in enumerate(attentions):  # [1, Hq, T, T]
             mass = (probs[0] * beyond).sum(-1)[:, counted]  # [Hq, counted]
-            totals[layer] += mass.view(config.num_key_value_heads, groups, -1).sum(dim=(1, 2)).double() / groups
-        count += int(counted.sum())
-    return (totals / count).float()
+            totals[layer] += mass.view(config.num_key_value_heads, groups, -1).mean(dim=(1, 2)).double()
+    return (totals / len(sequences)).float()  # the mean over sequences of each sequence's mean
 
 
 def test_attention_mass_equals_the_eager_attention_probabilities():

@@ -2,7 +2,9 @@
 
 The score of a KV head is the mean attention probability its query heads put on keys a sliding-window unit
 would drop (older than the window and not a sink), over the calibration positions the search's loss counts
-(every position at least a window into a text sequence; the answer positions of a retrieval sample). A head that
+(every position at least a window into a text sequence; the answer positions of a retrieval sample), averaged
+per sequence first -- as the search's loss is -- so a retrieval sample's few answer positions weigh as much as
+a text sequence's thousand. A head that
 rarely looks far back loses little when made sliding. This is the attention-statistics heuristic that the
 learned search is measured against: one dense forward pass per calibration sequence, no gradients.
 """
@@ -33,9 +35,18 @@ class _MassRecorder:
 
     def __init__(self, num_kv_heads: int, window: int, sink_tokens: int, device: torch.device):
         self.window, self.sink_tokens = window, sink_tokens
-        self.total = torch.zeros(num_kv_heads, dtype=torch.float64, device=device)
-        self.count = 0
-        self.query_mask: torch.Tensor | None = None  # [B, T]: the positions whose attention counts
+        self.total = torch.zeros(num_kv_heads, dtype=torch.float64, device=device)  # sum of per-sequence means
+        self.sequences = 0
+        self.sequence_total = torch.zeros_like(self.total)  # of the sequence under way
+        self.sequence_positions = 0
+        self.query_mask: torch.Tensor | None = None  # [1, T]: the positions whose attention counts
+
+    def end_sequence(self) -> None:
+        if self.sequence_positions:
+            self.total += self.sequence_total / self.sequence_positions
+            self.sequences += 1
+        self.sequence_total.zero_()
+        self.sequence_positions = 0
 
 
 def attention_with_mass(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -60,8 +71,8 @@ def attention_with_mass(module: nn.Module, query, key, value, attention_mask, dr
         mass = (probs * beyond).sum(dim=-1)  # [B, Hq, chunk]
         counted = recorder.query_mask[:, q_pos.squeeze(1)]  # [B, chunk]
         per_kv_head = (mass * counted.unsqueeze(1)).view(batch, kv_heads, groups, -1).sum(dim=(0, 2, 3)) / groups
-        recorder.total += per_kv_head.double()
-        recorder.count += int(counted.sum())
+        recorder.sequence_total += per_kv_head.double()
+        recorder.sequence_positions += int(counted.sum())
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -91,9 +102,11 @@ def attention_mass_scores(model: nn.Module, calibration: CalibrationSet, order: 
             for module in modules:
                 module.consa_mass.query_mask = query_mask
             model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
+            for module in modules:
+                module.consa_mass.end_sequence()
             if on_sequence is not None:
                 on_sequence(done + 1)
-        return torch.stack([(m.consa_mass.total / max(1, m.consa_mass.count)).float().cpu() for m in modules])
+        return torch.stack([(m.consa_mass.total / max(1, m.consa_mass.sequences)).float().cpu() for m in modules])
     finally:
         model.set_attn_implementation(original)
         for module in modules:
