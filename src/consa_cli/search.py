@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from consa_cli.allocation import (
@@ -42,8 +41,10 @@ from consa_cli.checkpoint import (
     deferred_stop_signals,
     save_checkpoint,
 )
+from consa_cli.kernels import flex_supported
+from consa_cli.losses import kl_to_teacher, next_token_loss
 from consa_cli.models import DEFAULT_MODEL
-from consa_cli.settings import RESUMABLE, SearchSettings, settings_to_dict
+from consa_cli.settings import RESUMABLE, SearchSettings, SettingsError, settings_to_dict
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
@@ -148,25 +149,14 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def teacher_targets(teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense-model token distributions ``[tokens, vocab]`` and their mean entropy (the KL's constant part)."""
-    log_probs = F.log_softmax(teacher_logits.flatten(0, -2).float(), dim=-1)
-    probs = log_probs.exp()
-    return probs, -(probs * log_probs).sum(dim=-1).mean()
-
-
-def kl_to_teacher(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
-                  teacher_entropy: torch.Tensor) -> torch.Tensor:
-    """Mean per-token KL(teacher || student), as soft-label cross-entropy minus the teacher's entropy.
-
-    One fused cross-entropy instead of two log-softmaxes and a KL: about half the cost per step on a CPU,
-    where the 49k-word vocabulary of the embedded model makes the loss a large share of the step.
-    """
-    return F.cross_entropy(student_logits.flatten(0, -2).float(), teacher_probs) - teacher_entropy
-
-
-def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
+def resolve_attention_backend(name: str, device: torch.device) -> str:
+    """The attention backend a search runs with: ``auto`` becomes flex on a CUDA device that has it, else sdpa."""
+    if name == "auto":
+        return "flex" if flex_supported(device) else "sdpa"
+    if name == "flex" and not flex_supported(device):
+        raise SettingsError(f"--attention-backend flex needs a CUDA device with triton (FlexAttention has no CPU "
+                            f"backward), not {device}; use sdpa")
+    return name
 
 
 def target_at(step: int, settings: SearchSettings) -> float:
@@ -239,8 +229,10 @@ def run_search(
 
     for param in model.parameters():
         param.requires_grad_(False)
-    all_full = torch.ones(layout.num_layers, layout.num_kv_heads, dtype=torch.bool, device=device)
-    install_hybrid(model, all_full, settings.window, sink_tokens, settings.backend)
+    # On the CPU: the attention function reads a hard mask's all-full / all-sliding shortcut without a device sync.
+    all_full = torch.ones(layout.num_layers, layout.num_kv_heads, dtype=torch.bool)
+    attention_backend = resolve_attention_backend(settings.attention_backend, device)
+    install_hybrid(model, all_full, settings.window, sink_tokens, attention_backend)
     metrics_file = metrics_path.open("a" if resume is not None else "w") if metrics_path is not None else None
     try:
         with deferred_stop_signals(active=checkpoint_dir is not None) as stop_signals:
@@ -250,16 +242,15 @@ def run_search(
                              for i in range(settings.batch_size)]
                 input_ids = sequences[torch.stack(batch_idx)].to(device)
 
-                if settings.loss == "kl":
+                if settings.loss == "kl":  # the dense model's own predictions: the only loss with a teacher
                     set_fa_weights(model, all_full)
                     with torch.no_grad():
-                        teacher_probs, teacher_entropy = teacher_targets(
-                            model(input_ids=input_ids, use_cache=False).logits)
+                        teacher_logits = model(input_ids=input_ids, use_cache=False).logits
 
                 z = gates.sample(generator)
                 set_fa_weights(model, layout.to_fa_weights(z))
                 logits = model(input_ids=input_ids, use_cache=False).logits
-                task_loss = (kl_to_teacher(logits, teacher_probs, teacher_entropy) if settings.loss == "kl"
+                task_loss = (kl_to_teacher(logits, teacher_logits) if settings.loss == "kl"
                              else next_token_loss(logits, input_ids))
 
                 target = target_at(step, settings)
@@ -323,6 +314,7 @@ def run_search(
         "full_units_threshold": int(threshold_units.sum()),
         "units_where_ranking_differs_from_threshold": int((allocation.unit_mask != threshold_units).sum()),
         "final_expected_sparsity": 1.0 - gates.prob_full().mean().item(),
+        "attention_backend": attention_backend,
     }
     if resumes:
         allocation.metadata["resumes"] = resumes
@@ -435,6 +427,7 @@ def search(settings: SearchSettings, force: bool = False, on_start: Callable[[di
     if resume is None:
         check_run_dir(settings.output, force)  # fail before minutes of loading; create it only once all loaded
     device = resolve_device(settings.device)
+    attention_backend = resolve_attention_backend(settings.attention_backend, device)  # fail before loading
     model, tokenizer = load_model_and_tokenizer(settings.model, dtype=getattr(torch, settings.dtype),
                                                 device=str(device))
     if settings.granularity == "kv-head-per-layer":
@@ -455,6 +448,7 @@ def search(settings: SearchSettings, force: bool = False, on_start: Callable[[di
                 leftover.unlink()
     if on_start is not None:
         on_start({"model": model.config.name_or_path, "sink_tokens": sink_tokens,
+                  "attention_backend": attention_backend,
                   "calibration_sequences": sequences.shape[0], "device": str(device),
                   "units": UnitLayout(settings.granularity, model.config.num_hidden_layers,
                                       model.config.num_key_value_heads).num_units,
@@ -467,6 +461,7 @@ def search(settings: SearchSettings, force: bool = False, on_start: Callable[[di
     summary = {
         "settings": settings_to_dict(settings),
         "sink_tokens": sink_tokens,
+        "attention_backend": attention_backend,
         "allocation": result.allocation.settings_dict(),
         "fa_rows": result.allocation.render_rows(),
         "seconds": round(result.seconds, 2),  # of this call only, for a resumed run

@@ -17,6 +17,7 @@ from consa_cli.data import EMBEDDED_CORPUS
 
 LOSSES = ("kl", "lm")
 DTYPES = ("bfloat16", "float32", "float16")
+ATTENTION_BACKENDS = ("auto", "sdpa", "eager", "flex")  # auto: flex on a CUDA device that has it, else sdpa
 
 
 class SettingsError(ValueError):
@@ -56,7 +57,7 @@ class SearchSettings:
     stretch_high: float = 1.1
     dtype: str = "bfloat16"
     device: str = "auto"
-    backend: str = "sdpa"
+    attention_backend: str = "auto"
     output: str = "runs/search"
     checkpoint_every: int = 25  # steps between checkpoints; 0: only when interrupted and at the end
 
@@ -67,6 +68,9 @@ class SearchSettings:
             raise SettingsError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got '{self.granularity}'")
         if self.loss not in LOSSES:
             raise SettingsError(f"--loss must be one of {', '.join(LOSSES)}, got '{self.loss}'")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise SettingsError(f"--attention-backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                                f"got '{self.attention_backend}'")
         if self.dtype not in DTYPES:
             raise SettingsError(f"--dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
         for name in ("window", "seq_len", "steps", "batch_size"):
