@@ -24,7 +24,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
 from consa_cli.families import adapter_for
-from consa_cli.kernels import flex_full_and_sliding
+from consa_cli.kernels import flex_full_and_sliding, flex_one_pass
 
 ATTENTION_NAME = "consa"
 
@@ -89,8 +89,10 @@ def _mix_two_calls(attend, query, key, value, fa_weight, scaling, window, sink_t
 ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
     "sdpa": AttentionBackend(_sdpa_backend, partial(_mix_two_calls, _sdpa_backend)),
     "eager": AttentionBackend(_eager_backend, partial(_mix_two_calls, _eager_backend)),
-    # One pass for both branches (consa_cli.kernels); hard allocations (the KL teacher) take SDPA's kernels.
+    # consa_cli.kernels: SDPA full + FlexAttention window, or one merged pass; hard allocations (the KL teacher)
+    # take SDPA's kernels.
     "flex": AttentionBackend(_sdpa_backend, flex_full_and_sliding),
+    "flex-one-pass": AttentionBackend(_sdpa_backend, flex_one_pass),
 }
 
 

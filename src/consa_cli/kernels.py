@@ -1,15 +1,20 @@
-"""Fast kernels for search: full and sliding-window attention of the same heads in one pass over the keys.
+"""Fast kernels for search: the full-attention and sliding-window outputs of the same heads, mixed.
 
 Search needs, for every gated unit, both its full-attention and its sliding-window output, mixed as
-``sliding + w * (full - sliding)``. The window's keys are a subset of the causal keys, so both come from one
-pass split in two disjoint key sets: the window (``q - window < k <= q`` plus the first ``sink_tokens`` keys)
-and the keys beyond it (``sink_tokens <= k <= q - window``). Each partial attention returns its output and its
-log-sum-exp; the window part *is* the sliding output, and the full output is the two parts weighted by their
-share of the softmax mass (:func:`merge_partials`). The work is one causal attention, not causal + window.
+``sliding + w * (full - sliding)``. Two implementations, both forward and backward, GQA without repeating K/V:
 
-The partials come from FlexAttention (compiled Triton kernels with block-sparse masks, forward and backward, GQA
-without repeating K/V); the merge is compiled into the same graph. FlexAttention has no backward on CPU, so the
-flex backend is for CUDA; the two-call SDPA path in :mod:`consa_cli.attention` stays the reference.
+* ``flex_full_and_sliding``: full attention from SDPA's causal kernel (flash attention, the same kernel a dense
+  forward uses) and the window (``q - window < k <= q`` plus the first ``sink_tokens`` keys) from FlexAttention with
+  a block-sparse mask, which touches only the window's key blocks; the mix is compiled with it. The extra work over
+  a dense forward is one windowed attention, about ``window / (length / 2)`` of a causal one.
+* ``flex_one_pass``: both outputs from one pass over the causal keys, split in two disjoint sets, the window and
+  the keys beyond it (``sink_tokens <= k <= q - window``). Each FlexAttention partial returns its log-sum-exp; the
+  window part *is* the sliding output, and the full output is the two parts weighted by their share of the softmax
+  mass (:func:`merge_partials`). The work is one causal attention, but in FlexAttention's kernels, which are
+  slower than flash attention on dense causal blocks.
+
+FlexAttention has no backward on CPU, so both are for CUDA; the two-call SDPA path in :mod:`consa_cli.attention`
+stays the reference.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 
 
 def merge_partials(window_out: torch.Tensor, window_lse: torch.Tensor, beyond_out: torch.Tensor,
@@ -72,21 +78,44 @@ def _flex_mix(query, key, value, fa_weight, window_mask, beyond_mask, scaling):
     return merge_partials(window_out, window_aux.lse, beyond_out, beyond_aux.lse, fa_weight)
 
 
+def _window_mix(query, key, value, full, fa_weight, window_mask, scaling):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    sliding = flex_attention(query, key, value, block_mask=window_mask, scale=scaling, enable_gqa=True)
+    mix = fa_weight.view(1, -1, 1, 1)
+    return (sliding.float() + mix * (full.float() - sliding.float())).to(sliding.dtype)
+
+
 @functools.cache
-def _compiled_flex_mix():
-    return torch.compile(_flex_mix, dynamic=False, fullgraph=True)
+def _compiled(fn):
+    return torch.compile(fn, dynamic=False, fullgraph=True)
+
+
+def _flex_inputs(query, key, value, fa_weight, window, sink_tokens):
+    """Dense BHTD copies of the inputs (one layout for the compiled kernels), the masks and per-query-head weights."""
+    groups = query.shape[1] // key.shape[1]
+    masks = _block_masks(query.shape[-2], window, sink_tokens, str(query.device))
+    # A fresh [Hq] tensor per call (not a view into the [L, H] weights): the compiled graph sees one layout.
+    per_query_head = fa_weight.to(device=query.device, dtype=torch.float32).repeat_interleave(groups)
+    return query.contiguous(), key.contiguous(), value.contiguous(), per_query_head, masks
 
 
 def flex_full_and_sliding(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, fa_weight: torch.Tensor,
                           scaling: float, window: int, sink_tokens: int) -> torch.Tensor:
-    """The relaxed mix for query heads ``[B, Hq, T, D]`` and KV heads ``[B, Hkv, T, D]``, in one pass.
+    """The relaxed mix for query heads ``[B, Hq, T, D]`` and KV heads ``[B, Hkv, T, D]``: SDPA full + flex window.
 
-    ``fa_weight`` is per KV head ``[Hkv]``; it covers every query head of its group. Self-attention only
-    (as many queries as keys), no padding mask.
+    ``fa_weight`` is per KV head ``[Hkv]``; it covers every query head of its group. Self-attention only (as many
+    queries as keys), no padding mask.
     """
-    groups = query.shape[1] // key.shape[1]
-    length = query.shape[-2]
-    window_mask, beyond_mask = _block_masks(length, window, sink_tokens, str(query.device))
-    # A fresh [Hq] tensor per call (not a view into the [L, H] weights): the compiled graph sees one layout.
-    per_query_head = fa_weight.to(device=query.device, dtype=torch.float32).repeat_interleave(groups)
-    return _compiled_flex_mix()(query, key, value, per_query_head, window_mask, beyond_mask, scaling)
+    query, key, value, per_query_head, (window_mask, _) = _flex_inputs(query, key, value, fa_weight, window,
+                                                                        sink_tokens)
+    full = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+    return _compiled(_window_mix)(query, key, value, full, per_query_head, window_mask, scaling)
+
+
+def flex_one_pass(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, fa_weight: torch.Tensor,
+                  scaling: float, window: int, sink_tokens: int) -> torch.Tensor:
+    """The same mix as :func:`flex_full_and_sliding`, from one pass over the causal keys (two merged partials)."""
+    query, key, value, per_query_head, (window_mask, beyond_mask) = _flex_inputs(query, key, value, fa_weight,
+                                                                                  window, sink_tokens)
+    return _compiled(_flex_mix)(query, key, value, per_query_head, window_mask, beyond_mask, scaling)
