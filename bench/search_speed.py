@@ -5,8 +5,8 @@ one sequence per step. Columns per sequence length and loss:
 
 * dense: ``model(inputs_embeds)`` + next-token loss + backward to the (grad-requiring) embeddings, SDPA attention;
 * search: consa's own search loop (``run_search``: gates, teacher forward for KL, backward, optimiser steps) with
-  each ``--backends`` entry: ``flex`` (SDPA full + FlexAttention window), ``flex-one-pass`` (one merged pass),
-  ``sdpa`` (the reference: full + blocked sliding-window SDPA calls).
+  each ``--backends`` entry: ``flex`` (SDPA full + FlexAttention window) and ``sdpa`` (the reference: full +
+  blocked sliding-window SDPA calls).
 
 Tokens/s are from the median step after warm-up (the first steps compile the kernels); the dense step is measured
 before and after the searches and the faster median kept (a conservative ratio); peak memory is
@@ -131,7 +131,7 @@ def kernel_rows(length: int, shape: dict, window: int, sinks: int, device: torch
                                                                 enable_gqa=True)
 
     row = {"dense_causal_sdpa_ms": kernel_milliseconds(dense_causal, [query, key, value], repeats)}
-    for backend in ("sdpa", "flex", "flex-one-pass"):
+    for backend in ("sdpa", "flex"):
         def mix(q, k, v, w, backend=backend):
             return ATTENTION_BACKENDS[backend].full_and_sliding(q, k, v, w, scaling, window, sinks)
 

@@ -24,7 +24,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
 from consa_cli.families import adapter_for
-from consa_cli.kernels import flex_full_and_sliding, flex_one_pass
+from consa_cli.kernels import flex_full_and_sliding
 
 ATTENTION_NAME = "consa"
 
@@ -89,10 +89,8 @@ def _mix_two_calls(attend, query, key, value, fa_weight, scaling, window, sink_t
 ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
     "sdpa": AttentionBackend(_sdpa_backend, partial(_mix_two_calls, _sdpa_backend)),
     "eager": AttentionBackend(_eager_backend, partial(_mix_two_calls, _eager_backend)),
-    # consa_cli.kernels: SDPA full + FlexAttention window, or one merged pass; hard allocations (the KL teacher)
-    # take SDPA's kernels.
+    # consa_cli.kernels: SDPA full + FlexAttention window; hard allocations (the KL teacher) take SDPA's kernels.
     "flex": AttentionBackend(_sdpa_backend, flex_full_and_sliding),
-    "flex-one-pass": AttentionBackend(_sdpa_backend, flex_one_pass),
 }
 
 
@@ -171,7 +169,8 @@ def _sliding_blocked(query, key, value, scaling, backend, window, sink_tokens):
         False,
         scaling,
     )
-    return out.view(batch, heads, padded, dim)[:, :, :length]
+    # reshape, not view: some kernels (CUDA's memory-efficient SDPA) return another memory layout.
+    return out.reshape(batch, heads, padded, dim)[:, :, :length]
 
 
 def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:

@@ -153,7 +153,7 @@ def resolve_attention_backend(name: str, device: torch.device) -> str:
     """The attention backend a search runs with: ``auto`` becomes flex on a CUDA device that has it, else sdpa."""
     if name == "auto":
         return "flex" if flex_supported(device) else "sdpa"
-    if name.startswith("flex") and not flex_supported(device):
+    if name == "flex" and not flex_supported(device):
         raise SettingsError(f"--attention-backend {name} needs a CUDA device with triton (FlexAttention has no CPU "
                             f"backward), not {device}; use sdpa")
     return name

@@ -17,7 +17,7 @@ from consa_cli.data import EMBEDDED_CORPUS
 
 LOSSES = ("kl", "lm")
 DTYPES = ("bfloat16", "float32", "float16")
-ATTENTION_BACKENDS = ("auto", "sdpa", "eager", "flex", "flex-one-pass")  # auto: flex on a CUDA device that has it, else sdpa
+ATTENTION_BACKENDS = ("auto", "sdpa", "eager", "flex")  # auto: flex on a CUDA device that has it, else sdpa
 
 
 class SettingsError(ValueError):
