@@ -140,6 +140,9 @@ def search(
                                        f"from it). {_default('penalty_init')}"),
     dtype: str = typer.Option(None, help=f"Model dtype: bfloat16, float32 or float16. {_default('dtype')}"),
     device: str = typer.Option(None, help=f"cpu, cuda, cuda:N or auto. {_default('device')}"),
+    attention_backend: str = typer.Option(None, help="Attention kernels: flex (full and sliding-window branches in "
+                                          "one FlexAttention pass; CUDA), sdpa (two calls, the reference), eager, "
+                                          f"or auto (flex on CUDA, else sdpa). {_default('attention_backend')}"),
     output: str = typer.Option(None, "--output", "-o", help=f"Run directory to write. {_default('output')}"),
     checkpoint_every: int = typer.Option(None, help="Steps between checkpoints (checkpoint.safetensors in the run "
                                          "directory, for --resume); 0: only when interrupted and at the end. "
@@ -168,7 +171,8 @@ def search(
             seq_len=seq_len, data=data, steps=steps, batch_size=batch_size, loss=loss, method=method,
             l1_weight=l1_weight, retrieval_fraction=retrieval_fraction, seed=seed, gate_lr=gate_lr,
             multiplier_lr=multiplier_lr, target_warmup_steps=target_warmup_steps, penalty_init=penalty_init,
-            dtype=dtype, device=device, output=output, checkpoint_every=checkpoint_every,
+            dtype=dtype, device=device, attention_backend=attention_backend, output=output,
+            checkpoint_every=checkpoint_every,
         )
         checkpoint = None
         if resume is None:
@@ -188,7 +192,8 @@ def search(
             resumed = f", continuing after step {info['resumed_from']}" if info["resumed_from"] else ""
             retrieval = f" ({info['retrieval_sequences']} retrieval)" if info["retrieval_sequences"] else ""
             console.print(
-                f"model [bold]{info['model']}[/] on {info['device']}: {info['units']} {settings.granularity} units, "
+                f"model [bold]{info['model']}[/] on {info['device']} ({info['attention_backend']} attention): "
+                f"{info['units']} {settings.granularity} units, "
                 f"target sparsity {settings.sparsity}, window {settings.window} + {info['sink_tokens']} sinks, "
                 f"{info['calibration_sequences']} x {settings.seq_len}-token calibration sequences"
                 f"{retrieval}, method {settings.method}, {settings.loss} loss{resumed}"

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from consa_cli.allocation import (
@@ -43,8 +42,10 @@ from consa_cli.checkpoint import (
     deferred_stop_signals,
     save_checkpoint,
 )
+from consa_cli.kernels import flex_supported
+from consa_cli.losses import search_loss
 from consa_cli.models import DEFAULT_MODEL
-from consa_cli.settings import RESUMABLE, SearchSettings, settings_to_dict
+from consa_cli.settings import RESUMABLE, SearchSettings, SettingsError, settings_to_dict
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
@@ -171,34 +172,14 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def token_losses(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor, loss: str,
-                 teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-sequence mean loss ``[B]`` over the logit positions ``loss_mask [B, T]`` selects.
-
-    ``kl``: KL(teacher || student) per token, as soft-label cross-entropy minus the teacher's entropy -- one fused
-    cross-entropy instead of two log-softmaxes and a KL, about half the cost on a CPU, where the 49k-word
-    vocabulary of the embedded model makes the loss a large share of the step. ``lm``: next-token cross-entropy
-    (the last position has no next token and never counts). Only the selected positions' logits are turned into
-    probabilities, so a retrieval sample that scores three answer tokens costs three rows, not a thousand.
-    """
-    batch, length = input_ids.shape
-    if loss == "lm":
-        loss_mask = loss_mask.clone()
-        loss_mask[:, -1] = False
-    rows = loss_mask.flatten().nonzero().squeeze(1)
-    student = logits.flatten(0, 1).index_select(0, rows).float()
-    if loss == "kl":
-        teacher_log_probs = F.log_softmax(teacher_logits.flatten(0, 1).index_select(0, rows).float(), dim=-1)
-        teacher_probs = teacher_log_probs.exp()
-        entropy = -(teacher_probs * teacher_log_probs).sum(dim=-1)
-        per_token = F.cross_entropy(student, teacher_probs, reduction="none") - entropy
-    else:
-        targets = F.pad(input_ids[:, 1:], (0, 1)).flatten().index_select(0, rows)
-        per_token = F.cross_entropy(student, targets, reduction="none")
-    sequence_of_row = torch.div(rows, length, rounding_mode="floor")
-    totals = torch.zeros(batch, device=per_token.device, dtype=per_token.dtype).index_add_(0, sequence_of_row,
-                                                                                           per_token)
-    return totals / loss_mask.sum(dim=1).clamp(min=1)
+def resolve_attention_backend(name: str, device: torch.device) -> str:
+    """The attention backend a search runs with: ``auto`` becomes flex on a CUDA device that has it, else sdpa."""
+    if name == "auto":
+        return "flex" if flex_supported(device) else "sdpa"
+    if name == "flex" and not flex_supported(device):
+        raise SettingsError(f"--attention-backend {name} needs a CUDA device with triton (FlexAttention has no CPU "
+                            f"backward), not {device}; use sdpa")
+    return name
 
 
 def target_at(step: int, settings: SearchSettings) -> float:
@@ -278,8 +259,10 @@ def run_search(
 
     for param in model.parameters():
         param.requires_grad_(False)
-    all_full = torch.ones(layout.num_layers, layout.num_kv_heads, dtype=torch.bool, device=device)
-    install_hybrid(model, all_full, settings.window, sink_tokens, settings.backend)
+    # On the CPU: the attention function reads a hard mask's all-full / all-sliding shortcut without a device sync.
+    all_full = torch.ones(layout.num_layers, layout.num_kv_heads, dtype=torch.bool)
+    attention_backend = resolve_attention_backend(settings.attention_backend, device)
+    install_hybrid(model, all_full, settings.window, sink_tokens, attention_backend)
     metrics_file = metrics_path.open("a" if resume is not None else "w") if metrics_path is not None else None
     try:
         with deferred_stop_signals(active=checkpoint_dir is not None) as stop_signals:
@@ -292,7 +275,7 @@ def run_search(
                 loss_mask = calibration.loss_mask[torch.stack(batch_idx)].to(device)
 
                 teacher_logits = None
-                if settings.loss == "kl":
+                if settings.loss == "kl":  # the dense model's own predictions: the only loss with a teacher
                     set_fa_weights(model, all_full)
                     with torch.no_grad():
                         teacher_logits = model(input_ids=input_ids, use_cache=False).logits
@@ -300,7 +283,7 @@ def run_search(
                 z = gates.sample(generator)
                 set_fa_weights(model, layout.to_fa_weights(z))
                 logits = model(input_ids=input_ids, use_cache=False).logits
-                task_loss = token_losses(logits, input_ids, loss_mask, settings.loss, teacher_logits).mean()
+                task_loss = search_loss(logits, input_ids, loss_mask, settings.loss, teacher_logits)
 
                 target = target_at(step, settings)
                 expected = layout.constraint_sparsity(gates.prob_full())
@@ -367,6 +350,7 @@ def run_search(
         "full_units_threshold": int(threshold_units.sum()),
         "units_where_ranking_differs_from_threshold": int((allocation.unit_mask != threshold_units).sum()),
         "final_expected_sparsity": 1.0 - gates.prob_full().mean().item(),
+        "attention_backend": attention_backend,
     }
     if resumes:
         allocation.metadata["resumes"] = resumes
@@ -479,6 +463,7 @@ def search(settings: SearchSettings, force: bool = False, on_start: Callable[[di
     if resume is None:
         check_run_dir(settings.output, force)  # fail before minutes of loading; create it only once all loaded
     device = resolve_device(settings.device)
+    attention_backend = resolve_attention_backend(settings.attention_backend, device)  # fail before loading
     model, tokenizer = load_model_and_tokenizer(settings.model, dtype=getattr(torch, settings.dtype),
                                                 device=str(device))
     if settings.granularity == "kv-head-per-layer":
@@ -500,6 +485,7 @@ def search(settings: SearchSettings, force: bool = False, on_start: Callable[[di
                 leftover.unlink()
     if on_start is not None:
         on_start({"model": model.config.name_or_path, "sink_tokens": sink_tokens,
+                  "attention_backend": attention_backend,
                   "calibration_sequences": calibration.sequences.shape[0],
                   "retrieval_sequences": calibration.retrieval_count, "device": str(device),
                   "units": UnitLayout(settings.granularity, model.config.num_hidden_layers,
@@ -520,6 +506,7 @@ def search(settings: SearchSettings, force: bool = False, on_start: Callable[[di
     summary = {
         "settings": settings_to_dict(settings),
         "sink_tokens": sink_tokens,
+        "attention_backend": attention_backend,
         "allocation": result.allocation.settings_dict(),
         "fa_rows": result.allocation.render_rows(),
         "seconds": round(result.seconds, 2),  # of this call only, for a resumed run

@@ -20,6 +20,7 @@ LOSSES = ("kl", "lm")
 # ablation); attention-mass: training-free, rank units by attention mass beyond the window on calibration text.
 METHODS = ("l0", "scalar-l1", "attention-mass")
 DTYPES = ("bfloat16", "float32", "float16")
+ATTENTION_BACKENDS = ("auto", "sdpa", "eager", "flex")  # auto: flex on a CUDA device that has it, else sdpa
 
 
 class SettingsError(ValueError):
@@ -62,7 +63,7 @@ class SearchSettings:
     stretch_high: float = 1.1
     dtype: str = "bfloat16"
     device: str = "auto"
-    backend: str = "sdpa"
+    attention_backend: str = "auto"
     output: str = "runs/search"
     checkpoint_every: int = 25  # steps between checkpoints; 0: only when interrupted and at the end
 
@@ -79,6 +80,9 @@ class SearchSettings:
             raise SettingsError(f"--retrieval-fraction must lie in [0, 1), got {self.retrieval_fraction}")
         if self.l1_weight < 0:
             raise SettingsError(f"--l1-weight must be >= 0, got {self.l1_weight}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise SettingsError(f"--attention-backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                                f"got '{self.attention_backend}'")
         if self.dtype not in DTYPES:
             raise SettingsError(f"--dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
         for name in ("window", "seq_len", "steps", "batch_size"):
@@ -157,6 +161,8 @@ def resumed_settings(saved: dict[str, Any], run_dir: str | Path, completed_steps
     ``recipe`` and ``overrides`` are what the user gave, as for :func:`build_settings`; a given value equal to the
     saved one is no conflict. The run stays in ``run_dir`` wherever it was first written.
     """
+    # Runs checkpointed before the backend setting was renamed name it "backend".
+    saved = {("attention_backend" if key == "backend" else key): value for key, value in saved.items()}
     run = build_settings(SearchSettings, None, **saved)
     given = load_recipe(recipe) if recipe is not None else {}
     given.update({key: value for key, value in overrides.items() if value is not None})
