@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--data", default=EMBEDDED_CORPUS)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--attention-backend", default="auto", help="search attention backend (see consa search)")
     parser.add_argument("--sparsities", default="0.75", help="comma-separated target sparsities")
     parser.add_argument("--window", type=int, default=128)
     parser.add_argument("--sink-tokens", type=int, default=None)
@@ -124,7 +125,8 @@ def main() -> None:
             name = overrides.pop("name", None) or "search " + " ".join(f"{k}={v}" for k, v in overrides.items())
             settings = SearchSettings(**{"model": args.model, "sparsity": sparsity, "window": args.window,
                                          "seq_len": args.seq_len, "steps": args.steps, "dtype": args.dtype,
-                                         "data": args.data, **overrides})
+                                         "data": args.data, "attention_backend": args.attention_backend,
+                                         **overrides})
             settings.validate()
             key = (settings.retrieval_fraction, settings.seed)
             if key not in calibrations:
