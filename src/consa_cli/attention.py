@@ -12,17 +12,22 @@ Window semantics match transformers': a sliding-window query at position q sees 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface
 
 from consa_cli.families import adapter_for
+from consa_cli.hybrid_runtime import (
+    ATTENTION_BACKENDS,
+    attend,
+    causal_padding_mask,
+    causal_window_mask,  # noqa: F401 - part of this module's interface
+    split_head_attention,
+)
 
 ATTENTION_NAME = "consa"
 
@@ -39,109 +44,6 @@ class LayerHybrid:
     sliding_window: int
     sink_tokens: int
     backend: str = "sdpa"
-
-
-# --- attention backends: one signature, SDPA is the reference ---------------------------------------------
-
-
-def _sdpa_backend(query, key, value, mask, is_causal, scaling):
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling)
-
-
-def _eager_backend(query, key, value, mask, is_causal, scaling):
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
-    if is_causal:
-        q_len, kv_len = query.shape[-2], key.shape[-2]
-        mask = causal_window_mask(q_len, kv_len, None, 0, query.device)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    return torch.matmul(probs, value)
-
-
-ATTENTION_BACKENDS: dict[str, Callable] = {"sdpa": _sdpa_backend, "eager": _eager_backend}
-
-
-def causal_window_mask(
-    q_len: int, kv_len: int, window: int | None, sink_tokens: int, device: torch.device | str
-) -> torch.Tensor:
-    """Bool ``[q_len, kv_len]`` mask (True = attend) for queries at the last ``q_len`` of ``kv_len`` positions.
-
-    ``window=None`` gives plain causal attention.
-    """
-    q_pos = torch.arange(kv_len - q_len, kv_len, device=device).unsqueeze(1)
-    k_pos = torch.arange(kv_len, device=device).unsqueeze(0)
-    allowed = k_pos <= q_pos
-    if window is not None:
-        allowed = allowed & ((k_pos > q_pos - window) | (k_pos < sink_tokens))
-    return allowed
-
-
-def _attend(query, key, value, attention_mask, scaling, backend, window, sink_tokens):
-    """Full attention (``window=None``) or sliding-window attention for heads already aligned q<->kv."""
-    q_len, kv_len = query.shape[-2], key.shape[-2]
-    if window is None or window >= kv_len:
-        if attention_mask is None:
-            if q_len == kv_len:
-                return backend(query, key, value, None, q_len > 1, scaling)
-            if q_len == 1:
-                return backend(query, key, value, None, False, scaling)
-            attention_mask = causal_window_mask(q_len, kv_len, None, 0, query.device)
-        return backend(query, key, value, attention_mask, False, scaling)
-    if attention_mask is None and q_len == kv_len and q_len >= 4 * window:
-        return _sliding_blocked(query, key, value, scaling, backend, window, sink_tokens)
-    mask = causal_window_mask(q_len, kv_len, window, sink_tokens, query.device)
-    if attention_mask is not None:
-        mask = mask & attention_mask
-    return backend(query, key, value, mask, False, scaling)
-
-
-def _sliding_blocked(query, key, value, scaling, backend, window, sink_tokens):
-    """Sliding-window (+ sinks) attention over query blocks of ``window`` tokens.
-
-    Each block only needs the previous and its own block of keys plus the sinks, so the score matrices are
-    ``window x (2 * window + sinks)`` instead of one ``T x T`` matrix that a mask mostly discards: about
-    ``T / (2 * window)`` times less work for long sequences. Exactly the same result as the masked path.
-    """
-    batch, heads, length, dim = query.shape
-    blocks = -(-length // window)
-    padded = blocks * window
-    device = query.device
-
-    q_blocks = F.pad(query, (0, 0, 0, padded - length)).view(batch, heads, blocks, window, dim)
-
-    def key_blocks(states):
-        # Keys of block i: positions [(i - 1) * window, (i + 1) * window), from the sequence padded in front.
-        states = F.pad(states, (0, 0, window, padded - length))
-        windows = states.unfold(2, 2 * window, window).transpose(-1, -2)  # [B, H, blocks, 2W, D]
-        if sink_tokens:
-            sinks = states[:, :, window : window + sink_tokens].unsqueeze(2).expand(-1, -1, blocks, -1, -1)
-            windows = torch.cat([sinks, windows], dim=3)
-        return windows
-
-    k_blocks, v_blocks = key_blocks(key), key_blocks(value)
-    q_pos = torch.arange(padded, device=device).view(blocks, window, 1)
-    window_pos = (torch.arange(blocks, device=device).view(blocks, 1, 1) - 1) * window + torch.arange(
-        2 * window, device=device).view(1, 1, -1)
-    in_window = (window_pos >= 0) & (window_pos <= q_pos) & (window_pos > q_pos - window)
-    if sink_tokens:
-        sink_pos = torch.arange(sink_tokens, device=device).view(1, 1, -1)
-        # A sink inside the query's window is already counted there: only add it when it is outside.
-        as_sink = (sink_pos <= q_pos) & (sink_pos <= q_pos - window)
-        in_window = torch.cat([as_sink, in_window], dim=-1)
-    out = backend(
-        q_blocks.reshape(batch, heads * blocks, window, dim),
-        k_blocks.reshape(batch, heads * blocks, -1, dim),
-        v_blocks.reshape(batch, heads * blocks, -1, dim),
-        in_window.unsqueeze(0).expand(heads, -1, -1, -1).reshape(1, heads * blocks, window, -1),
-        False,
-        scaling,
-    )
-    return out.view(batch, heads, padded, dim)[:, :, :length]
-
-
-def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
-    return states if groups == 1 else states.repeat_interleave(groups, dim=1)
 
 
 def consa_attention_forward(
@@ -171,42 +73,27 @@ def consa_attention_forward(
     weight = hybrid.fa_weight
 
     if weight.dtype == torch.bool:
-        # Hard allocation: each head gets only the attention it needs, on contiguous head slices.
-        if bool(weight.all()) or bool((~weight).all()):
-            out = _attend(
-                query, _repeat_kv(key, groups), _repeat_kv(value, groups), attention_mask, scaling, backend,
-                None if bool(weight.all()) else window, sinks,
-            )
-        else:
+        full_heads = int(weight.sum())
+        if bool(weight[:full_heads].all()):  # FA heads first (all, none, or a permuted export): slices
+            out = split_head_attention(query, key, value, attention_mask, scaling, full_heads, window, sinks, backend)
+        else:  # each head gets only the attention it needs, on gathered head slices
             out = torch.empty_like(query)
             for is_full in (True, False):
                 kv_idx = torch.nonzero(weight == is_full).flatten().to(query.device)
                 q_idx = (kv_idx.unsqueeze(1) * groups + torch.arange(groups, device=query.device)).flatten()
-                part = _attend(
-                    query.index_select(1, q_idx),
-                    _repeat_kv(key.index_select(1, kv_idx), groups),
-                    _repeat_kv(value.index_select(1, kv_idx), groups),
-                    attention_mask, scaling, backend, None if is_full else window, sinks,
-                )
+                part = attend(query.index_select(1, q_idx), key.index_select(1, kv_idx),
+                              value.index_select(1, kv_idx), attention_mask, scaling, backend,
+                              None if is_full else window, sinks)
                 out.index_copy_(1, q_idx, part)
     else:
-        key_states, value_states = _repeat_kv(key, groups), _repeat_kv(value, groups)
-        full = _attend(query, key_states, value_states, attention_mask, scaling, backend, None, sinks)
-        sliding = _attend(query, key_states, value_states, attention_mask, scaling, backend, window, sinks)
+        full = attend(query, key, value, attention_mask, scaling, backend, None, sinks)
+        sliding = attend(query, key, value, attention_mask, scaling, backend, window, sinks)
         mix = weight.to(device=query.device, dtype=query.dtype).repeat_interleave(groups).view(1, -1, 1, 1)
         out = sliding + mix * (full - sliding)
     return out.transpose(1, 2).contiguous(), None
 
 
-def consa_mask(*args, **kwargs):
-    """Mask function for the ``consa`` implementation: causal + padding only.
-
-    The per-head window is applied inside the attention function, so even layers a model natively builds a
-    sliding mask for (Gemma3) receive the plain causal mask here.
-    """
-    kwargs["mask_function"] = causal_mask_function
-    kwargs.pop("local_size", None)
-    return sdpa_mask(*args, **kwargs)
+consa_mask = causal_padding_mask
 
 
 AttentionInterface.register(ATTENTION_NAME, consa_attention_forward)
