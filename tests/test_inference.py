@@ -113,3 +113,55 @@ def test_blocked_sliding_attention_in_chunks_equals_masked(monkeypatch):
         mask = runtime.causal_window_mask(70, 70, WINDOW, sinks, "cpu")
         masked = runtime.sdpa_backend(query, key, value, mask, False, 0.25)
         torch.testing.assert_close(blocked, masked, rtol=1e-5, atol=1e-5)
+
+
+BLOCK_CONSA_AND_RUN = """
+import importlib.abc, sys
+class NoConsa(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "consa_cli":
+            raise ImportError("consa_cli is not installed")
+sys.meta_path.insert(0, NoConsa())
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+tokens = load_file(sys.argv[2])["tokens"]
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+with torch.no_grad():
+    logits = model(tokens).logits
+out = model.generate(tokens, max_new_tokens=10, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+kept = [layer.sliding_keys.shape[2] for layer in out.cache.layers if layer.sliding_keys is not None]
+save_file({"logits": logits, "generated": out.sequences, "kept": torch.tensor(kept)}, sys.argv[3])
+"""
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text"])
+def test_kv_head_export_loads_without_consa_via_remote_code(tmp_path, family):
+    """The export's own modeling file runs the hybrid in plain transformers, consa made unimportable."""
+    import subprocess
+    import sys
+
+    from conftest import save_tiny
+    from safetensors.torch import load_file, save_file
+
+    from consa_cli import load_hybrid
+    from consa_cli.export import export_checkpoint
+
+    model = save_tiny(tmp_path / "model", family)
+    Allocation(MIXED, "kv-head", WINDOW, 2, model=str(tmp_path / "model"),
+               model_fingerprint=model_fingerprint(model)).save(tmp_path / "mask.safetensors")
+    export_checkpoint(tmp_path / "mask.safetensors", tmp_path / "export")
+    save_file({"tokens": PROMPT}, tmp_path / "tokens.safetensors")
+    environment = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-c", BLOCK_CONSA_AND_RUN, str(tmp_path / "export"), str(tmp_path / "tokens.safetensors"),
+                    str(tmp_path / "remote.safetensors")], check=True, env=environment, cwd=tmp_path)
+    remote = load_file(tmp_path / "remote.safetensors")
+    with torch.no_grad():
+        consa_logits = load_hybrid(tmp_path / "export")(PROMPT).logits
+    torch.testing.assert_close(remote["logits"], consa_logits, rtol=0, atol=0)
+    with torch.no_grad(), hybrid_attention(model, MIXED, WINDOW, 2):
+        reference = model(PROMPT).logits
+        expected = model.generate(PROMPT, cache=DynamicCache(), max_new_tokens=10, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(remote["logits"], reference, rtol=1e-5, atol=1e-5)
+    assert torch.equal(remote["generated"], expected)
+    assert remote["kept"].tolist() == [2 + WINDOW - 1] * 3  # three layers have sliding heads: window + sinks only

@@ -268,7 +268,7 @@ def export(
                else "consa_cli.load_hybrid(path)")
         console.print(f"{result.allocation.describe()}\nwrote {result.path}; load it with {how}")
         if result.max_logit_difference is not None:
-            console.print(f"verified: native load matches consa's runtime (max logit difference "
+            console.print(f"verified: the export reproduces consa's runtime (max logit difference "
                           f"{result.max_logit_difference:.2e})")
 
 
