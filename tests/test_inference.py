@@ -165,3 +165,29 @@ def test_kv_head_export_loads_without_consa_via_remote_code(tmp_path, family):
     torch.testing.assert_close(remote["logits"], reference, rtol=1e-5, atol=1e-5)
     assert torch.equal(remote["generated"], expected)
     assert remote["kept"].tolist() == [2 + WINDOW - 1] * 3  # three layers have sliding heads: window + sinks only
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_blocked_sliding_attention_matches_float32_masked_reference():
+    """On the GPU the long-prefill kernel (fused SDPA with a one-tile mask) agrees with a float32 masked call."""
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    query = torch.randn(2, 8, 3000, 128, device="cuda", generator=generator)
+    key, value = (torch.randn(2, 4, 3000, 128, device="cuda", generator=generator) for _ in range(2))
+    for sinks in (0, 4):
+        mask = runtime.causal_window_mask(3000, 3000, 256, sinks, "cuda")
+        reference = runtime.sdpa_backend(query, key, value, mask, False, 128**-0.5)
+        blocked = runtime.sliding_blocked(query.bfloat16(), key.bfloat16(), value.bfloat16(), 128**-0.5,
+                                          runtime.sdpa_backend, 256, sinks)
+        torch.testing.assert_close(blocked.float(), reference, rtol=0, atol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_generate_matches_reference_token_for_token():
+    model = tiny_model("qwen3").cuda()
+    prompt = PROMPT.cuda()
+    allocation = _allocation(MIXED)
+    settings = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
+    with hybrid_attention(model, allocation.fa_mask.cuda(), WINDOW, 2):
+        reference = model.generate(prompt, cache=DynamicCache(), **settings)
+    with hybrid_inference(model, allocation):
+        assert torch.equal(model.generate(prompt, **settings), reference)

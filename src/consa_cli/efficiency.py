@@ -120,27 +120,31 @@ def compare_efficiency(variants: list[tuple[str, Allocation | None, Callable]], 
     """Measure every variant at every (context length, batch size); the first variant is the dense reference.
 
     ``variants`` are ``(label, allocation or None, enter)``: ``enter()`` returns a context manager that yields
-    the model running that variant. Rows carry the analytic KV size and ratios against the dense row.
+    the model running that variant. Variants take turns at each size, so an interrupted run still compares
+    them all at the sizes it reached. Rows carry the analytic KV size and ratios against the dense row.
     """
     rows: list[dict] = []
-    dense: dict[tuple[int, int], dict] = {}
-    for label, allocation, enter in variants:
-        with enter() as model:
-            dtype = next(model.parameters()).dtype
-            measure_generation(model, min(settings.context_lengths), 1, 2, settings.seed)  # warm-up
-            for length in settings.context_lengths:
-                for batch in settings.batch_sizes:
+    warmed: set[str] = set()
+    for length in settings.context_lengths:
+        for batch in settings.batch_sizes:
+            reference = None
+            for label, allocation, enter in variants:
+                with enter() as model:
+                    if label not in warmed:
+                        measure_generation(model, min(settings.context_lengths), 1, 2, settings.seed)
+                        warmed.add(label)
                     row = {"label": label, **measure_generation(model, length, batch, settings.decode_steps,
                                                                 settings.seed)}
+                    dtype = next(model.parameters()).dtype
                     row["kv_bytes_analytic"] = analytic_kv_bytes(model.config, allocation, row["cache_length"],
                                                                  batch, dtype)
-                    row["kv_vs_analytic"] = row["kv_bytes"] / row["kv_bytes_analytic"]
-                    reference = dense.setdefault((length, batch), row)
-                    row["is_reference"] = reference is row
-                    _add_ratios(row, reference)
-                    rows.append(row)
-                    if on_row is not None:
-                        on_row(row)
+                row["kv_vs_analytic"] = row["kv_bytes"] / row["kv_bytes_analytic"]
+                reference = reference or row
+                row["is_reference"] = reference is row
+                _add_ratios(row, reference)
+                rows.append(row)
+                if on_row is not None:
+                    on_row(row)
     return rows
 
 
@@ -162,11 +166,10 @@ def evaluate_efficiency(targets: list, settings: EfficiencySettings, dtype: torc
     from consa_cli.models import load_model_and_tokenizer, model_fingerprint
 
     dense_name = dense_model or next((t.base_model for t in targets if t.base_model), None)
-    loaded: dict[str, torch.nn.Module] = {}
+    loaded: dict[str, torch.nn.Module] = {}  # every model stays loaded: variants take turns at each size
 
     def base(name):
         if name not in loaded:
-            loaded.clear()  # one base model in memory at a time
             loaded[name] = load_model_and_tokenizer(name, dtype=dtype, device=device)[0]
         return loaded[name]
 
@@ -184,12 +187,10 @@ def evaluate_efficiency(targets: list, settings: EfficiencySettings, dtype: torc
 
     @contextmanager
     def export(target):
-        loaded.clear()
-        model = load_hybrid(target.path, dtype=dtype, device=device)
-        try:
-            yield model
-        finally:
-            del model
+        key = f"export:{target.path}"
+        if key not in loaded:
+            loaded[key] = load_hybrid(target.path, dtype=dtype, device=device)
+        yield loaded[key]
 
     variants = [] if dense_name is None else [(f"dense ({dense_name})", None, lambda: as_loaded(dense_name))]
     for target in targets:

@@ -177,8 +177,8 @@ class HybridCacheLayer(DynamicLayer):
     """One layer's KV cache: the first ``full_heads`` KV heads keep every token, the others only the
     ``sink_tokens`` first and the ``sliding_window - 1`` latest (what the next query needs).
 
-    Full-attention keys live in a buffer that grows by ``growth_tokens`` at a time and is written in place, so a
-    decode step copies one token, not the whole history.
+    Full-attention keys live in a buffer written in place, so a decode step copies one token, not the whole
+    history; it grows by 1/32 of its length (at most ``growth_tokens``), so it never holds 4% more than needed.
     """
 
     is_sliding = False  # masks are built for the full length; the attention function windows the SWA heads
@@ -211,7 +211,7 @@ class HybridCacheLayer(DynamicLayer):
         if keys.shape[1] == 0:
             return None, None
         if self.full_keys is None or self.full_keys.shape[2] < self.length:
-            capacity = self.length + self.growth_tokens
+            capacity = self.length + max(1, min(self.growth_tokens, self.length // 32))
             grown = []
             for old, new in ((self.full_keys, keys), (self.full_values, values)):
                 buffer = new.new_empty(new.shape[0], new.shape[1], capacity, new.shape[3])
