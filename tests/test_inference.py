@@ -103,14 +103,15 @@ def test_padded_batch_generation_matches_reference():
     assert torch.equal(generated, reference)
 
 
-def test_blocked_sliding_attention_in_chunks_equals_masked(monkeypatch):
+@pytest.mark.parametrize("length", [70, 72])  # a ragged last block, and whole blocks
+def test_blocked_sliding_attention_in_chunks_equals_masked(monkeypatch, length):
     """The long-prefill kernel split into several calls gives the masked result."""
-    query, key, value = (torch.randn(2, 4 if i == 0 else 2, 70, 16, generator=torch.Generator().manual_seed(i))
+    query, key, value = (torch.randn(2, 4 if i == 0 else 2, length, 16, generator=torch.Generator().manual_seed(i))
                          for i in range(3))
     monkeypatch.setattr(runtime, "_BLOCKED_CALL_ELEMENTS", 1)  # one block per call
     for sinks in (0, 3):
         blocked = runtime.sliding_blocked(query, key, value, 0.25, runtime.sdpa_backend, WINDOW, sinks)
-        mask = runtime.causal_window_mask(70, 70, WINDOW, sinks, "cpu")
+        mask = runtime.causal_window_mask(length, length, WINDOW, sinks, "cpu")
         masked = runtime.sdpa_backend(query, key, value, mask, False, 0.25)
         torch.testing.assert_close(blocked, masked, rtol=1e-5, atol=1e-5)
 

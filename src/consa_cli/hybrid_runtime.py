@@ -120,8 +120,9 @@ def sliding_blocked(query, key, value, scaling, backend, window, sink_tokens):
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # masked kernels want aligned heads
     blocks = -(-(length - head) // window)  # query blocks after the first two
     padding = head + blocks * window - length
-    query = F.pad(query, (0, 0, 0, padding))
-    key, value = F.pad(key, (0, 0, 0, padding)), F.pad(value, (0, 0, 0, padding))
+    if padding:
+        query = F.pad(query, (0, 0, 0, padding))
+        key, value = F.pad(key, (0, 0, 0, padding)), F.pad(value, (0, 0, 0, padding))
     # Sink slots padded to a multiple of 8 keep the mask's last dimension aligned for the fused kernels.
     sink_slots = -(-sink_tokens // 8) * 8
     offset = torch.arange(window, device=device).view(-1, 1)
@@ -309,15 +310,16 @@ def split_head_attention(query, key, value, attention_mask, scaling, full_heads,
         if key.sliding_span is None:
             parts.append(attend(sliding_query, key.sliding, value.sliding, attention_mask, scaling, backend, window,
                                 sink_tokens))
-        else:  # the cache kept only sinks + recent keys: mask from their absolute positions
-            k_pos = key.sliding_positions(query.device)
+        else:  # the cache kept only sinks + recent keys: a single new query sees them all, else mask by position
             mask = None
-            if query.shape[2] > 1:
-                q_pos = torch.arange(key.length - query.shape[2], key.length, device=query.device).unsqueeze(1)
-                mask = window_mask(q_pos, k_pos.unsqueeze(0), window, sink_tokens)
-            if attention_mask is not None:
-                padding = attention_mask[..., k_pos]
-                mask = padding if mask is None else mask & padding
+            if query.shape[2] > 1 or attention_mask is not None:
+                k_pos = key.sliding_positions(query.device)
+                if query.shape[2] > 1:
+                    q_pos = torch.arange(key.length - query.shape[2], key.length, device=query.device).unsqueeze(1)
+                    mask = window_mask(q_pos, k_pos.unsqueeze(0), window, sink_tokens)
+                if attention_mask is not None:
+                    padding = attention_mask[..., k_pos]
+                    mask = padding if mask is None else mask & padding
             parts.append(backend(sliding_query, key.sliding, value.sliding, mask, False, scaling))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
