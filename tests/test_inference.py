@@ -23,6 +23,10 @@ def _allocation(mask: torch.Tensor, sinks: int = 2, granularity: str = "kv-head"
     return Allocation(mask, granularity, sliding_window=WINDOW, sink_tokens=sinks)
 
 
+def _cache(generated):
+    return getattr(generated, "cache", None) or generated.past_key_values  # renamed in transformers 5.2x
+
+
 def test_kv_head_order_puts_full_heads_first():
     order = kv_head_order(torch.tensor([[False, True, False, True], [True, False, False, False]]))
     assert order.tolist() == [[1, 3, 0, 2], [0, 1, 2, 3]]
@@ -47,11 +51,11 @@ def test_generate_matches_reference_token_for_token(family, sinks):
     allocation = _allocation(MIXED, sinks)
     settings = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
     with hybrid_attention(model, allocation.fa_mask, WINDOW, sinks):
-        reference = model.generate(PROMPT, cache=DynamicCache(), **settings)
+        reference = model.generate(PROMPT, past_key_values=DynamicCache(), **settings)
     with hybrid_inference(model, allocation):
         generated = model.generate(PROMPT, return_dict_in_generate=True, **settings)
     assert torch.equal(generated.sequences, reference)
-    assert all(isinstance(layer, HybridCacheLayer) for layer in generated.cache.layers)  # generate() picked it
+    assert all(isinstance(layer, HybridCacheLayer) for layer in _cache(generated).layers)  # generate() picked it
     assert model.config._attn_implementation == "sdpa"
 
 
@@ -62,9 +66,9 @@ def test_hybrid_logits_match_the_masked_model_in_prefill_and_decode(family):
         reference = model(PROMPT).logits
     with hybrid_inference(model, allocation):
         cache = hybrid_cache(model)
-        prefill = model(PROMPT[:, :30], cache=cache).logits
-        steps = [model(PROMPT[:, i : i + 1], cache=cache).logits for i in range(30, 33)]
-        chunk = model(PROMPT[:, 33:], cache=cache).logits  # several new tokens on a trimmed cache
+        prefill = model(PROMPT[:, :30], past_key_values=cache).logits
+        steps = [model(PROMPT[:, i : i + 1], past_key_values=cache).logits for i in range(30, 33)]
+        chunk = model(PROMPT[:, 33:], past_key_values=cache).logits  # several new tokens on a trimmed cache
     hybrid = torch.cat([prefill, *steps, chunk], dim=1)
     torch.testing.assert_close(hybrid, reference, rtol=1e-4, atol=1e-4)
 
@@ -74,8 +78,8 @@ def test_cache_keeps_full_history_for_fa_heads_and_window_plus_sinks_for_the_res
     allocation = _allocation(MIXED, sinks=2)
     with hybrid_inference(model, allocation):
         cache = hybrid_cache(model)
-        model(PROMPT, cache=cache)
-        model(PROMPT[:, :1], cache=cache)
+        model(PROMPT, past_key_values=cache)
+        model(PROMPT[:, :1], past_key_values=cache)
     length = PROMPT.shape[1] + 1
     for layer, row in zip(cache.layers, MIXED, strict=True):
         full, sliding = int(row.sum()), int((~row).sum())
@@ -97,7 +101,7 @@ def test_padded_batch_generation_matches_reference():
     prompt[1, :5], attention_mask[1, :5] = 0, 0  # left padding
     settings = dict(attention_mask=attention_mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
     with hybrid_attention(model, allocation.fa_mask, WINDOW, 2):
-        reference = model.generate(prompt, cache=DynamicCache(), **settings)
+        reference = model.generate(prompt, past_key_values=DynamicCache(), **settings)
     with hybrid_inference(model, allocation):
         generated = model.generate(prompt, **settings)
     assert torch.equal(generated, reference)
@@ -131,7 +135,8 @@ model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True
 with torch.no_grad():
     logits = model(tokens).logits
 out = model.generate(tokens, max_new_tokens=10, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
-kept = [layer.sliding_keys.shape[2] for layer in out.cache.layers if layer.sliding_keys is not None]
+cache = getattr(out, "cache", None) or out.past_key_values  # renamed in transformers 5.2x
+kept = [layer.sliding_keys.shape[2] for layer in cache.layers if layer.sliding_keys is not None]
 save_file({"logits": logits, "generated": out.sequences, "kept": torch.tensor(kept)}, sys.argv[3])
 """
 
@@ -162,7 +167,7 @@ def test_kv_head_export_loads_without_consa_via_remote_code(tmp_path, family):
     torch.testing.assert_close(remote["logits"], consa_logits, rtol=0, atol=0)
     with torch.no_grad(), hybrid_attention(model, MIXED, WINDOW, 2):
         reference = model(PROMPT).logits
-        expected = model.generate(PROMPT, cache=DynamicCache(), max_new_tokens=10, do_sample=False, pad_token_id=0)
+        expected = model.generate(PROMPT, past_key_values=DynamicCache(), max_new_tokens=10, do_sample=False, pad_token_id=0)
     torch.testing.assert_close(remote["logits"], reference, rtol=1e-5, atol=1e-5)
     assert torch.equal(remote["generated"], expected)
     assert remote["kept"].tolist() == [2 + WINDOW - 1] * 3  # three layers have sliding heads: window + sinks only
@@ -189,6 +194,6 @@ def test_cuda_generate_matches_reference_token_for_token():
     allocation = _allocation(MIXED)
     settings = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
     with hybrid_attention(model, allocation.fa_mask.cuda(), WINDOW, 2):
-        reference = model.generate(prompt, cache=DynamicCache(), **settings)
+        reference = model.generate(prompt, past_key_values=DynamicCache(), **settings)
     with hybrid_inference(model, allocation):
         assert torch.equal(model.generate(prompt, **settings), reference)

@@ -17,7 +17,7 @@ import torch
 from transformers import DynamicCache
 
 from consa_cli.allocation import Allocation
-from consa_cli.hybrid_runtime import PREFIX_ATTENTION_NAME, hybrid_cache
+from consa_cli.hybrid_runtime import PREFIX_ATTENTION_NAME, cache_argument, hybrid_cache
 
 GIB = 1024**3
 
@@ -79,6 +79,7 @@ def measure_generation(model, context_length: int, batch_size: int, decode_steps
     tokens = torch.randint(0, model.config.get_text_config().vocab_size, (batch_size, context_length),
                            generator=generator).to(device)
     cache = new_cache(model)
+    with_cache = {cache_argument(model): cache, "use_cache": True}
     on_cuda = device.type == "cuda"
     _sync(device)
     if on_cuda:
@@ -86,18 +87,18 @@ def measure_generation(model, context_length: int, batch_size: int, decode_steps
         torch.cuda.reset_peak_memory_stats(device)
         allocated_before = torch.cuda.memory_allocated(device)
     start = time.perf_counter()
-    logits = model(input_ids=tokens, cache=cache, use_cache=True, logits_to_keep=1).logits
+    logits = model(input_ids=tokens, logits_to_keep=1, **with_cache).logits
     next_tokens = logits[:, -1].argmax(dim=-1, keepdim=True)
     _sync(device)
     prefill_s = time.perf_counter() - start
     del logits, tokens
     start = time.perf_counter()
     for _ in range(decode_steps):
-        logits = model(input_ids=next_tokens, cache=cache, use_cache=True).logits
+        logits = model(input_ids=next_tokens, **with_cache).logits
         next_tokens = logits[:, -1].argmax(dim=-1, keepdim=True)
     _sync(device)
     decode_s = time.perf_counter() - start
-    del logits
+    del logits, with_cache
     row = {
         "context_length": context_length,
         "batch_size": batch_size,

@@ -26,7 +26,7 @@ from consa_cli import hybrid_runtime
 from consa_cli.allocation import Allocation, AllocationError
 from consa_cli.attention import hybrid_attention
 from consa_cli.families import adapter_for
-from consa_cli.hybrid_runtime import hybrid_cache, install_prefix_hybrid
+from consa_cli.hybrid_runtime import cache_argument, hybrid_cache, install_prefix_hybrid
 from consa_cli.inference import hybrid_inference, install_inference, kv_head_order, permute_kv_heads
 from consa_cli.models import load_model_and_tokenizer, model_fingerprint
 
@@ -146,9 +146,9 @@ def _verify_permuted(model, allocation: Allocation) -> float:
         with hybrid_attention(model, allocation.fa_mask, allocation.sliding_window, allocation.sink_tokens):
             reference = model(tokens).logits.float()
         with hybrid_inference(model, allocation):
-            cache = hybrid_cache(model)
-            steps = [model(tokens[:, :prefill], cache=cache).logits]
-            steps += [model(tokens[:, i : i + 1], cache=cache).logits for i in range(prefill, length)]
+            cache = {cache_argument(model): hybrid_cache(model)}
+            steps = [model(tokens[:, :prefill], **cache).logits]
+            steps += [model(tokens[:, i : i + 1], **cache).logits for i in range(prefill, length)]
     difference = (torch.cat(steps, dim=1).float() - reference).abs().max().item()
     tolerance = 1e-3 if model.dtype == torch.float32 else 5e-2 * reference.abs().max().item()
     if difference > tolerance:

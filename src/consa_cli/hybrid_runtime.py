@@ -15,6 +15,7 @@ Window semantics match transformers': a sliding-window query at position q sees 
 
 from __future__ import annotations
 
+import inspect
 import types
 from dataclasses import dataclass
 
@@ -369,16 +370,24 @@ def decoder_attention_modules(model) -> list:
 
 
 def hybrid_cache(model) -> Cache:
-    """A fresh cache for a model carrying :class:`PrefixHybrid` settings (pass it as ``cache=`` to a forward)."""
+    """A fresh cache for a model carrying :class:`PrefixHybrid` settings (pass it to a forward as
+    :func:`cache_argument`)."""
     return Cache(layers=[HybridCacheLayer(m.consa_prefix.full_heads, m.consa_prefix.sliding_window,
                                           m.consa_prefix.sink_tokens) for m in decoder_attention_modules(model)])
 
 
+def cache_argument(model) -> str:
+    """The name ``forward`` / ``generate`` take the cache under: ``cache`` since transformers 5.2x, else
+    ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
 def prepare_hybrid_cache(model, generation_config, model_kwargs, *args, **kwargs):
     """``generate()`` hook: use :func:`hybrid_cache` unless the caller chose a cache or cache implementation."""
-    if (model_kwargs.get("cache") is None and generation_config.use_cache is not False
+    name = cache_argument(model)
+    if (model_kwargs.get(name) is None and generation_config.use_cache is not False
             and generation_config.cache_implementation in (None, "dynamic")):
-        model_kwargs["cache"] = hybrid_cache(model)
+        model_kwargs[name] = hybrid_cache(model)
         return None
     return type(model)._prepare_cache_for_generation(model, generation_config, model_kwargs, *args, **kwargs)
 
