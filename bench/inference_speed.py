@@ -13,7 +13,7 @@ GPU (the numbers in docs/benchmarks.md; random weights in the Qwen3-0.6B shape):
 CPU (the embedded SmolLM2-135M):
 
     python bench/inference_speed.py --model embedded:SmolLM2-135M-Instruct --device cpu --lengths 1024,2048 \
-        --batches 1 --window 256 --decode-steps 16 --json docs/results/inference_speed_cpu.json
+        --batches 1 --window 256 --decode-steps 16 --repeats 3 --json docs/results/inference_speed_cpu.json
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--lengths", default="8192,16384,32768")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--decode-steps", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=1, help="best of N timings (use 3+ on a shared CPU)")
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--sink-tokens", type=int, default=None, help="consa hybrids' sinks [default: family's]")
     parser.add_argument("--full-fraction", type=float, default=0.25, help="share of layers / KV heads kept full")
@@ -116,7 +117,7 @@ def main() -> None:
     variants = [available[name] for name in args.variants.split(",")]
     settings = EfficiencySettings(context_lengths=[int(n) for n in args.lengths.split(",")],
                                   batch_sizes=[int(n) for n in args.batches.split(",")],
-                                  decode_steps=args.decode_steps)
+                                  decode_steps=args.decode_steps, repeats=args.repeats)
     report = {
         "command": "python bench/inference_speed.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
                                                                  vars(args).items() if v is not None),

@@ -298,7 +298,7 @@ def split_head_attention(query, key, value, attention_mask, scaling, full_heads,
     ``key``/``value`` are tensors ``[B, H_kv, kv_len, D]`` (no cache, or a plain DynamicCache) or
     :class:`HybridKV` from a :class:`HybridCacheLayer`. Returns ``[B, H_q, q_len, D]``.
     """
-    if not isinstance(key, HybridKV):
+    if isinstance(key, torch.Tensor):  # not HybridKV (duck-typed: an export's copy of this module has its own)
         key, value = _split_heads(key, full_heads), _split_heads(value, full_heads)
     num_kv_heads = sum(t.shape[1] for t in (key.full, key.sliding) if t is not None)
     groups = query.shape[1] // num_kv_heads
