@@ -4,7 +4,9 @@ consa registers one attention function and one mask function with transformers (
 ``AttentionMaskInterface``, both under the name ``consa``). Each attention module carries a
 :class:`LayerHybrid` describing its KV heads: a weight per KV head for the full-attention output (1 = full
 attention, 0 = sliding window, anything between = the relaxed mix used during search) and the window settings.
-No global state: everything lives on the model's own modules, so several hybrid models can coexist.
+No global state: everything lives on the model's own modules, so several hybrid models can coexist. This is the
+search-time attention (any head pattern, relaxed weights); inference on a fixed allocation uses
+:mod:`consa_cli.inference`, which shares its kernels from :mod:`consa_cli.hybrid_runtime`.
 
 Window semantics match transformers': a sliding-window query at position q sees key k when
 ``q - window < k <= q``, plus the first ``sink_tokens`` keys.

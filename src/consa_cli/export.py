@@ -7,7 +7,9 @@ how to load it:
 * ``loader: transformers`` -- a layer allocation without sinks in a family with a native hybrid config
   (Qwen3/Qwen2 ``layer_types``; Llama relabelled as SmolLM3; Mistral as Ministral). Plain
   ``AutoModelForCausalLM.from_pretrained`` runs it as the hybrid, no consa import needed.
-* ``loader: consa`` -- everything else (KV-head allocations, sinks): ``consa_cli.load_hybrid(path)``.
+* ``loader: consa`` -- everything else (KV-head allocations, sinks): ``consa_cli.load_hybrid(path)``. The KV
+  heads are stored reordered, full-attention heads first in every layer (``kv_head_order`` in the section), and
+  the directory carries ``modeling_consa.py`` so plain transformers with remote code enabled runs it too.
 """
 
 from __future__ import annotations
