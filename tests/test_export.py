@@ -104,17 +104,18 @@ def test_non_native_export_loads_through_consa(tmp_path, fa_mask, granularity, s
 
     result = export_checkpoint(run_dir, out)
 
-    assert result.loader == "consa" and result.max_logit_difference is None
+    assert result.loader == "consa" and result.max_logit_difference < 1e-4  # KV heads reordered and verified
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llama" and "layer_types" not in config  # the original config, untouched
     assert config["consa"]["loader"] == "consa"
     assert config["consa"]["load_with"] == "consa_cli.load_hybrid"
+    assert config["consa"]["full_heads_per_layer"] == fa_mask.sum(dim=1).tolist()
     loaded = load_hybrid(out)
-    assert loaded.config._attn_implementation == "consa"
+    assert loaded.config._attn_implementation == "consa_hybrid"  # FA heads first: split-head inference runtime
     assert torch.equal(loaded.consa_allocation.fa_mask, fa_mask)
     with torch.no_grad():
         logits = loaded(TOKENS).logits
-    torch.testing.assert_close(logits, runtime_logits(model, fa_mask, sinks), rtol=0, atol=0)
+    torch.testing.assert_close(logits, runtime_logits(model, fa_mask, sinks), rtol=1e-5, atol=1e-5)
     loaded_model, tokenizer = load_hybrid(out, return_tokenizer=True)
     assert tokenizer.eos_token == "<eos>" and len(tokenizer) == 96
 
@@ -131,7 +132,8 @@ def test_consa_export_of_every_family_reproduces_the_runtime(tmp_path):
         assert export_checkpoint(run_dir, out).loader == "consa"
         with torch.no_grad():
             logits = load_hybrid(out)(TOKENS).logits
-        torch.testing.assert_close(logits, runtime_logits(model, MIXED, 2), rtol=0, atol=0, msg=family)
+        # Reordered heads sum in another order: equal up to float32 rounding.
+        torch.testing.assert_close(logits, runtime_logits(model, MIXED, 2), rtol=1e-5, atol=1e-5, msg=family)
 
 
 def test_gemma3_layer_export_that_changes_layer_types_is_not_native(tmp_path):

@@ -286,7 +286,7 @@ def export(
                else "consa_cli.load_hybrid(path)")
         console.print(f"{result.allocation.describe()}\nwrote {result.path}; load it with {how}")
         if result.max_logit_difference is not None:
-            console.print(f"verified: native load matches consa's runtime (max logit difference "
+            console.print(f"verified: the export reproduces consa's runtime (max logit difference "
                           f"{result.max_logit_difference:.2e})")
 
 
@@ -310,11 +310,21 @@ def eval_command(
     retrieval_depths: str = typer.Option("0.1,0.5,0.9", "--retrieval-depths", help="Needle depths, comma-separated: "
                                          "0 = start of the context, 1 = just before the question."),
     retrieval_samples: int = typer.Option(4, "--retrieval-samples", help="Prompts per (task, length, depth)."),
+    efficiency: bool = typer.Option(False, "--efficiency", help="Measure KV-cache bytes, peak memory and prefill / "
+                                    "decode speed against the dense model instead of perplexity."),
+    context_lengths: str = typer.Option("1024,2048", "--context-lengths",
+                                        help="--efficiency prompt lengths in tokens, comma-separated."),
+    batch_sizes: str = typer.Option("1", "--batch-sizes", help="--efficiency batch sizes, comma-separated."),
+    decode_steps: int = typer.Option(16, "--decode-steps", help="--efficiency greedy decode steps after prefill."),
 ):
     """Held-out perplexity of hybrids next to the dense original (paired per-sequence statistics)."""
     from consa_cli.evaluate import DTYPES, EvalSettings, evaluate, resolve_target
     from consa_cli.settings import SettingsError
 
+    if efficiency:
+        _efficiency_command(targets, dtype or "bfloat16", device or "cpu", dense_model, json_path,
+                            context_lengths, batch_sizes, decode_steps)
+        return
     with user_errors():
         settings = EvalSettings()
         for name, value in {"data": data, "seq_lens": seq_len or None, "max_sequences": max_sequences,
@@ -358,6 +368,39 @@ def eval_command(
             finite_rows = [{key: (None if isinstance(value, float) and not math.isfinite(value) else value)
                             for key, value in row.items()} for row in rows]
             json_path.write_text(json.dumps({"settings": settings.__dict__, "rows": finite_rows}, indent=2) + "\n")
+            console.print(f"wrote {json_path}")
+
+
+def _efficiency_command(targets: list[str], dtype: str, device: str, dense_model: str | None, json_path: Path | None,
+                        context_lengths: str, batch_sizes: str, decode_steps: int) -> None:
+    from consa_cli.efficiency import EfficiencySettings, evaluate_efficiency
+    from consa_cli.evaluate import DTYPES, resolve_target
+    from consa_cli.settings import SettingsError
+
+    with user_errors():
+        settings = EfficiencySettings(_csv(context_lengths, int, "--context-lengths"),
+                                      _csv(batch_sizes, int, "--batch-sizes"), decode_steps)
+        if dtype not in DTYPES:
+            raise SettingsError(f"--dtype must be one of {', '.join(DTYPES)}")
+        if (not settings.context_lengths or min(settings.context_lengths) < 2 or not settings.batch_sizes
+                or min(settings.batch_sizes) < 1 or decode_steps < 1):
+            raise SettingsError("--context-lengths must be >= 2, --batch-sizes and --decode-steps >= 1")
+        rows = evaluate_efficiency([resolve_target(spec) for spec in targets], settings, DTYPES[dtype], device,
+                                   dense_model)
+        table = Table(title="inference efficiency (KV measured from the cache tensors; ratios vs dense)")
+        for column in ("model", "context", "batch", "KV MiB", "vs analytic", "vs dense", "prefill s",
+                       "prefill x", "decode tok/s", "decode x", "peak MiB"):
+            table.add_column(column, justify="left" if column == "model" else "right")
+        for row in rows:
+            peak = f"{row['peak_bytes'] / 2**20:.0f}" if row["peak_bytes"] else "-"
+            table.add_row(row["label"], str(row["context_length"]), str(row["batch_size"]),
+                          f"{row['kv_bytes'] / 2**20:.1f}", f"{row['kv_vs_analytic']:.3f}", f"{row['kv_vs_dense']:.3f}",
+                          f"{row['prefill_s']:.3f}", f"{row['prefill_speedup']:.2f}",
+                          f"{row['decode_tokens_per_s']:.1f}", f"{row.get('decode_speedup', math.nan):.2f}", peak)
+        console.print(table)
+        if json_path is not None:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps({"settings": settings.__dict__, "efficiency": rows}, indent=2) + "\n")
             console.print(f"wrote {json_path}")
 
 

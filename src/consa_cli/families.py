@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from consa_cli.hybrid_runtime import decoder_attention_modules
+
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
 
@@ -44,13 +46,10 @@ class FamilyAdapter:
 
     def attention_modules(self, model: nn.Module) -> list[nn.Module]:
         """The self-attention module of every decoder layer, in layer order."""
-        base = getattr(model, "model", model)
-        layers = getattr(base, "layers", None)
-        if layers is None and hasattr(base, "language_model"):
-            layers = base.language_model.layers
-        if layers is None:
-            raise UnsupportedModelError(f"cannot find decoder layers in {type(model).__name__}")
-        return [layer.self_attn for layer in layers]
+        try:
+            return decoder_attention_modules(model)
+        except ValueError as error:
+            raise UnsupportedModelError(str(error)) from None
 
 
 def _with_layer_types(config: dict, layer_is_full: list[bool], window: int, **fields) -> dict:

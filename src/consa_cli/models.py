@@ -36,6 +36,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from .families import UnsupportedModelError, adapter_for
+from .inference import original_o_proj_weight
 
 logger = logging.getLogger(__name__)
 
@@ -342,10 +343,9 @@ def model_fingerprint(model: PreTrainedModel) -> str:
     config = model.config.get_text_config()
     shape = {field: getattr(config, field, None) for field in _FINGERPRINT_FIELDS}
     digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode())
-    last_attention = adapter_for(model.config.model_type).attention_modules(model)[-1]
     for weight in (
         model.get_input_embeddings().weight[:_FINGERPRINT_EMBEDDING_ROWS],
-        last_attention.o_proj.weight,
+        original_o_proj_weight(model, -1),  # in the checkpoint's head order, also after consa export
     ):
         canonical = weight.detach().to(device="cpu", dtype=torch.bfloat16).contiguous()
         digest.update(canonical.view(torch.int16).numpy().tobytes())

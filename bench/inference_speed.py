@@ -1,0 +1,147 @@
+"""Inference speed and memory: dense vs transformers' native layer hybrid vs consa's layer and KV-head hybrids.
+
+Each variant prefills ``batch x context`` random tokens (last-position logits only) and then decodes greedily
+for ``--decode-steps`` steps on its cache (see consa_cli.efficiency). The layer hybrids keep ``--full-fraction``
+of the layers full (evenly interleaved); the KV-head hybrid keeps the same number of KV heads full, spread evenly
+over the layers, so every hybrid has the same analytic KV size. The JSON is rewritten after every row.
+
+GPU (the numbers in docs/benchmarks.md; random weights in the Qwen3-0.6B shape):
+
+    python bench/inference_speed.py --model qwen3-0.6b-random --device cuda --lengths 8192,16384,32768 \
+        --batches 1,8 --json docs/results/inference_speed_h100.json
+
+CPU (the embedded SmolLM2-135M):
+
+    python bench/inference_speed.py --model embedded:SmolLM2-135M-Instruct --device cpu --lengths 1024,2048 \
+        --batches 1 --window 256 --decode-steps 16 --repeats 3 --json docs/results/inference_speed_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, Qwen3Config
+
+from consa_cli.allocation import full_unit_count
+from consa_cli.baselines import rule_allocation
+from consa_cli.efficiency import EfficiencySettings, compare_efficiency
+from consa_cli.export import native_config
+from consa_cli.families import adapter_for
+from consa_cli.inference import hybrid_inference
+from consa_cli.models import load_model_and_tokenizer
+
+VARIANTS = ("dense", "native", "consa-layer", "consa-kv-head")
+# Qwen3-0.6B's shape (config.json of Qwen/Qwen3-0.6B), for random weights: the hub is out of reach here.
+QWEN3_0_6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                  rope_theta=1000000, tie_word_embeddings=True)
+
+
+def load(name: str, dtype: torch.dtype, device: str):
+    if name == "qwen3-0.6b-random":
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(Qwen3Config(**QWEN3_0_6B), dtype=dtype, attn_implementation="sdpa")
+        return model.eval().requires_grad_(False)
+    return load_model_and_tokenizer(name, dtype=dtype, device=device)[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen3-0.6b-random", help="qwen3-0.6b-random or a model consa loads")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--lengths", default="8192,16384,32768")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--decode-steps", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=1, help="best of N timings (use 3+ on a shared CPU)")
+    parser.add_argument("--window", type=int, default=1024)
+    parser.add_argument("--sink-tokens", type=int, default=None, help="consa hybrids' sinks [default: family's]")
+    parser.add_argument("--full-fraction", type=float, default=0.25, help="share of layers / KV heads kept full")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--json", type=Path, required=True)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    dtype = getattr(torch, args.dtype)
+
+    model = load(args.model, dtype, args.device)
+    config = model.config
+    layers, heads = config.num_hidden_layers, config.num_key_value_heads
+    sinks = args.sink_tokens if args.sink_tokens is not None else adapter_for(config.model_type).default_sink_tokens
+    sparsity = 1.0 - args.full_fraction
+    layer_allocation = rule_allocation("interleaved", layers, heads, sparsity, "layer", args.window, sinks)
+    native_allocation = rule_allocation("interleaved", layers, heads, sparsity, "layer", args.window, 0)
+    # As many full KV heads as the layer hybrids have (e.g. 7 of 28 layers = 56 of 224 heads, 2 per layer).
+    head_sparsity = 1.0 - full_unit_count(layers, sparsity) / layers
+    head_allocation = rule_allocation("uniform-heads", layers, heads, head_sparsity, "kv-head", args.window, sinks)
+    if head_allocation.fa_mask.sum() != layer_allocation.fa_mask.sum():
+        raise SystemExit("the KV-head and layer hybrids keep different numbers of full heads")
+
+    @contextmanager
+    def dense():
+        yield model
+
+    @contextmanager
+    def native():
+        # transformers' own layer hybrid: the config written by `consa export` for a layer allocation, same weights.
+        patched = native_config(config.to_dict(), native_allocation)
+        model.to("cpu")  # one copy of the weights on the device, as for every other variant
+        with torch.device(args.device):
+            hybrid = AutoModelForCausalLM.from_config(AutoConfig.for_model(**patched), dtype=dtype,
+                                                      attn_implementation="sdpa")
+        hybrid.load_state_dict(model.state_dict())
+        try:
+            yield hybrid.eval()
+        finally:
+            del hybrid
+            model.to(args.device)
+
+    @contextmanager
+    def consa(allocation):
+        with hybrid_inference(model, allocation):
+            yield model
+
+    available = {
+        "dense": (f"dense ({args.model})", None, dense),
+        "native": ("transformers native layer hybrid", native_allocation, native),
+        "consa-layer": ("consa layer hybrid", layer_allocation, lambda: consa(layer_allocation)),
+        "consa-kv-head": ("consa KV-head hybrid", head_allocation, lambda: consa(head_allocation)),
+    }
+    variants = [available[name] for name in args.variants.split(",")]
+    settings = EfficiencySettings(context_lengths=[int(n) for n in args.lengths.split(",")],
+                                  batch_sizes=[int(n) for n in args.batches.split(",")],
+                                  decode_steps=args.decode_steps, repeats=args.repeats)
+    report = {
+        "command": "python bench/inference_speed.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
+                                                                 vars(args).items() if v is not None),
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "settings": {**{k: str(v) for k, v in vars(args).items()}, "sink_tokens": sinks},
+        "allocations": {label: allocation.describe() for label, allocation, _ in variants if allocation},
+        "rows": [],
+    }
+
+    def on_row(row: dict) -> None:
+        report["rows"].append(row)
+        report["elapsed_s"] = time.perf_counter() - started
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        gib = 1024**3
+        peak = f"{row['peak_bytes'] / gib:6.2f}" if row["peak_bytes"] else "     -"
+        print(f"{row['label']:34s} T={row['context_length']:6d} B={row['batch_size']} KV {row['kv_bytes'] / gib:6.3f} GiB "
+              f"(x{row['kv_vs_analytic']:.3f} analytic) prefill {row['prefill_s']:6.3f} s decode "
+              f"{row['decode_tokens_per_s']:7.1f} tok/s peak {peak} GiB", flush=True)
+
+    compare_efficiency(variants, settings, on_row)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,405 @@
+"""Self-contained runtime for hybrid full / sliding-window attention, with a KV cache that keeps only what it needs.
+
+This module imports nothing but torch and transformers: ``consa export`` copies its text into KV-head checkpoints
+as ``modeling_consa.py``, so they load in plain transformers (remote code) without consa, and consa runs the very
+same code.
+
+Layout: in every layer the full-attention (FA) KV heads come first, the sliding-window (SWA) heads after them
+(``consa export`` permutes the weights into that order). Each layer is then two dense kernel calls on contiguous
+head slices: causal attention for the FA heads, a blocked sliding-window kernel for the SWA heads. The cache
+(:class:`HybridCacheLayer`) keeps the FA heads' full history and only the SWA heads' window plus sinks.
+
+Window semantics match transformers': a sliding-window query at position q sees key k when
+``q - window < k <= q``, plus the first ``sink_tokens`` keys.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
+
+PREFIX_ATTENTION_NAME = "consa_hybrid"
+# Keys of one blocked sliding-window call, in elements: bounds the transient copies of long prefills.
+_BLOCKED_CALL_ELEMENTS = 1 << 28
+
+
+# --- kernels: one signature, SDPA is the reference -----------------------------------------------------------
+
+
+def repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[B, H, T, D]`` -> ``[B, H * groups, T, D]``, each KV head repeated for its query heads."""
+    return states if groups == 1 else states.repeat_interleave(groups, dim=1)
+
+
+def sdpa_backend(query, key, value, mask, is_causal, scaling):
+    """SDPA; ``key``/``value`` may have fewer heads than ``query`` (grouped-query attention)."""
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1 and mask is not None:  # masked kernels fall back to the slow path with enable_gqa
+        key, value, groups = repeat_kv(key, groups), repeat_kv(value, groups), 1
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling,
+                                          enable_gqa=groups > 1)
+
+
+def eager_backend(query, key, value, mask, is_causal, scaling):
+    """Plain matmul-softmax-matmul; the readable reference."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if is_causal:
+        mask = causal_window_mask(query.shape[-2], key.shape[-2], None, 0, query.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(probs, value)
+
+
+ATTENTION_BACKENDS = {"sdpa": sdpa_backend, "eager": eager_backend}
+
+
+def causal_window_mask(q_len: int, kv_len: int, window: int | None, sink_tokens: int,
+                       device: torch.device | str) -> torch.Tensor:
+    """Bool ``[q_len, kv_len]`` mask (True = attend) for queries at the last ``q_len`` of ``kv_len`` positions.
+
+    ``window=None`` gives plain causal attention.
+    """
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device).unsqueeze(1)
+    k_pos = torch.arange(kv_len, device=device).unsqueeze(0)
+    return window_mask(q_pos, k_pos, window, sink_tokens)
+
+
+def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, sink_tokens: int) -> torch.Tensor:
+    """Who sees whom, from absolute positions (broadcasting ``q_pos`` against ``k_pos``)."""
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed = allowed & ((k_pos > q_pos - window) | (k_pos < sink_tokens))
+    return allowed
+
+
+def attend(query, key, value, attention_mask, scaling, backend, window, sink_tokens):
+    """Full attention (``window=None``) or sliding-window attention; ``key`` may have fewer heads (GQA)."""
+    q_len, kv_len = query.shape[-2], key.shape[-2]
+    if window is None or window >= kv_len:
+        if attention_mask is None:
+            if q_len == kv_len:
+                return backend(query, key, value, None, q_len > 1, scaling)
+            if q_len == 1:
+                return backend(query, key, value, None, False, scaling)
+            attention_mask = causal_window_mask(q_len, kv_len, None, 0, query.device)
+        return backend(query, key, value, attention_mask, False, scaling)
+    if attention_mask is None and q_len == kv_len and q_len >= 4 * window:
+        return sliding_blocked(query, key, value, scaling, backend, window, sink_tokens)
+    mask = causal_window_mask(q_len, kv_len, window, sink_tokens, query.device)
+    if attention_mask is not None:
+        mask = mask & attention_mask
+    return backend(query, key, value, mask, False, scaling)
+
+
+def sliding_blocked(query, key, value, scaling, backend, window, sink_tokens):
+    """Sliding-window (+ sinks) attention of a whole sequence, over query blocks of ``window`` tokens.
+
+    The first two blocks (which see the sequence start) take one small masked call. Every later block sees the
+    sinks, the previous and its own block, always in the same relative pattern, so one ``window x (sinks + 2 *
+    window)`` mask serves them all: about ``T / (2 * window)`` times less work than a ``T x T`` masked call,
+    and no mask bigger than one tile. Exactly the same result as the masked path.
+    """
+    batch, heads, length, dim = query.shape
+    device = query.device
+    head = min(length, 2 * window)
+    out = torch.empty_like(query)
+    out[:, :, :head] = backend(query[:, :, :head], key[:, :, :head], value[:, :, :head],
+                               causal_window_mask(head, head, window, sink_tokens, device), False, scaling)
+    if length == head:
+        return out
+    groups = heads // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # masked kernels want aligned heads
+    blocks = -(-(length - head) // window)  # query blocks after the first two
+    padding = head + blocks * window - length
+    if padding:
+        query = F.pad(query, (0, 0, 0, padding))
+        key, value = F.pad(key, (0, 0, 0, padding)), F.pad(value, (0, 0, 0, padding))
+    # Sink slots padded to a multiple of 8 keep the mask's last dimension aligned for the fused kernels.
+    sink_slots = -(-sink_tokens // 8) * 8
+    offset = torch.arange(window, device=device).view(-1, 1)
+    key_offset = torch.arange(2 * window, device=device).view(1, -1)
+    mask = torch.cat([torch.arange(sink_slots, device=device).view(1, -1).expand(window, -1) < sink_tokens,
+                      (key_offset > offset) & (key_offset <= offset + window)], dim=1).view(1, 1, window, -1)
+    per_block = batch * heads * (sink_slots + 2 * window) * dim
+    chunk = max(1, _BLOCKED_CALL_ELEMENTS // per_block)
+    for first in range(0, blocks, chunk):
+        count = min(chunk, blocks - first)
+        q_start = head + first * window  # keys of block i: the window before it and its own block
+
+        def key_blocks(states, q_start=q_start, count=count):
+            windows = states[:, :, q_start - window : q_start + count * window].unfold(2, 2 * window, window)
+            windows = windows.transpose(-1, -2)  # [B, H, count, 2W, D]
+            if sink_slots:
+                sinks = F.pad(states[:, :, :sink_tokens], (0, 0, 0, sink_slots - sink_tokens))
+                windows = torch.cat([sinks.unsqueeze(2).expand(-1, -1, count, -1, -1), windows], dim=3)
+            return windows.reshape(batch, heads * count, -1, dim)
+
+        q_blocks = query[:, :, q_start : q_start + count * window].reshape(batch, heads * count, window, dim)
+        part = backend(q_blocks, key_blocks(key), key_blocks(value), mask, False, scaling)
+        end = min(length, q_start + count * window)
+        # reshape, not view: some kernels (CUDA memory-efficient SDPA) return another memory layout.
+        out[:, :, q_start:end] = part.reshape(batch, heads, count * window, dim)[:, :, : end - q_start]
+    return out
+
+
+# --- the cache: full history for FA heads, window + sinks for SWA heads -----------------------------------
+
+
+@dataclass
+class HybridKV:
+    """Keys (or values) of one layer as the cache returns them, split by attention type.
+
+    ``full``: ``[B, full_heads, length, D]`` or None; ``sliding``: ``[B, sliding_heads, n, D]`` or None, holding
+    positions ``[0, sink_count) + [recent_start, length)``; ``sliding_span`` is None when they are simply
+    ``0 .. length - 1`` (a prefill into an empty cache).
+    """
+
+    full: torch.Tensor | None
+    sliding: torch.Tensor | None
+    sliding_span: tuple[int, int] | None
+    length: int
+
+    def sliding_positions(self, device) -> torch.Tensor:
+        if self.sliding_span is None:
+            return torch.arange(self.length, device=device)
+        sinks, recent = self.sliding_span
+        return torch.cat([torch.arange(sinks, device=device), torch.arange(recent, self.length, device=device)])
+
+
+class HybridCacheLayer(DynamicLayer):
+    """One layer's KV cache: the first ``full_heads`` KV heads keep every token, the others only the
+    ``sink_tokens`` first and the ``sliding_window - 1`` latest (what the next query needs).
+
+    Full-attention keys live in a buffer written in place, so a decode step copies one token, not the whole
+    history; it grows by 1/32 of its length (at most ``growth_tokens``), so it never holds 4% more than needed.
+    """
+
+    is_sliding = False  # masks are built for the full length; the attention function windows the SWA heads
+    is_croppable = False
+    growth_tokens = 128
+
+    def __init__(self, full_heads: int, sliding_window: int, sink_tokens: int):
+        super().__init__()
+        self.full_heads, self.sliding_window, self.sink_tokens = full_heads, sliding_window, sink_tokens
+        self.length = 0
+        self.full_keys = self.full_values = None  # buffers [B, full_heads, capacity, D]
+        self.sliding_keys = self.sliding_values = None  # [B, sliding_heads, sinks + recent, D]
+        self.sink_count = self.recent_start = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, heads = self.length, self.full_heads
+        self.length += key_states.shape[-2]
+        full_keys, full_values = self._append_full(key_states[:, :heads], value_states[:, :heads], start)
+        sliding_keys, sliding_values, span = self._append_sliding(key_states[:, heads:], value_states[:, heads:])
+        return (HybridKV(full_keys, sliding_keys, span, self.length),
+                HybridKV(full_values, sliding_values, span, self.length))
+
+    def _append_full(self, keys, values, start):
+        if keys.shape[1] == 0:
+            return None, None
+        if self.full_keys is None or self.full_keys.shape[2] < self.length:
+            capacity = self.length + max(1, min(self.growth_tokens, self.length // 32))
+            grown = []
+            for old, new in ((self.full_keys, keys), (self.full_values, values)):
+                buffer = new.new_empty(new.shape[0], new.shape[1], capacity, new.shape[3])
+                if old is not None:
+                    buffer[:, :, :start] = old[:, :, :start]
+                grown.append(buffer)
+            self.full_keys, self.full_values = grown
+        self.full_keys[:, :, start : self.length] = keys
+        self.full_values[:, :, start : self.length] = values
+        return self.full_keys[:, :, : self.length], self.full_values[:, :, : self.length]
+
+    def _append_sliding(self, keys, values):
+        if keys.shape[1] == 0:
+            return None, None, None
+        if self.sliding_keys is None:  # prefill into an empty cache: attend over the whole prompt
+            all_keys, all_values, span = keys, values, None
+            old_sinks, old_recent = 0, 0
+        else:
+            all_keys = torch.cat([self.sliding_keys, keys], dim=2)
+            all_values = torch.cat([self.sliding_values, values], dim=2)
+            span = old_sinks, old_recent = self.sink_count, self.recent_start
+        # Keep positions [0, sinks) and [recent, length): everything a later query can still see.
+        sinks = min(self.sink_tokens, self.length)
+        recent = max(sinks, self.length - self.sliding_window + 1)
+        recent_index = old_sinks + recent - old_recent
+        self.sliding_keys = torch.cat([all_keys[:, :, :sinks], all_keys[:, :, recent_index:]], dim=2)
+        self.sliding_values = torch.cat([all_values[:, :, :sinks], all_values[:, :, recent_index:]], dim=2)
+        self.sink_count, self.recent_start = sinks, recent
+        return all_keys, all_values, span
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The cache's storage (for measuring its size)."""
+        return [t for t in (self.full_keys, self.full_values, self.sliding_keys, self.sliding_values) if t is not None]
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.__init__(self.full_heads, self.sliding_window, self.sink_tokens)
+
+    def _map_batch(self, operation) -> None:
+        for name in ("full_keys", "full_values", "sliding_keys", "sliding_values"):
+            if getattr(self, name) is not None:
+                setattr(self, name, operation(getattr(self, name)))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices, ...])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("the hybrid cache drops old sliding-window tokens and cannot be cropped")
+
+
+# --- attention over contiguous head slices -------------------------------------------------------------------
+
+
+@dataclass
+class PrefixHybrid:
+    """Per-layer settings, stored on the attention module as ``module.consa_prefix``: the first ``full_heads``
+    KV heads use full attention, the rest a sliding window."""
+
+    full_heads: int
+    sliding_window: int
+    sink_tokens: int
+    backend: str = "sdpa"
+
+
+def split_head_attention(query, key, value, attention_mask, scaling, full_heads, window, sink_tokens, backend):
+    """Attention of one layer whose first ``full_heads`` KV heads are full, the rest sliding-window.
+
+    ``key``/``value`` are tensors ``[B, H_kv, kv_len, D]`` (no cache, or a plain DynamicCache) or
+    :class:`HybridKV` from a :class:`HybridCacheLayer`. Returns ``[B, H_q, q_len, D]``.
+    """
+    if isinstance(key, torch.Tensor):  # not HybridKV (duck-typed: an export's copy of this module has its own)
+        key, value = _split_heads(key, full_heads), _split_heads(value, full_heads)
+    num_kv_heads = sum(t.shape[1] for t in (key.full, key.sliding) if t is not None)
+    groups = query.shape[1] // num_kv_heads
+    split_at = full_heads * groups
+    parts = []
+    if key.full is not None:
+        parts.append(attend(query[:, :split_at], key.full, value.full, attention_mask, scaling, backend, None, 0))
+    if key.sliding is not None:
+        sliding_query = query[:, split_at:]
+        if key.sliding_span is None:
+            parts.append(attend(sliding_query, key.sliding, value.sliding, attention_mask, scaling, backend, window,
+                                sink_tokens))
+        else:  # the cache kept only sinks + recent keys: a single new query sees them all, else mask by position
+            mask = None
+            if query.shape[2] > 1 or attention_mask is not None:
+                k_pos = key.sliding_positions(query.device)
+                if query.shape[2] > 1:
+                    q_pos = torch.arange(key.length - query.shape[2], key.length, device=query.device).unsqueeze(1)
+                    mask = window_mask(q_pos, k_pos.unsqueeze(0), window, sink_tokens)
+                if attention_mask is not None:
+                    padding = attention_mask[..., k_pos]
+                    mask = padding if mask is None else mask & padding
+            parts.append(backend(sliding_query, key.sliding, value.sliding, mask, False, scaling))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _split_heads(states: torch.Tensor, full_heads: int) -> HybridKV:
+    full, sliding = states[:, :full_heads], states[:, full_heads:]
+    return HybridKV(full if full.shape[1] else None, sliding if sliding.shape[1] else None, None, states.shape[2])
+
+
+def prefix_hybrid_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers attention function for layers carrying :class:`PrefixHybrid` settings."""
+    if kwargs.get("softcap") is not None:
+        raise ValueError("consa attention does not support attention logit softcapping")
+    settings = module.consa_prefix
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask == 0  # additive float mask -> bool
+    out = split_head_attention(query, key, value, attention_mask, query.shape[-1] ** -0.5 if scaling is None else scaling,
+                           settings.full_heads, settings.sliding_window, settings.sink_tokens,
+                           ATTENTION_BACKENDS[settings.backend])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def causal_padding_mask(*args, **kwargs):
+    """Mask function for consa's attention: causal + padding only; windows are applied inside the attention
+    function, so even layers a model natively builds a sliding mask for (Gemma3) get the plain causal mask."""
+    kwargs["mask_function"] = causal_mask_function
+    kwargs.pop("local_size", None)
+    return sdpa_mask(*args, **kwargs)
+
+
+AttentionInterface.register(PREFIX_ATTENTION_NAME, prefix_hybrid_forward)
+AttentionMaskInterface.register(PREFIX_ATTENTION_NAME, causal_padding_mask)
+
+
+# --- putting it on a model ----------------------------------------------------------------------------------------
+
+
+def decoder_attention_modules(model) -> list:
+    """The self-attention module of every decoder layer, in layer order."""
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if layers is None and hasattr(base, "language_model"):
+        layers = base.language_model.layers
+    if layers is None:
+        raise ValueError(f"cannot find decoder layers in {type(model).__name__}")
+    return [layer.self_attn for layer in layers]
+
+
+def hybrid_cache(model) -> Cache:
+    """A fresh cache for a model carrying :class:`PrefixHybrid` settings (pass it to a forward as
+    :func:`cache_argument`)."""
+    return Cache(layers=[HybridCacheLayer(m.consa_prefix.full_heads, m.consa_prefix.sliding_window,
+                                          m.consa_prefix.sink_tokens) for m in decoder_attention_modules(model)])
+
+
+def cache_argument(model) -> str:
+    """The name ``forward`` / ``generate`` take the cache under: ``cache`` since transformers 5.2x, else
+    ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def prepare_hybrid_cache(model, generation_config, model_kwargs, *args, **kwargs):
+    """``generate()`` hook: use :func:`hybrid_cache` unless the caller chose a cache or cache implementation."""
+    name = cache_argument(model)
+    if (model_kwargs.get(name) is None and generation_config.use_cache is not False
+            and generation_config.cache_implementation in (None, "dynamic")):
+        model_kwargs[name] = hybrid_cache(model)
+        return None
+    return type(model)._prepare_cache_for_generation(model, generation_config, model_kwargs, *args, **kwargs)
+
+
+def install_prefix_hybrid(model, full_heads: list[int], sliding_window: int, sink_tokens: int,
+                          backend: str = "sdpa") -> None:
+    """Run ``model`` (KV heads already ordered FA first) as the hybrid, and make ``generate()`` use the hybrid cache."""
+    modules = decoder_attention_modules(model)
+    if len(full_heads) != len(modules):
+        raise ValueError(f"{len(full_heads)} layers of full-head counts for a model with {len(modules)} layers")
+    for module, count in zip(modules, full_heads, strict=True):
+        module.consa_prefix = PrefixHybrid(int(count), sliding_window, sink_tokens, backend)
+    model._prepare_cache_for_generation = types.MethodType(prepare_hybrid_cache, model)
+    model.set_attn_implementation(PREFIX_ATTENTION_NAME)

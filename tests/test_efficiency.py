@@ -1,0 +1,73 @@
+"""consa eval --efficiency: the cache really shrinks to the analytic size, measured next to the dense model."""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+
+import pytest
+import torch
+from conftest import tiny_model
+from typer.testing import CliRunner
+
+from consa_cli.allocation import Allocation
+from consa_cli.cli import app
+from consa_cli.efficiency import EfficiencySettings, analytic_kv_bytes, compare_efficiency, measure_generation
+from consa_cli.inference import hybrid_inference
+from consa_cli.models import load_model_and_tokenizer, model_fingerprint
+
+MIXED = torch.tensor([[True, False], [False, False], [False, True], [True, True]])
+
+
+@pytest.fixture(autouse=True)
+def _isolated(isolated_consa_cache, one_thread):
+    """Keep every test out of the real consa cache, on one torch thread."""
+
+
+def test_analytic_kv_bytes():
+    config = tiny_model("qwen3").config  # 4 layers x 2 KV heads, head_dim 16
+    allocation = Allocation(MIXED, "kv-head", sliding_window=8, sink_tokens=2)
+    per_head_token = 2 * 16 * 4  # keys + values, float32
+    assert analytic_kv_bytes(config, None, 100, 3, torch.float32) == 3 * per_head_token * 100 * 8
+    assert analytic_kv_bytes(config, allocation, 100, 1, torch.float32) == per_head_token * (4 * 100 + 4 * 9)
+    assert analytic_kv_bytes(config, allocation, 5, 1, torch.float32) == per_head_token * 8 * 5  # shorter than W
+
+
+def test_hybrid_cache_is_within_5_percent_of_analytic_and_smaller_than_dense():
+    model = tiny_model("llama")
+    allocation = Allocation(MIXED, "kv-head", sliding_window=8, sink_tokens=2)
+    variants = [("dense", None, lambda: nullcontext(model)), ("hybrid", allocation, lambda: hybrid_inference(model, allocation))]
+    rows = compare_efficiency(variants, EfficiencySettings([200, 400], [1, 2], decode_steps=5))
+    assert [(r["label"], r["context_length"], r["batch_size"]) for r in rows] == [
+        (label, length, batch) for length in (200, 400) for batch in (1, 2) for label in ("dense", "hybrid")]
+    for row in rows:
+        assert row["cache_length"] == row["context_length"] + 5
+        if row["label"] == "dense":
+            assert row["is_reference"] and row["kv_bytes"] == row["kv_bytes_analytic"]
+        else:
+            assert 1.0 <= row["kv_vs_analytic"] <= 1.05
+            assert row["kv_vs_dense"] < 0.6 and row["prefill_speedup"] > 0
+    assert model.config._attn_implementation == "sdpa"  # each variant restored the model
+
+
+def test_measure_generation_counts_tokens():
+    row = measure_generation(tiny_model("qwen3"), 50, 3, 4)
+    assert row["prefill_tokens_per_s"] == pytest.approx(150 / row["prefill_s"])
+    assert row["cache_length"] == 54 and row["peak_bytes"] is None  # no device memory counter on CPU
+
+
+def test_eval_efficiency_command(tmp_path, tiny_model_dir):
+    run = tmp_path / "run"
+    run.mkdir()
+    loaded = load_model_and_tokenizer(str(tiny_model_dir))[0]
+    Allocation(MIXED, "kv-head", 8, 2, model=str(tiny_model_dir), model_fingerprint=model_fingerprint(loaded)).save(
+        run / "allocation.safetensors")
+    result = CliRunner().invoke(app, ["eval", str(run), "--efficiency", "--context-lengths", "64,128",
+                                      "--decode-steps", "3", "--json", str(tmp_path / "e.json")])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "e.json").read_text())["efficiency"]
+    assert [row["label"] for row in rows] == [f"dense ({tiny_model_dir})", "run"] * 2
+    assert all(row["kv_vs_dense"] < 1 for row in rows if row["label"] == "run")
+    assert "inference efficiency" in result.stdout
+    bad = CliRunner().invoke(app, ["eval", str(run), "--efficiency", "--context-lengths", "x"])
+    assert bad.exit_code == 2 and "--context-lengths" in bad.stderr

@@ -1,0 +1,199 @@
+"""Hybrid inference: exact KV-head permutation, a cache that keeps only the window, generate() token for token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+from transformers import DynamicCache
+
+import consa_cli.hybrid_runtime as runtime
+from consa_cli.allocation import Allocation
+from consa_cli.attention import hybrid_attention
+from consa_cli.hybrid_runtime import HybridCacheLayer, hybrid_cache
+from consa_cli.inference import hybrid_inference, kv_head_order, permute_kv_heads
+from consa_cli.models import model_fingerprint
+
+WINDOW = 8
+MIXED = torch.tensor([[True, False], [False, False], [False, True], [True, True]])
+PROMPT = torch.randint(2, 96, (2, 37), generator=torch.Generator().manual_seed(3))
+
+
+def _allocation(mask: torch.Tensor, sinks: int = 2, granularity: str = "kv-head") -> Allocation:
+    return Allocation(mask, granularity, sliding_window=WINDOW, sink_tokens=sinks)
+
+
+def _cache(generated):
+    return getattr(generated, "cache", None) or generated.past_key_values  # renamed in transformers 5.2x
+
+
+def test_kv_head_order_puts_full_heads_first():
+    order = kv_head_order(torch.tensor([[False, True, False, True], [True, False, False, False]]))
+    assert order.tolist() == [[1, 3, 0, 2], [0, 1, 2, 3]]
+
+
+def test_permuting_kv_heads_keeps_logits_and_fingerprint(family):
+    model = tiny_model(family, num_attention_heads=8, num_key_value_heads=4)
+    tokens = PROMPT[:, :20]
+    reference, fingerprint = model(tokens).logits, model_fingerprint(model)
+    order = torch.tensor([[3, 1, 0, 2], [1, 0, 3, 2], [0, 1, 2, 3], [2, 3, 1, 0]])
+    k_before = model.model.layers[0].self_attn.k_proj.weight.clone()
+    permute_kv_heads(model, order)
+    assert not torch.equal(model.model.layers[0].self_attn.k_proj.weight, k_before)
+    torch.testing.assert_close(model(tokens).logits, reference, rtol=1e-5, atol=1e-5)
+    assert model_fingerprint(model) == fingerprint
+
+
+@pytest.mark.parametrize("sinks", [0, 2])
+def test_generate_matches_reference_token_for_token(family, sinks):
+    """Greedy generate() on the permuted model with the hybrid cache = consa's attention with a DynamicCache."""
+    model = tiny_model(family)
+    allocation = _allocation(MIXED, sinks)
+    settings = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
+    with hybrid_attention(model, allocation.fa_mask, WINDOW, sinks):
+        reference = model.generate(PROMPT, past_key_values=DynamicCache(), **settings)
+    with hybrid_inference(model, allocation):
+        generated = model.generate(PROMPT, return_dict_in_generate=True, **settings)
+    assert torch.equal(generated.sequences, reference)
+    assert all(isinstance(layer, HybridCacheLayer) for layer in _cache(generated).layers)  # generate() picked it
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_hybrid_logits_match_the_masked_model_in_prefill_and_decode(family):
+    model = tiny_model(family)
+    allocation = _allocation(MIXED)
+    with hybrid_attention(model, allocation.fa_mask, WINDOW, 2):
+        reference = model(PROMPT).logits
+    with hybrid_inference(model, allocation):
+        cache = hybrid_cache(model)
+        prefill = model(PROMPT[:, :30], past_key_values=cache).logits
+        steps = [model(PROMPT[:, i : i + 1], past_key_values=cache).logits for i in range(30, 33)]
+        chunk = model(PROMPT[:, 33:], past_key_values=cache).logits  # several new tokens on a trimmed cache
+    hybrid = torch.cat([prefill, *steps, chunk], dim=1)
+    torch.testing.assert_close(hybrid, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_cache_keeps_full_history_for_fa_heads_and_window_plus_sinks_for_the_rest():
+    model = tiny_model("qwen3")
+    allocation = _allocation(MIXED, sinks=2)
+    with hybrid_inference(model, allocation):
+        cache = hybrid_cache(model)
+        model(PROMPT, past_key_values=cache)
+        model(PROMPT[:, :1], past_key_values=cache)
+    length = PROMPT.shape[1] + 1
+    for layer, row in zip(cache.layers, MIXED, strict=True):
+        full, sliding = int(row.sum()), int((~row).sum())
+        assert (layer.full_keys.shape[1] if layer.full_keys is not None else 0) == full
+        if full:
+            assert layer.full_keys.shape[2] >= length  # capacity: the whole history (+ growth room)
+        if sliding:
+            assert layer.sliding_keys.shape[1:3] == (sliding, 2 + WINDOW - 1)
+        else:
+            assert layer.sliding_keys is None
+        assert layer.get_seq_length() == length
+
+
+def test_padded_batch_generation_matches_reference():
+    model = tiny_model("llama")
+    allocation = _allocation(MIXED)
+    prompt = PROMPT.clone()
+    attention_mask = torch.ones_like(prompt)
+    prompt[1, :5], attention_mask[1, :5] = 0, 0  # left padding
+    settings = dict(attention_mask=attention_mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with hybrid_attention(model, allocation.fa_mask, WINDOW, 2):
+        reference = model.generate(prompt, past_key_values=DynamicCache(), **settings)
+    with hybrid_inference(model, allocation):
+        generated = model.generate(prompt, **settings)
+    assert torch.equal(generated, reference)
+
+
+@pytest.mark.parametrize("length", [70, 72])  # a ragged last block, and whole blocks
+def test_blocked_sliding_attention_in_chunks_equals_masked(monkeypatch, length):
+    """The long-prefill kernel split into several calls gives the masked result."""
+    query, key, value = (torch.randn(2, 4 if i == 0 else 2, length, 16, generator=torch.Generator().manual_seed(i))
+                         for i in range(3))
+    monkeypatch.setattr(runtime, "_BLOCKED_CALL_ELEMENTS", 1)  # one block per call
+    for sinks in (0, 3):
+        blocked = runtime.sliding_blocked(query, key, value, 0.25, runtime.sdpa_backend, WINDOW, sinks)
+        mask = runtime.causal_window_mask(length, length, WINDOW, sinks, "cpu")
+        masked = runtime.sdpa_backend(query, key, value, mask, False, 0.25)
+        torch.testing.assert_close(blocked, masked, rtol=1e-5, atol=1e-5)
+
+
+BLOCK_CONSA_AND_RUN = """
+import importlib.abc, sys
+class NoConsa(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "consa_cli":
+            raise ImportError("consa_cli is not installed")
+sys.meta_path.insert(0, NoConsa())
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+tokens = load_file(sys.argv[2])["tokens"]
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+with torch.no_grad():
+    logits = model(tokens).logits
+out = model.generate(tokens, max_new_tokens=10, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+cache = getattr(out, "cache", None) or out.past_key_values  # renamed in transformers 5.2x
+kept = [layer.sliding_keys.shape[2] for layer in cache.layers if layer.sliding_keys is not None]
+save_file({"logits": logits, "generated": out.sequences, "kept": torch.tensor(kept)}, sys.argv[3])
+"""
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text"])
+def test_kv_head_export_loads_without_consa_via_remote_code(tmp_path, family):
+    """The export's own modeling file runs the hybrid in plain transformers, consa made unimportable."""
+    import subprocess
+    import sys
+
+    from conftest import save_tiny
+    from safetensors.torch import load_file, save_file
+
+    from consa_cli import load_hybrid
+    from consa_cli.export import export_checkpoint
+
+    model = save_tiny(tmp_path / "model", family)
+    Allocation(MIXED, "kv-head", WINDOW, 2, model=str(tmp_path / "model"),
+               model_fingerprint=model_fingerprint(model)).save(tmp_path / "mask.safetensors")
+    export_checkpoint(tmp_path / "mask.safetensors", tmp_path / "export")
+    save_file({"tokens": PROMPT}, tmp_path / "tokens.safetensors")
+    environment = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-c", BLOCK_CONSA_AND_RUN, str(tmp_path / "export"), str(tmp_path / "tokens.safetensors"),
+                    str(tmp_path / "remote.safetensors")], check=True, env=environment, cwd=tmp_path)
+    remote = load_file(tmp_path / "remote.safetensors")
+    with torch.no_grad():
+        consa_logits = load_hybrid(tmp_path / "export")(PROMPT).logits
+    torch.testing.assert_close(remote["logits"], consa_logits, rtol=0, atol=0)
+    with torch.no_grad(), hybrid_attention(model, MIXED, WINDOW, 2):
+        reference = model(PROMPT).logits
+        expected = model.generate(PROMPT, past_key_values=DynamicCache(), max_new_tokens=10, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(remote["logits"], reference, rtol=1e-5, atol=1e-5)
+    assert torch.equal(remote["generated"], expected)
+    assert remote["kept"].tolist() == [2 + WINDOW - 1] * 3  # three layers have sliding heads: window + sinks only
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_blocked_sliding_attention_matches_float32_masked_reference():
+    """On the GPU the long-prefill kernel (fused SDPA with a one-tile mask) agrees with a float32 masked call."""
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    query = torch.randn(2, 8, 3000, 128, device="cuda", generator=generator)
+    key, value = (torch.randn(2, 4, 3000, 128, device="cuda", generator=generator) for _ in range(2))
+    for sinks in (0, 4):
+        mask = runtime.causal_window_mask(3000, 3000, 256, sinks, "cuda")
+        reference = runtime.sdpa_backend(query, key, value, mask, False, 128**-0.5)
+        blocked = runtime.sliding_blocked(query.bfloat16(), key.bfloat16(), value.bfloat16(), 128**-0.5,
+                                          runtime.sdpa_backend, 256, sinks)
+        torch.testing.assert_close(blocked.float(), reference, rtol=0, atol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_generate_matches_reference_token_for_token():
+    model = tiny_model("qwen3").cuda()
+    prompt = PROMPT.cuda()
+    allocation = _allocation(MIXED)
+    settings = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
+    with hybrid_attention(model, allocation.fa_mask.cuda(), WINDOW, 2):
+        reference = model.generate(prompt, past_key_values=DynamicCache(), **settings)
+    with hybrid_inference(model, allocation):
+        assert torch.equal(model.generate(prompt, **settings), reference)
