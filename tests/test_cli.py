@@ -94,6 +94,8 @@ def test_eval_of_a_run_dir_adds_the_dense_reference(tmp_path, tiny_model_dir, ti
     rows = json.loads((tmp_path / "eval.json").read_text())["rows"]
     assert [row["label"] for row in rows] == [f"dense ({tiny_model_dir})", "rule"]
     assert rows[0]["is_reference"] and rows[1]["delta_nll_vs_dense"] > 0
+    assert "perplexity by query position" in result.stdout and "[4, 8)" in result.stdout
+    assert [(b["start"], b["end"]) for b in rows[1]["position_buckets"]] == [(0, 4), (4, 8), (8, 16), (16, 31)]
 
 
 def _bad_inputs() -> dict[str, tuple]:

@@ -284,6 +284,8 @@ def eval_command(
     device: str = typer.Option(None, help="cpu or cuda \\[default: cpu]."),
     dense: bool = typer.Option(True, help="Include the dense original model as the reference row."),
     dense_model: str = typer.Option(None, help="Dense reference model \\[default: the targets' source model]."),
+    bucket_window: int = typer.Option(None, help="Split perplexity by query position into [0, W), [W, 2W), "
+                                      "[2W, 4W), ... \\[default: W = each allocation's sliding window]."),
     json_path: Path = typer.Option(None, "--json", help="Also write the results as JSON here."),
     retrieval: str = typer.Option(None, "--retrieval", help="Also score long-context retrieval (exact match): "
                                   "comma-separated tasks from passkey, multikey, variable-tracking."),
@@ -301,7 +303,7 @@ def eval_command(
         settings = EvalSettings()
         for name, value in {"data": data, "seq_lens": seq_len or None, "max_sequences": max_sequences,
                             "batch_size": batch_size, "dtype": dtype, "device": device,
-                            "dense_model": dense_model}.items():
+                            "dense_model": dense_model, "bucket_window": bucket_window}.items():
             if value is not None:
                 setattr(settings, name, value)
         settings.include_dense = dense
@@ -320,6 +322,8 @@ def eval_command(
             raise SettingsError(f"--dtype must be one of {', '.join(DTYPES)}")
         if any(n < 2 for n in settings.seq_lens) or settings.max_sequences < 1 or settings.batch_size < 1:
             raise SettingsError("--seq-len must be >= 2, --max-sequences and --batch-size >= 1")
+        if settings.bucket_window is not None and settings.bucket_window < 1:
+            raise SettingsError(f"--bucket-window must be at least 1, got {settings.bucket_window}")
         resolved = [resolve_target(spec) for spec in targets]
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console, transient=True) as progress:
@@ -332,6 +336,7 @@ def eval_command(
 
             rows = evaluate(resolved, settings, on_progress)
         _print_eval_table(rows)
+        _print_bucket_tables(rows)
         if settings.retrieval_tasks:
             _print_retrieval_table(rows)
         if json_path is not None:
@@ -357,6 +362,30 @@ def _print_eval_table(rows: list[dict]) -> None:
         table.add_row(row["label"], row["method"], row["granularity"] or "-", units, f"{row['sparsity']:.3f}",
                       window, str(row["seq_len"]), f"{row['ppl']:.3f}", delta, t_stat)
     console.print(table)
+
+
+def _print_bucket_tables(rows: list[dict]) -> None:
+    """Perplexity by query position, one table per (sequence length, buckets): where the long-range cost lies."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if "position_buckets" in row:
+            key = (row["seq_len"], tuple((b["start"], b["end"]) for b in row["position_buckets"]))
+            groups.setdefault(key, []).append(row)
+    for (seq_len, buckets), group in groups.items():
+        table = Table(title=f"perplexity by query position, {seq_len}-token sequences (delta NLL vs dense, paired t); "
+                      f"positions below the window see their whole prefix")
+        table.add_column("model")
+        for start, end in buckets:
+            table.add_column(f"[{start}, {end})", justify="right")
+        for row in group:
+            cells = []
+            for bucket in row["position_buckets"]:
+                cell = f"{bucket['ppl']:.3f}"
+                if "delta_nll_vs_dense" in bucket:
+                    cell += f" ({bucket['delta_nll_vs_dense']:+.4f}, t {bucket['paired_t_vs_dense']:.1f})"
+                cells.append(cell)
+            table.add_row(row["label"], *cells)
+        console.print(table)
 
 
 def _csv(text: str, kind: type, option: str) -> list:
