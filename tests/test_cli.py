@@ -98,6 +98,23 @@ def test_eval_of_a_run_dir_adds_the_dense_reference(tmp_path, tiny_model_dir, ti
     assert [(b["start"], b["end"]) for b in rows[1]["position_buckets"]] == [(0, 4), (4, 8), (8, 16), (16, 31)]
 
 
+def test_eval_report_compares_several_allocations(tmp_path, tiny_model_dir, tiny_text_file):
+    pytest.importorskip("matplotlib")
+    for rule, sparsity in (("bottom", "0.5"), ("top", "0.5"), ("top", "0.75")):
+        result = invoke("baseline", "--rule", rule, "--model", tiny_model_dir, "--sparsity", sparsity, "--window",
+                        "4", "--output", tmp_path / f"{rule}-{sparsity}")
+        assert result.exit_code == 0, result.output
+    result = invoke("eval", tmp_path / "bottom-0.5", tmp_path / "top-0.5", tmp_path / "top-0.75", "--data",
+                    tiny_text_file, "--seq-len", "32", "--max-sequences", "2", "--dtype", "float32", "--report",
+                    tmp_path / "report")
+    assert result.exit_code == 0, result.output
+    assert f"wrote {tmp_path / 'report' / 'report.md'}" in result.stdout.replace("\n", "")
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| top-0.75 | rule:top layer | 1/4 | 0.750 |" in text
+    assert {p.name for p in (tmp_path / "report").glob("*.png")} == {
+        "delta-nll-32.png", "delta-nll-beyond-window-32.png", "masks-sparsity-0.5.png", "masks-sparsity-0.75.png"}
+
+
 def _bad_inputs() -> dict[str, tuple]:
     """name -> (build(tmp_path, model_dir, data_file) -> argv, expected error fragment)."""
 

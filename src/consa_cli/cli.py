@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import math
 import os
+import shlex
 import sys
 import traceback
 from collections.abc import Iterator
@@ -147,8 +146,6 @@ def search(
 
     Ctrl-C (or SIGTERM) stops after the current step with a checkpoint; continue with --resume RUN_DIR.
     """
-    import shlex
-
     from consa_cli.checkpoint import SearchInterrupted, load_checkpoint
     from consa_cli.search import search as run
     from consa_cli.settings import SettingsError, build_settings, resumed_settings
@@ -287,6 +284,8 @@ def eval_command(
     bucket_window: int = typer.Option(None, help="Split perplexity by query position into [0, W), [W, 2W), "
                                       "[2W, 4W), ... \\[default: W = each allocation's sliding window]."),
     json_path: Path = typer.Option(None, "--json", help="Also write the results as JSON here."),
+    report: Path = typer.Option(None, "--report", metavar="DIR", help="Also write DIR/report.md: tables, NLL and "
+                                "retrieval vs sparsity per method, and the masks (PNGs; needs matplotlib)."),
     retrieval: str = typer.Option(None, "--retrieval", help="Also score long-context retrieval (exact match): "
                                   "comma-separated tasks from passkey, multikey, variable-tracking."),
     retrieval_lengths: str = typer.Option("1024,2048", "--retrieval-lengths",
@@ -296,7 +295,7 @@ def eval_command(
     retrieval_samples: int = typer.Option(4, "--retrieval-samples", help="Prompts per (task, length, depth)."),
 ):
     """Held-out perplexity of hybrids next to the dense original (paired per-sequence statistics)."""
-    from consa_cli.evaluate import DTYPES, EvalSettings, evaluate, resolve_target
+    from consa_cli.evaluate import DTYPES, EvalSettings, evaluate, resolve_target, write_eval_json
     from consa_cli.settings import SettingsError
 
     with user_errors():
@@ -324,6 +323,10 @@ def eval_command(
             raise SettingsError("--seq-len must be >= 2, --max-sequences and --batch-size >= 1")
         if settings.bucket_window is not None and settings.bucket_window < 1:
             raise SettingsError(f"--bucket-window must be at least 1, got {settings.bucket_window}")
+        if report is not None:
+            from consa_cli.plots import require_matplotlib
+
+            require_matplotlib()  # before the evaluation, not after it
         resolved = [resolve_target(spec) for spec in targets]
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console, transient=True) as progress:
@@ -340,12 +343,12 @@ def eval_command(
         if settings.retrieval_tasks:
             _print_retrieval_table(rows)
         if json_path is not None:
-            json_path.parent.mkdir(parents=True, exist_ok=True)
-            # Strict JSON: a t statistic can be inf/nan (identical or constant differences) -> null.
-            finite_rows = [{key: (None if isinstance(value, float) and not math.isfinite(value) else value)
-                            for key, value in row.items()} for row in rows]
-            json_path.write_text(json.dumps({"settings": settings.__dict__, "rows": finite_rows}, indent=2) + "\n")
-            console.print(f"wrote {json_path}")
+            console.print(f"wrote {write_eval_json(json_path, settings, rows)}")
+        if report is not None:
+            from consa_cli.report import write_report
+
+            command = "consa " + " ".join(shlex.quote(arg) for arg in sys.argv[1:]) if sys.argv[1:] else None
+            console.print(f"wrote {write_report(rows, resolved, report, command=command)}")
 
 
 def _print_eval_table(rows: list[dict]) -> None:

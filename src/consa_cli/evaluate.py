@@ -12,17 +12,18 @@ allocation's window), each with its own paired difference against the dense mode
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from consa_cli.allocation import ALLOCATION_FILE, Allocation
+from consa_cli.allocation import ALLOCATION_FILE, Allocation, write_atomically
 from consa_cli.attention import hybrid_attention
 from consa_cli.data import EMBEDDED_CORPUS, load_token_sequences
 from consa_cli.export import MASK_FILE, load_hybrid, read_export_config
@@ -200,6 +201,8 @@ def evaluate(targets: list[Target], settings: EvalSettings,
             if window is not None:
                 row["bucket_window"] = window
                 row["position_buckets"] = bucket_rows(per_token, position_buckets(window, seq_len - 1), reference)
+                if window < seq_len - 1:  # every prediction whose query lies beyond the window, in one number
+                    row["beyond_window"] = bucket_rows(per_token, [(window, seq_len - 1)], reference)[0]
             rows.append(row)
         if settings.retrieval_tasks:
             allocation = target.allocation if target.kind == "allocation" else None
@@ -214,6 +217,24 @@ def evaluate(targets: list[Target], settings: EvalSettings,
         if target.kind == "export":
             del model
     return rows
+
+
+def write_eval_json(path: str | Path, settings: EvalSettings, rows: list[dict]) -> Path:
+    """Write ``{"settings", "rows"}`` as strict JSON (a non-finite t statistic becomes null), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = _finite({"settings": asdict(settings), "rows": rows})
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(document, indent=2) + "\n"))
+    return path
+
+
+def _finite(value):
+    """``value`` with every inf / nan float (at any depth) replaced by None."""
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _row(target: Target, seq_len: int, nll: torch.Tensor) -> dict:
