@@ -329,3 +329,20 @@ def test_no_code_path_unpickles_files():
                  for number, line in enumerate(path.read_text().splitlines(), 1)
                  if any(call in line for call in ("torch.load(", "pickle.load", "import pickle", "trust_remote_code=True"))]
     assert offenders == []
+
+
+def test_sweep_command(tmp_path, tiny_model_dir, tiny_text_file):
+    result = invoke("sweep", "--model", tiny_model_dir, "--data", tiny_text_file, "--sparsities", "0.5",
+                    "--rules", "top", *SEARCH, "--dtype", "float32", "--max-sequences", "2", "--no-report",
+                    "--output", tmp_path / "sweep")
+    assert result.exit_code == 0, result.output
+    assert "search 1/1: " in result.stdout and "rule-top-kv-head-s0.5" in result.stdout
+    assert f"wrote {tmp_path / 'sweep' / 'eval.json'}" in result.stdout.replace("\n", "")
+    assert not (tmp_path / "sweep" / "report").exists()
+    rows = json.loads((tmp_path / "sweep" / "eval.json").read_text())["rows"]
+    assert [row["method"] for row in rows][0] == "dense" and len(rows) == 3
+
+    result = invoke("sweep", "--model", tiny_model_dir, "--sparsities", "0.5,half", "--output", tmp_path / "bad")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.strip() == "error: --sparsities must be a comma-separated list of float, got '0.5,half'"
+    assert not (tmp_path / "bad").exists()

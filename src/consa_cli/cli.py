@@ -269,6 +269,16 @@ def export(
                           f"{result.max_logit_difference:.2e})")
 
 
+# Shared by `consa eval` and `consa sweep`.
+RETRIEVAL_TASKS = typer.Option(None, "--retrieval", help="Also score long-context retrieval (exact match): "
+                               "comma-separated tasks from passkey, multikey, variable-tracking.")
+RETRIEVAL_LENGTHS = typer.Option("1024,2048", "--retrieval-lengths",
+                                 help="Retrieval prompt lengths in tokens, comma-separated.")
+RETRIEVAL_DEPTHS = typer.Option("0.1,0.5,0.9", "--retrieval-depths", help="Needle depths, comma-separated: "
+                                "0 = start of the context, 1 = just before the question.")
+RETRIEVAL_SAMPLES = typer.Option(4, "--retrieval-samples", help="Prompts per (task, length, depth).")
+
+
 @app.command("eval")
 def eval_command(
     targets: list[str] = typer.Argument(..., help="Export dirs, run dirs / allocation files (applied to their "
@@ -286,13 +296,10 @@ def eval_command(
     json_path: Path = typer.Option(None, "--json", help="Also write the results as JSON here."),
     report: Path = typer.Option(None, "--report", metavar="DIR", help="Also write DIR/report.md: tables, NLL and "
                                 "retrieval vs sparsity per method, and the masks (PNGs; needs matplotlib)."),
-    retrieval: str = typer.Option(None, "--retrieval", help="Also score long-context retrieval (exact match): "
-                                  "comma-separated tasks from passkey, multikey, variable-tracking."),
-    retrieval_lengths: str = typer.Option("1024,2048", "--retrieval-lengths",
-                                          help="Retrieval prompt lengths in tokens, comma-separated."),
-    retrieval_depths: str = typer.Option("0.1,0.5,0.9", "--retrieval-depths", help="Needle depths, comma-separated: "
-                                         "0 = start of the context, 1 = just before the question."),
-    retrieval_samples: int = typer.Option(4, "--retrieval-samples", help="Prompts per (task, length, depth)."),
+    retrieval: str = RETRIEVAL_TASKS,
+    retrieval_lengths: str = RETRIEVAL_LENGTHS,
+    retrieval_depths: str = RETRIEVAL_DEPTHS,
+    retrieval_samples: int = RETRIEVAL_SAMPLES,
 ):
     """Held-out perplexity of hybrids next to the dense original (paired per-sequence statistics)."""
     from consa_cli.evaluate import DTYPES, EvalSettings, evaluate, resolve_target, write_eval_json
@@ -306,17 +313,7 @@ def eval_command(
             if value is not None:
                 setattr(settings, name, value)
         settings.include_dense = dense
-        if retrieval:
-            from consa_cli.retrieval import TASKS
-
-            settings.retrieval_tasks = _csv(retrieval, str, "--retrieval")
-            settings.retrieval_lengths = _csv(retrieval_lengths, int, "--retrieval-lengths")
-            settings.retrieval_depths = _csv(retrieval_depths, float, "--retrieval-depths")
-            settings.retrieval_samples = retrieval_samples
-            unknown = [task for task in settings.retrieval_tasks if task not in TASKS]
-            if unknown or retrieval_samples < 1 or not all(0 <= d <= 1 for d in settings.retrieval_depths):
-                raise SettingsError(f"--retrieval takes {', '.join(TASKS)}; --retrieval-depths lie in [0, 1]; "
-                                    "--retrieval-samples >= 1")
+        _set_retrieval(settings, retrieval, retrieval_lengths, retrieval_depths, retrieval_samples)
         if settings.dtype not in DTYPES:
             raise SettingsError(f"--dtype must be one of {', '.join(DTYPES)}")
         if any(n < 2 for n in settings.seq_lens) or settings.max_sequences < 1 or settings.batch_size < 1:
@@ -349,6 +346,23 @@ def eval_command(
 
             command = "consa " + " ".join(shlex.quote(arg) for arg in sys.argv[1:]) if sys.argv[1:] else None
             console.print(f"wrote {write_report(rows, resolved, report, command=command)}")
+
+
+def _set_retrieval(settings, tasks: str | None, lengths: str, depths: str, samples: int) -> None:
+    """Fill an EvalSettings' retrieval fields from the --retrieval* flags (nothing when ``tasks`` is empty)."""
+    from consa_cli.retrieval import TASKS
+    from consa_cli.settings import SettingsError
+
+    if not tasks:
+        return
+    settings.retrieval_tasks = _csv(tasks, str, "--retrieval")
+    settings.retrieval_lengths = _csv(lengths, int, "--retrieval-lengths")
+    settings.retrieval_depths = _csv(depths, float, "--retrieval-depths")
+    settings.retrieval_samples = samples
+    unknown = [task for task in settings.retrieval_tasks if task not in TASKS]
+    if unknown or samples < 1 or not all(0 <= d <= 1 for d in settings.retrieval_depths):
+        raise SettingsError(f"--retrieval takes {', '.join(TASKS)}; --retrieval-depths lie in [0, 1]; "
+                            "--retrieval-samples >= 1")
 
 
 def _print_eval_table(rows: list[dict]) -> None:
@@ -416,6 +430,68 @@ def _print_retrieval_table(rows: list[dict]) -> None:
             by_cell = {(c["length"], c["depth"]): c["accuracy"] for c in result["cells"] if c["task"] == task}
             table.add_row(label, task, *(f"{by_cell[cell]:.2f}" for cell in columns), f"{accuracy:.2f}")
     console.print(table)
+
+
+@app.command()
+def sweep(
+    sparsities: str = typer.Option(..., help="Target sparsities, comma-separated, e.g. 0.5,0.75."),
+    model: str = typer.Option(None, "--model", "-m", help="Model to convert \\[default: the embedded SmolLM2-135M-Instruct]."),
+    granularity: str = typer.Option(DEFAULTS.granularity, help="Unit(s), comma-separated: layer, kv-head, "
+                                    "kv-head-per-layer."),
+    rules: str = typer.Option("interleaved", help="Baseline rules at every sparsity, comma-separated (see consa "
+                              "baseline; 'native' once); '' for none."),
+    methods: str = typer.Option(None, help="Search methods, comma-separated (values of search --method); one search "
+                                "per method, granularity and sparsity \\[default: the recipe's or search's default]."),
+    window: int = typer.Option(None, help=f"Sliding window in tokens. {_default('window')}"),
+    sink_tokens: int = typer.Option(None, help="Sink tokens \\[default: the family's default]."),
+    seq_len: int = typer.Option(None, help=f"Tokens per calibration sequence. {_default('seq_len')}"),
+    data: str = typer.Option(None, help="Calibration text (its calibration split; evaluation uses its held-out split). "
+                             f"{_default('data')}"),
+    steps: int = typer.Option(None, help=f"Optimisation steps of every search. {_default('steps')}"),
+    batch_size: int = typer.Option(None, help=f"Sequences per step (and per evaluation pass). {_default('batch_size')}"),
+    loss: str = typer.Option(None, help=f"kl or lm. {_default('loss')}"),
+    seed: int = typer.Option(None, help=f"Seed of searches and of the random rule. {_default('seed')}"),
+    dtype: str = typer.Option(None, help=f"bfloat16, float32 or float16. {_default('dtype')}"),
+    device: str = typer.Option(None, help=f"cpu, cuda, cuda:N or auto (search and evaluation). {_default('device')}"),
+    recipe: Path = typer.Option(None, help="YAML of search settings (see recipes/); flags override it."),
+    eval_seq_len: list[int] = typer.Option(None, "--eval-seq-len", help="Evaluation sequence length; repeat for "
+                                           "several \\[default: --seq-len]."),
+    max_sequences: int = typer.Option(None, help="Held-out evaluation sequences per length \\[default: 32]."),
+    retrieval: str = RETRIEVAL_TASKS,
+    retrieval_lengths: str = RETRIEVAL_LENGTHS,
+    retrieval_depths: str = RETRIEVAL_DEPTHS,
+    retrieval_samples: int = RETRIEVAL_SAMPLES,
+    report: bool = typer.Option(True, help="Write OUTPUT/report/report.md with plots (needs matplotlib)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Sweep directory: one run dir per allocation, "
+                                "eval.json, report/."),
+    force: bool = typer.Option(False, help="Overwrite an existing sweep directory."),
+):
+    """Search and baseline allocations at several sparsities, evaluate them all, plot the Pareto front."""
+    from consa_cli.evaluate import EvalSettings
+    from consa_cli.search import resolve_device
+    from consa_cli.settings import build_settings
+    from consa_cli.sweep import run_sweep
+
+    with user_errors():
+        flags = dict(model=model, window=window, sink_tokens=sink_tokens, seq_len=seq_len, data=data, steps=steps,
+                     batch_size=batch_size, loss=loss, seed=seed, dtype=dtype, device=device)
+        search_settings = build_settings(SearchSettings, recipe, **flags)
+        evaluation = EvalSettings(data=search_settings.data, seq_lens=eval_seq_len or [search_settings.seq_len],
+                                  batch_size=search_settings.batch_size, dtype=search_settings.dtype,
+                                  device=str(resolve_device(search_settings.device)))
+        if max_sequences is not None:
+            evaluation.max_sequences = max_sequences
+        _set_retrieval(evaluation, retrieval, retrieval_lengths, retrieval_depths, retrieval_samples)
+        command = "consa " + " ".join(shlex.quote(arg) for arg in sys.argv[1:]) if sys.argv[1:] else None
+        result = run_sweep(search_settings, evaluation, _csv(sparsities, float, "--sparsities"),
+                           _csv(granularity, str, "--granularity"), _csv(rules, str, "--rules"),
+                           _csv(methods or "", str, "--methods"), output, force=force, report=report,
+                           on_event=lambda message: console.print(message, highlight=False), command=command)
+        _print_eval_table(result.rows)
+        _print_bucket_tables(result.rows)
+        if evaluation.retrieval_tasks:
+            _print_retrieval_table(result.rows)
+        console.print(f"wrote {result.json_path}" + (f" and {result.report_path}" if result.report_path else ""))
 
 
 @app.command()
