@@ -92,3 +92,10 @@ def test_plot_versus_sparsity_draws_one_line_per_method(tmp_path):
         plot_versus_sparsity({}, tmp_path / "q.png", "y", "empty")
     with pytest.raises(PlotError, match="no allocation"):
         plot_masks([], tmp_path / "r.png")
+
+
+def test_task_metrics_are_shown_with_their_stderr():
+    from consa_cli.report import task_metric_cells
+
+    metrics = {"acc": 0.5, "acc_stderr": 0.1, "acc_norm": 0.25, "sample_len": 6.0}
+    assert task_metric_cells(metrics) == ["acc 0.500 (0.100)", "acc_norm 0.250"]

@@ -42,13 +42,14 @@ def user_errors() -> Iterator[None]:
     """Turn expected failures into one line on stderr and exit code 2 (a traceback only with --debug)."""
     from consa_cli.allocation import AllocationError
     from consa_cli.data import DataError
+    from consa_cli.downstream import DownstreamError
     from consa_cli.export import ExportError
     from consa_cli.families import UnsupportedModelError
     from consa_cli.models import ModelError
     from consa_cli.plots import PlotError
     from consa_cli.settings import SettingsError
 
-    expected = (AllocationError, DataError, ExportError, UnsupportedModelError, ModelError, SettingsError, PlotError,
+    expected = (AllocationError, DataError, DownstreamError, ExportError, UnsupportedModelError, ModelError, SettingsError, PlotError,
                 FileExistsError, FileNotFoundError, PermissionError, FloatingPointError)
     try:
         yield
@@ -300,6 +301,12 @@ def eval_command(
     retrieval_lengths: str = RETRIEVAL_LENGTHS,
     retrieval_depths: str = RETRIEVAL_DEPTHS,
     retrieval_samples: int = RETRIEVAL_SAMPLES,
+    tasks: str = typer.Option(None, "--tasks", help="Also run lm-evaluation-harness tasks on every target in memory, "
+                              "comma-separated (e.g. arc_easy,hellaswag; needs consa-cli\\[lmeval])."),
+    tasks_include: Path = typer.Option(None, "--tasks-include", metavar="DIR", help="Directory of lm-eval task YAML "
+                                       "files (e.g. over local JSON data: works offline); their names go in --tasks."),
+    tasks_limit: int = typer.Option(None, "--tasks-limit", help="Documents per task (quick checks only)."),
+    tasks_fewshot: int = typer.Option(None, "--tasks-fewshot", help="Few-shot examples \\[default: each task's own]."),
 ):
     """Held-out perplexity of hybrids next to the dense original (paired per-sequence statistics)."""
     from consa_cli.evaluate import DTYPES, EvalSettings, evaluate, resolve_target, write_eval_json
@@ -314,6 +321,14 @@ def eval_command(
                 setattr(settings, name, value)
         settings.include_dense = dense
         _set_retrieval(settings, retrieval, retrieval_lengths, retrieval_depths, retrieval_samples)
+        if tasks:
+            settings.tasks = _csv(tasks, str, "--tasks")
+            settings.tasks_include = str(tasks_include) if tasks_include else None
+            settings.tasks_limit, settings.tasks_fewshot = tasks_limit, tasks_fewshot
+            if (tasks_limit is not None and tasks_limit < 1) or (tasks_fewshot is not None and tasks_fewshot < 0):
+                raise SettingsError("--tasks-limit must be >= 1 and --tasks-fewshot >= 0")
+        elif tasks_include or tasks_limit is not None or tasks_fewshot is not None:
+            raise SettingsError("--tasks-include, --tasks-limit and --tasks-fewshot need --tasks")
         if settings.dtype not in DTYPES:
             raise SettingsError(f"--dtype must be one of {', '.join(DTYPES)}")
         if any(n < 2 for n in settings.seq_lens) or settings.max_sequences < 1 or settings.batch_size < 1:
@@ -339,6 +354,8 @@ def eval_command(
         _print_bucket_tables(rows)
         if settings.retrieval_tasks:
             _print_retrieval_table(rows)
+        if settings.tasks:
+            _print_task_table(rows)
         if json_path is not None:
             console.print(f"wrote {write_eval_json(json_path, settings, rows)}")
         if report is not None:
@@ -346,6 +363,19 @@ def eval_command(
 
             command = "consa " + " ".join(shlex.quote(arg) for arg in sys.argv[1:]) if sys.argv[1:] else None
             console.print(f"wrote {write_report(rows, resolved, report, command=command)}")
+
+
+def _print_task_table(rows: list[dict]) -> None:
+    """lm-eval scores: one row per (model, task), one column per metric (stderr in brackets)."""
+    from consa_cli.report import task_metric_cells
+
+    table = Table(title="lm-evaluation-harness (in-memory hybrid)")
+    for column in ("model", "task", "metrics"):
+        table.add_column(column)
+    for row in {row["path"]: row for row in rows if "tasks" in row}.values():  # scored once per target
+        for task, metrics in row["tasks"].items():
+            table.add_row(row["label"], task, "  ".join(task_metric_cells(metrics)))
+    console.print(table)
 
 
 def _set_retrieval(settings, tasks: str | None, lengths: str, depths: str, samples: int) -> None:

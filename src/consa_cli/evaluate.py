@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from consa_cli.allocation import ALLOCATION_FILE, Allocation, write_atomically
 from consa_cli.attention import hybrid_attention
 from consa_cli.data import EMBEDDED_CORPUS, load_token_sequences
+from consa_cli.downstream import load_tasks, run_tasks
 from consa_cli.export import MASK_FILE, load_hybrid, read_export_config
 from consa_cli.models import load_model_and_tokenizer, model_fingerprint
 from consa_cli.retrieval import evaluate_retrieval
@@ -54,6 +55,11 @@ class EvalSettings:
     retrieval_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
     retrieval_samples: int = 4
     retrieval_seed: int = 0
+    # Downstream benchmarks through lm-evaluation-harness (consa_cli.downstream); no tasks = none.
+    tasks: list[str] = field(default_factory=list)
+    tasks_include: str | None = None  # a directory of lm-eval task YAML files (local data works offline)
+    tasks_limit: int | None = None  # documents per task, for quick checks
+    tasks_fewshot: int | None = None  # None: each task's own default
 
 
 @dataclass
@@ -156,6 +162,7 @@ def evaluate(targets: list[Target], settings: EvalSettings,
     sequences: dict[tuple, torch.Tensor] = {}
     dense_nll: dict[int, torch.Tensor] = {}  # per token, [N, seq_len - 1]
     dense_fingerprint = None
+    harness_tasks = load_tasks(settings.tasks, settings.tasks_include) if settings.tasks else None
     windows = [t.allocation.sliding_window for t in targets if t.allocation is not None]
     reference_window = settings.bucket_window or (Counter(windows).most_common(1)[0][0] if windows else None)
 
@@ -204,19 +211,32 @@ def evaluate(targets: list[Target], settings: EvalSettings,
                 if window < seq_len - 1:  # every prediction whose query lies beyond the window, in one number
                     row["beyond_window"] = bucket_rows(per_token, [(window, seq_len - 1)], reference)[0]
             rows.append(row)
+        allocation = target.allocation if target.kind == "allocation" else None
+        target_rows = rows[-len(settings.seq_lens):]
         if settings.retrieval_tasks:
-            allocation = target.allocation if target.kind == "allocation" else None
-            runtime = nullcontext() if allocation is None else hybrid_attention(
-                model, allocation.fa_mask.to(model.device), allocation.sliding_window, allocation.sink_tokens)
-            with runtime:  # the same seeded prompts for every target that shares the tokenizer
+            with _runtime(model, allocation):  # the same seeded prompts for every target that shares the tokenizer
                 retrieval = evaluate_retrieval(model, tokenizer, settings.retrieval_tasks, settings.retrieval_lengths,
                                                settings.retrieval_depths, settings.retrieval_samples,
                                                settings.retrieval_seed, batch_size=settings.batch_size)
-            for row in rows[-len(settings.seq_lens):]:  # this target's rows
+            for row in target_rows:
                 row["retrieval"] = retrieval
+        if harness_tasks is not None:
+            with _runtime(model, allocation):
+                scores = run_tasks(model, tokenizer, harness_tasks, settings.batch_size, settings.tasks_limit,
+                                   settings.tasks_fewshot)
+            for row in target_rows:
+                row["tasks"] = scores
         if target.kind == "export":
             del model
     return rows
+
+
+def _runtime(model, allocation: Allocation | None):
+    """The model as this target runs it: with the allocation applied in memory, or as it is."""
+    if allocation is None:
+        return nullcontext()
+    return hybrid_attention(model, allocation.fa_mask.to(model.device), allocation.sliding_window,
+                            allocation.sink_tokens)
 
 
 def write_eval_json(path: str | Path, settings: EvalSettings, rows: list[dict]) -> Path:

@@ -44,6 +44,7 @@ def write_report(rows: list[dict], targets: Iterable[Target], directory: str | P
     lines += _perplexity_section(rows)
     lines += _bucket_section(rows)
     lines += _retrieval_section(rows)
+    lines += _task_section(rows)
     lines += _sparsity_plots(rows, directory)
     lines += _mask_section([t for t in targets if t.allocation is not None], directory)
     path = directory / REPORT_FILE
@@ -108,6 +109,25 @@ def _retrieval_section(rows: list[dict]) -> list[str]:
     for row in results:
         by_cell = {(c["task"], c["length"], c["depth"]): c["accuracy"] for c in row["retrieval"]["cells"]}
         lines.append(_cells(row["label"], *(f"{by_cell[cell]:.2f}" for cell in cells)))
+    return [*lines, ""]
+
+
+def task_metric_cells(metrics: dict[str, float]) -> list[str]:
+    """``acc 0.512 (0.011)`` for every lm-eval metric of a task, its stderr in brackets."""
+    return [f"{name} {value:.3f}" + (f" ({metrics[name + '_stderr']:.3f})" if name + "_stderr" in metrics else "")
+            for name, value in metrics.items() if not name.endswith("_stderr") and name != "sample_len"]
+
+
+def _task_section(rows: list[dict]) -> list[str]:
+    results = _one_per_target(rows, lambda row: "tasks" in row)
+    if not results:
+        return []
+    lines = ["## Downstream tasks (lm-evaluation-harness)", "", "Standard error in brackets.", "",
+             _header("target", "method", "sparsity", "task", "metrics")]
+    for row in results:
+        for task, metrics in row["tasks"].items():
+            lines.append(_cells(row["label"], method_label(row["method"], row["granularity"]),
+                                f"{row['sparsity']:.3f}", task, ", ".join(task_metric_cells(metrics))))
     return [*lines, ""]
 
 
