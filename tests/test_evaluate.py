@@ -179,8 +179,8 @@ def test_evaluate_scores_retrieval_for_every_target(tmp_path, tiny_model_dir, ti
     words = " ".join(f"w{i}" for i in range(10, 40))
     monkeypatch.setattr(consa_cli.retrieval, "default_filler", lambda: (f"{words} .", f"{words} w5 ."))
     full = write_allocation(tmp_path / "all-full", tiny_model_dir, fingerprint, full=True)
-    settings = eval_settings(tiny_text_file, retrieval_tasks=["passkey"], retrieval_lengths=[96],
-                             retrieval_depths=[0.5], retrieval_samples=2)
+    settings = eval_settings(tiny_text_file, retrieval_tasks=["passkey"], retrieval_haystack="prose",
+                             retrieval_lengths=[96], retrieval_depths=[0.5], retrieval_samples=2)
     dense, hybrid = evaluate([resolve_target(str(full))], settings)
     for row in (dense, hybrid):
         cells = row["retrieval"]["cells"]

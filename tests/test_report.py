@@ -49,8 +49,8 @@ def compared(tmp_path_factory, tiny_model_dir, tiny_text_file):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(consa_cli.retrieval, "default_filler", lambda: (f"{words} .", f"{words} w5 ."))
         settings = EvalSettings(data=str(tiny_text_file), seq_lens=[32], max_sequences=4, dtype="float32",
-                                retrieval_tasks=["passkey"], retrieval_lengths=[96], retrieval_depths=[0.5],
-                                retrieval_samples=2)
+                                retrieval_tasks=["passkey"], retrieval_haystack="prose", retrieval_lengths=[96],
+                                retrieval_depths=[0.5], retrieval_samples=2)
         rows = evaluate(targets, settings)
     return rows, targets
 

@@ -278,6 +278,8 @@ RETRIEVAL_LENGTHS = typer.Option("1024,2048", "--retrieval-lengths",
 RETRIEVAL_DEPTHS = typer.Option("0.1,0.5,0.9", "--retrieval-depths", help="Needle depths, comma-separated: "
                                 "0 = start of the context, 1 = just before the question.")
 RETRIEVAL_SAMPLES = typer.Option(4, "--retrieval-samples", help="Prompts per (task, length, depth).")
+RETRIEVAL_HAYSTACK = typer.Option("noise", "--retrieval-haystack", help="Text around the needles: noise (the "
+                                  "pass-key test's repeated sentences) or prose (held-out Wikipedia, harder).")
 
 
 @app.command("eval")
@@ -301,6 +303,7 @@ def eval_command(
     retrieval_lengths: str = RETRIEVAL_LENGTHS,
     retrieval_depths: str = RETRIEVAL_DEPTHS,
     retrieval_samples: int = RETRIEVAL_SAMPLES,
+    retrieval_haystack: str = RETRIEVAL_HAYSTACK,
     tasks: str = typer.Option(None, "--tasks", help="Also run lm-evaluation-harness tasks on every target in memory, "
                               "comma-separated (e.g. arc_easy,hellaswag; needs consa-cli\\[lmeval])."),
     tasks_include: Path = typer.Option(None, "--tasks-include", metavar="DIR", help="Directory of lm-eval task YAML "
@@ -320,7 +323,7 @@ def eval_command(
             if value is not None:
                 setattr(settings, name, value)
         settings.include_dense = dense
-        _set_retrieval(settings, retrieval, retrieval_lengths, retrieval_depths, retrieval_samples)
+        _set_retrieval(settings, retrieval, retrieval_lengths, retrieval_depths, retrieval_samples, retrieval_haystack)
         if tasks:
             settings.tasks = _csv(tasks, str, "--tasks")
             settings.tasks_include = str(tasks_include) if tasks_include else None
@@ -378,9 +381,9 @@ def _print_task_table(rows: list[dict]) -> None:
     console.print(table)
 
 
-def _set_retrieval(settings, tasks: str | None, lengths: str, depths: str, samples: int) -> None:
+def _set_retrieval(settings, tasks: str | None, lengths: str, depths: str, samples: int, haystack: str) -> None:
     """Fill an EvalSettings' retrieval fields from the --retrieval* flags (nothing when ``tasks`` is empty)."""
-    from consa_cli.retrieval import TASKS
+    from consa_cli.retrieval import HAYSTACKS, TASKS
     from consa_cli.settings import SettingsError
 
     if not tasks:
@@ -389,10 +392,11 @@ def _set_retrieval(settings, tasks: str | None, lengths: str, depths: str, sampl
     settings.retrieval_lengths = _csv(lengths, int, "--retrieval-lengths")
     settings.retrieval_depths = _csv(depths, float, "--retrieval-depths")
     settings.retrieval_samples = samples
+    settings.retrieval_haystack = haystack
     unknown = [task for task in settings.retrieval_tasks if task not in TASKS]
-    if unknown or samples < 1 or not all(0 <= d <= 1 for d in settings.retrieval_depths):
+    if unknown or samples < 1 or not all(0 <= d <= 1 for d in settings.retrieval_depths) or haystack not in HAYSTACKS:
         raise SettingsError(f"--retrieval takes {', '.join(TASKS)}; --retrieval-depths lie in [0, 1]; "
-                            "--retrieval-samples >= 1")
+                            f"--retrieval-samples >= 1; --retrieval-haystack is {' or '.join(HAYSTACKS)}")
 
 
 def _print_eval_table(rows: list[dict]) -> None:
@@ -491,6 +495,7 @@ def sweep(
     retrieval_lengths: str = RETRIEVAL_LENGTHS,
     retrieval_depths: str = RETRIEVAL_DEPTHS,
     retrieval_samples: int = RETRIEVAL_SAMPLES,
+    retrieval_haystack: str = RETRIEVAL_HAYSTACK,
     report: bool = typer.Option(True, help="Write OUTPUT/report/report.md with plots (needs matplotlib)."),
     output: Path = typer.Option(..., "--output", "-o", help="Sweep directory: one run dir per allocation, "
                                 "eval.json, report/."),
@@ -511,7 +516,8 @@ def sweep(
                                   device=str(resolve_device(search_settings.device)))
         if max_sequences is not None:
             evaluation.max_sequences = max_sequences
-        _set_retrieval(evaluation, retrieval, retrieval_lengths, retrieval_depths, retrieval_samples)
+        _set_retrieval(evaluation, retrieval, retrieval_lengths, retrieval_depths, retrieval_samples,
+                       retrieval_haystack)
         command = "consa " + " ".join(shlex.quote(arg) for arg in sys.argv[1:]) if sys.argv[1:] else None
         result = run_sweep(search_settings, evaluation, _csv(sparsities, float, "--sparsities"),
                            _csv(granularity, str, "--granularity"), _csv(rules, str, "--rules"),
