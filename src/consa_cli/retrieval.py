@@ -12,7 +12,7 @@ it at the end; accuracy per (task, length, depth) cell shows where retrieval bre
 Two haystacks (:data:`HAYSTACKS`): ``noise``, the repeated sentences of the original pass-key test ("The grass is
 green. The sky is blue. ..."), where nothing but the needle is worth remembering, so a dense model finds it
 and any loss is the allocation's; and ``prose``, sentences from the held-out part of the embedded Wikipedia
-excerpt, harder (a 135M model misses half the keys in 1900 tokens of it, docs/results.md 1d). Any fixed list of
+excerpt, harder (a 135M model misses half the keys in 1900 tokens of it, docs/results.md 1c.1). Any fixed list of
 filler sentences can be given instead.
 """
 
@@ -174,7 +174,7 @@ def _haystack(pool: list[list[int]], start: int, budget: int, needles: list[list
 
     The haystack ends with a whole sentence: the sentence cut to make the length exact is the first one,
     whose tail opens the haystack. A question right after a sentence broken off mid-way reads to a small
-    model as more of the same prose, and it continues the prose instead of answering (docs/results.md 1d).
+    model as more of the same prose, and it continues the prose instead of answering (docs/results.md 1c.1).
     """
     filler = []
     filled = 0
