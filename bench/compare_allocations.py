@@ -4,11 +4,16 @@ Every allocation is scored on the same held-out sequences as the dense model, so
 per-sequence NLL difference to dense and its paired t statistic, plus each learned run's convergence
 (expected sparsity at the end, how many units a log_alpha > 0 threshold would keep, seconds per step).
 
+Searches and rules run at every ``--sparsities`` value unless a search names its own ``sparsity``. A search's
+overrides may set ``method`` (l0, scalar-l1, attention-mass) and ``retrieval_fraction`` (synthetic retrieval
+calibration). ``--retrieval`` adds long-range retrieval accuracy per allocation (paired prompts for all rows).
+
 Example (the evidence in docs/results.md):
 
-    python bench/compare_allocations.py --sparsity 0.75 --window 128 --seq-len 1024 --steps 150 \
-        --searches '[{"granularity": "layer"}, {"granularity": "kv-head"}]' --rules interleaved \
-        --json docs/results/compare.json
+    python bench/compare_allocations.py --sparsities 0.75 --window 128 --seq-len 1024 --steps 150 \
+        --searches '[{"granularity": "layer"}, {"granularity": "kv-head", "retrieval_fraction": 0.25}]' \
+        --rules interleaved,uniform-heads:kv-head-per-layer --retrieval passkey,multikey,variable-tracking \
+        --json docs/results/compare.json --save-dir docs/results/allocations
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import argparse
 import datetime
 import json
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -24,10 +30,13 @@ import torch
 
 from consa_cli.attention import hybrid_attention
 from consa_cli.baselines import rule_allocation
+from consa_cli.calibration import CalibrationSet, mix_retrieval
 from consa_cli.data import EMBEDDED_CORPUS, load_token_sequences
 from consa_cli.evaluate import paired_difference, sequence_nll
 from consa_cli.families import adapter_for
+from consa_cli.heuristics import attention_mass_search
 from consa_cli.models import load_model_and_tokenizer, model_fingerprint
+from consa_cli.retrieval import evaluate_retrieval
 from consa_cli.search import environment_versions, resolve_device, run_search
 from consa_cli.settings import SearchSettings
 
@@ -38,7 +47,8 @@ def main() -> None:
     parser.add_argument("--data", default=EMBEDDED_CORPUS)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--sparsity", type=float, default=0.75)
+    parser.add_argument("--attention-backend", default="auto", help="search attention backend (see consa search)")
+    parser.add_argument("--sparsities", default="0.75", help="comma-separated target sparsities")
     parser.add_argument("--window", type=int, default=128)
     parser.add_argument("--sink-tokens", type=int, default=None)
     parser.add_argument("--seq-len", type=int, default=1024)
@@ -46,8 +56,14 @@ def main() -> None:
     parser.add_argument("--eval-sequences", type=int, default=64)
     parser.add_argument("--searches", default='[{"granularity": "kv-head"}]',
                         help="JSON list of SearchSettings overrides, one search each; 'name' labels a run")
-    parser.add_argument("--rules", default="interleaved", help="comma-separated rules (see consa baseline)")
-    parser.add_argument("--rule-granularity", default="layer")
+    parser.add_argument("--rules", default="interleaved",
+                        help="comma-separated rules (see consa baseline), each optionally RULE:GRANULARITY")
+    parser.add_argument("--rule-granularity", default="layer", help="granularity of rules that name none")
+    parser.add_argument("--retrieval", default="", help="comma-separated retrieval tasks to score (none: PPL only)")
+    parser.add_argument("--retrieval-lengths", default="1024,2048")
+    parser.add_argument("--retrieval-depths", default="0.1,0.5,0.9")
+    parser.add_argument("--retrieval-samples", type=int, default=8)
+    parser.add_argument("--save-dir", type=Path, default=None, help="write every allocation here (safetensors)")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
     started = time.perf_counter()
@@ -57,17 +73,28 @@ def main() -> None:
     sinks = args.sink_tokens if args.sink_tokens is not None else adapter_for(
         model.config.model_type).default_sink_tokens
     fingerprint = model_fingerprint(model)
-    calibration = load_token_sequences(args.data, tokenizer, args.seq_len, "calibration")
+    text = load_token_sequences(args.data, tokenizer, args.seq_len, "calibration")
     evaluation = load_token_sequences(args.data, tokenizer, args.seq_len, "evaluation", args.eval_sequences)
+    tasks = [task for task in args.retrieval.split(",") if task]
+
+    def retrieval() -> dict:
+        result = evaluate_retrieval(model, tokenizer, tasks, [int(n) for n in args.retrieval_lengths.split(",")],
+                                    [float(d) for d in args.retrieval_depths.split(",")], args.retrieval_samples)
+        return {"retrieval": result["overall"], "retrieval_by_task": result["by_task"],
+                "retrieval_cells": result["cells"]}
+
     dense_nll = sequence_nll(model, evaluation)
     rows = [{"name": "dense", "method": "dense", "full_units": None, "units": None,
-             "nll": dense_nll.mean().item(), "ppl": dense_nll.mean().exp().item()}]
-    print(f"dense: ppl {rows[0]['ppl']:.3f} on {evaluation.shape[0]} x {args.seq_len} tokens", flush=True)
+             "nll": dense_nll.mean().item(), "ppl": dense_nll.mean().exp().item(), **(retrieval() if tasks else {})}]
+    print(f"dense: ppl {rows[0]['ppl']:.3f} on {evaluation.shape[0]} x {args.seq_len} tokens, "
+          f"retrieval {rows[0].get('retrieval')}", flush=True)
 
     def score(name: str, allocation, extra: dict) -> None:
         with hybrid_attention(model, allocation.fa_mask.to(device), allocation.sliding_window,
                               allocation.sink_tokens):
             nll = sequence_nll(model, evaluation)
+            if tasks:
+                extra = {**extra, **retrieval()}
         delta, t_stat = paired_difference(nll, dense_nll)
         row = {"name": name, "method": allocation.method, "granularity": allocation.granularity,
                "full_units": allocation.num_full_units, "units": allocation.num_units,
@@ -75,34 +102,54 @@ def main() -> None:
                "delta_nll_vs_dense": delta, "paired_t_vs_dense": t_stat, "fa_rows": allocation.render_rows(),
                "nll_per_sequence": nll.tolist(), **extra}
         rows.append(row)
+        if args.save_dir is not None:
+            args.save_dir.mkdir(parents=True, exist_ok=True)
+            allocation.save(args.save_dir / (re.sub(r"[^A-Za-z0-9_.=-]+", "_", name) + ".safetensors"))
         write_report(args, device, sinks, evaluation.shape[0], rows, started)  # a killed run keeps its rows
         print(f"{name}: ppl {row['ppl']:.3f}  delta {delta:+.4f} (t {t_stat:.1f})  "
-              f"{allocation.num_full_units}/{allocation.num_units} FA  {extra}", flush=True)
+              f"{allocation.num_full_units}/{allocation.num_units} FA  retrieval {row.get('retrieval')}  "
+              f"{ {k: v for k, v in extra.items() if k in ('final_expected_sparsity', 'seconds_per_step')} }", flush=True)
 
-    for rule in filter(None, args.rules.split(",")):
-        allocation = rule_allocation(rule, model.config.num_hidden_layers, model.config.num_key_value_heads,
-                                     args.sparsity, args.rule_granularity, args.window, sinks)
-        score(f"rule:{rule}", allocation, {})
+    calibrations: dict[tuple[float, int], CalibrationSet] = {}
+    for sparsity in [float(value) for value in args.sparsities.split(",")]:
+        for spec in filter(None, args.rules.split(",")):
+            rule, _, granularity = spec.partition(":")
+            allocation = rule_allocation(rule, model.config.num_hidden_layers, model.config.num_key_value_heads,
+                                         sparsity, granularity or args.rule_granularity, args.window, sinks)
+            score(f"rule:{rule} {allocation.granularity} s={sparsity:g}", allocation, {})
 
-    for overrides in json.loads(args.searches):
-        overrides = dict(overrides)
-        name = overrides.pop("name", None) or "learned " + " ".join(f"{k}={v}" for k, v in overrides.items())
-        settings = SearchSettings(**{"model": args.model, "sparsity": args.sparsity, "window": args.window,
-                                     "seq_len": args.seq_len, "steps": args.steps, "dtype": args.dtype,
-                                     "data": args.data, **overrides})
-        settings.validate()
-        result = run_search(settings, model, calibration, sinks, fingerprint)
-        last = result.metrics[-1]
-        score(name, result.allocation, {
-            "settings": overrides,
-            "final_expected_sparsity": last["expected_sparsity"],
-            "full_units_threshold": last["full_units_threshold"],
-            "seconds_per_step": result.seconds / settings.steps,
-            "expected_sparsity_trace": [m["expected_sparsity"] for m in result.metrics],
-            "scores": result.allocation.scores.tolist(),
-        })
+        for overrides in json.loads(args.searches):
+            overrides = dict(overrides)
+            if "sparsity" in overrides and overrides["sparsity"] != sparsity:
+                continue
+            name = overrides.pop("name", None) or "search " + " ".join(f"{k}={v}" for k, v in overrides.items())
+            settings = SearchSettings(**{"model": args.model, "sparsity": sparsity, "window": args.window,
+                                         "seq_len": args.seq_len, "steps": args.steps, "dtype": args.dtype,
+                                         "data": args.data, "attention_backend": args.attention_backend,
+                                         **overrides})
+            settings.validate()
+            key = (settings.retrieval_fraction, settings.seed)
+            if key not in calibrations:
+                calibrations[key] = mix_retrieval(text, tokenizer, settings.retrieval_fraction, settings.window,
+                                                  settings.seed)
+            if settings.method == "attention-mass":
+                result = attention_mass_search(settings, model, calibrations[key], sinks, fingerprint)
+                score(f"{name} s={sparsity:g}", result.allocation, {"settings": overrides,
+                                                                    "scores": result.allocation.scores.tolist()})
+                continue
+            result = run_search(settings, model, calibrations[key], sinks, fingerprint)
+            last = result.metrics[-1]
+            score(f"{name} s={sparsity:g}", result.allocation, {
+                "settings": overrides,
+                "final_expected_sparsity": last["expected_sparsity"],
+                "full_units_threshold": last["full_units_threshold"],
+                "seconds_per_step": result.seconds / settings.steps,
+                "expected_sparsity_trace": [m["expected_sparsity"] for m in result.metrics],
+                "scores": result.allocation.scores.tolist(),
+            })
 
     write_report(args, device, sinks, evaluation.shape[0], rows, started)
+
 
 def write_report(args, device, sinks: int, eval_sequences: int, rows: list[dict], started: float) -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -34,9 +34,10 @@ def main() -> None:
             rows.setdefault(row["name"], row)
     names = args.names.split(",") if args.names else list(rows)
     reference = rows[args.reference]["nll_per_sequence"]
-    print(f"| allocation | FA units | PPL | dNLL vs dense (t) | dNLL vs {args.reference} (t) | E[s] end | "
-          "log_alpha>0 units |")
-    print("|---|---|---|---|---|---|---|")
+    dense_retrieval = rows.get("dense", {}).get("retrieval")
+    print(f"| allocation | FA units | PPL | dNLL vs dense (t) | dNLL vs {args.reference} (t) | retrieval (of dense) | "
+          "E[s] end | log_alpha>0 units |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in names:
         row = rows[name]
         vs_dense = (f"{row['delta_nll_vs_dense']:+.4f} ({row['paired_t_vs_dense']:.1f})"
@@ -48,7 +49,12 @@ def main() -> None:
         units = f"{row['full_units']}/{row['units']}" if row.get("units") else "all"
         end = f"{row['final_expected_sparsity']:.3f}" if "final_expected_sparsity" in row else "-"
         threshold = str(row.get("full_units_threshold", "-"))
-        print(f"| {name} | {units} | {row['ppl']:.3f} | {vs_dense} | {vs_ref} | {end} | {threshold} |")
+        retrieval = "-"
+        if row.get("retrieval") is not None:
+            retrieval = f"{row['retrieval']:.3f}"
+            if dense_retrieval:
+                retrieval += f" ({row['retrieval'] / dense_retrieval:.0%})"
+        print(f"| {name} | {units} | {row['ppl']:.3f} | {vs_dense} | {vs_ref} | {retrieval} | {end} | {threshold} |")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ from conftest import tiny_model
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from consa_cli.attention import (
+    ATTENTION_BACKENDS,
+    AttentionBackend,
     causal_window_mask,
     consa_attention_forward,
     hybrid_attention,
@@ -101,6 +103,24 @@ def test_relaxed_weights_mix_full_and_sliding_outputs():
     mix_per_head = torch.tensor([0.25, 0.25, 0.75, 0.75]).view(1, 1, 4, 1)
     expected = mix_per_head * outputs["full"] + (1 - mix_per_head) * outputs["sliding"]
     torch.testing.assert_close(outputs["mix"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_blocked_sliding_window_accepts_kernels_returning_another_layout(monkeypatch):
+    """CUDA's memory-efficient SDPA returns [B, T, H, D]-strided outputs; the blocked window path must cope."""
+    sdpa = ATTENTION_BACKENDS["sdpa"]
+
+    def strided_sdpa(*args):
+        return sdpa.attend(*args).transpose(1, 2).contiguous().transpose(1, 2)
+
+    monkeypatch.setitem(ATTENTION_BACKENDS, "strided", AttentionBackend(strided_sdpa, sdpa.full_and_sliding))
+    model = tiny_model("qwen3")
+    all_sliding = torch.zeros(4, 2, dtype=torch.bool)
+    assert TOKENS.shape[1] >= 4 * WINDOW  # the blocked path
+    outputs = []
+    for backend in ("sdpa", "strided"):
+        with hybrid_attention(model, all_sliding, WINDOW, 2, backend):
+            outputs.append(model(TOKENS).logits)
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0)
 
 
 def test_incremental_decoding_matches_full_forward(family):

@@ -144,14 +144,14 @@ def test_second_signal_during_the_checkpoint_write_keeps_the_previous_checkpoint
 
 
 def test_nan_names_the_last_good_checkpoint_and_resume_may_change_rates(tmp_path, monkeypatch):
-    real_kl = consa_cli.search.kl_to_teacher
+    real_kl = consa_cli.search.search_loss
     calls = []
 
     def nan_at_step_4(*args):
         calls.append(None)
         return real_kl(*args) * (float("nan") if len(calls) == 4 else 1.0)
 
-    monkeypatch.setattr(consa_cli.search, "kl_to_teacher", nan_at_step_4)
+    monkeypatch.setattr(consa_cli.search, "search_loss", nan_at_step_4)
     with pytest.raises(FloatingPointError) as error:
         search_into(tmp_path, steps=6)
     assert str(error.value) == (f"loss became nan at step 4; the last good checkpoint is step 2; continue from it "
@@ -159,7 +159,7 @@ def test_nan_names_the_last_good_checkpoint_and_resume_may_change_rates(tmp_path
                                 "--multiplier-lr)")
     assert load_checkpoint(tmp_path).step == 2 and len(logged(tmp_path)) == 3
 
-    monkeypatch.setattr(consa_cli.search, "kl_to_teacher", real_kl)
+    monkeypatch.setattr(consa_cli.search, "search_loss", real_kl)
     resumed = search_into(tmp_path, resume=load_checkpoint(tmp_path), steps=6, gate_lr=0.15, penalty_init=5.0)
     assert [record["step"] for record in resumed.metrics] == [1, 2, 3, 4, 5, 6]
     assert without_seconds(logged(tmp_path)) == without_seconds(resumed.metrics)
@@ -269,7 +269,7 @@ def assert_same_as_reference(run_dir: Path, reference: Path) -> None:
 
 # name: (pause: function:nth:when, checkpointed step and logged steps when killed, temp file left)
 KILL_POINTS = {
-    "mid-step": ("kl_to_teacher:5:before", 4, 4, False),
+    "mid-step": ("search_loss:5:before", 4, 4, False),
     "after-logging-before-checkpoint": ("save_checkpoint:2:before", 1, 2, False),
     "mid-checkpoint-write": ("checkpoint.save_file:6:after", 5, 6, True),
 }
@@ -297,7 +297,7 @@ def test_ctrl_c_exits_130_with_a_checkpoint_and_resume_ends_as_the_uninterrupted
         tmp_path, tiny_model_dir, tiny_text_file, reference_run):
     run_dir = tmp_path / "run"
     process, _ = start_paused(tmp_path, [*search_args(tiny_model_dir, tiny_text_file), "--output", str(run_dir)],
-                              "kl_to_teacher:3:before:2")  # Ctrl-C during step 3, which still completes
+                              "search_loss:3:before:2")  # Ctrl-C during step 3, which still completes
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
 

@@ -6,15 +6,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_model
 
+import consa_cli.losses
+from consa_cli.losses import kl_to_teacher, next_token_loss, search_loss
 from consa_cli.search import (
     HardConcreteGates,
     UnitLayout,
-    kl_to_teacher,
+    resolve_attention_backend,
     run_search,
     target_at,
-    teacher_targets,
 )
 from consa_cli.settings import SearchSettings, SettingsError, build_settings
 
@@ -122,10 +124,57 @@ def test_every_recipe_is_valid():
         assert build_settings(SearchSettings, recipe).window > 0
 
 
-def test_kl_loss_equals_kl_divergence():
-    teacher, student = torch.randn(2, 7, 50), torch.randn(2, 7, 50)
-    probs, entropy = teacher_targets(teacher)
-    expected = torch.nn.functional.kl_div(student.log_softmax(-1).flatten(0, 1), teacher.log_softmax(-1).flatten(0, 1),
-                                          log_target=True, reduction="batchmean")
-    torch.testing.assert_close(kl_to_teacher(student, probs, entropy), expected, rtol=1e-5, atol=1e-6)
-    assert kl_to_teacher(teacher, probs, entropy).abs() < 1e-5  # zero against itself
+@pytest.mark.parametrize("chunk_elements", [1 << 25, 30])  # one chunk; chunks of one token
+@pytest.mark.parametrize("loss", ["kl", "lm"])
+def test_masked_search_loss_averages_each_sequences_selected_positions(loss, chunk_elements, monkeypatch):
+    monkeypatch.setattr(consa_cli.losses, "CHUNK_ELEMENTS", chunk_elements)
+    teacher, student = torch.randn(2, 6, 11), torch.randn(2, 6, 11, requires_grad=True)
+    ids = torch.randint(0, 11, (2, 6))
+    mask = torch.tensor([[True] * 6, [False, False, True, True, False, False]])
+    if loss == "kl":
+        per_token = F.kl_div(student.log_softmax(-1), teacher.log_softmax(-1), log_target=True,
+                             reduction="none").sum(-1)
+        expected = (per_token[0].mean() + per_token[1, 2:4].mean()) / 2
+    else:  # the last position has no next token
+        per_token = F.cross_entropy(student[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(2, 5)
+        expected = (per_token[0].mean() + per_token[1, 2:4].mean()) / 2
+    value = search_loss(student, ids, mask, loss, teacher)
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+    grad, = torch.autograd.grad(value, student)
+    expected_grad, = torch.autograd.grad(expected, student)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-7)
+    assert grad[1, [0, 1, 4, 5]].abs().max() == 0  # unselected positions get no gradient
+    everything = torch.ones_like(mask)
+    plain = kl_to_teacher(student, teacher) if loss == "kl" else next_token_loss(student, ids)
+    torch.testing.assert_close(search_loss(student, ids, everything, loss, teacher), plain)
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 25, 120])  # one chunk; chunks of 2 tokens and a shorter last
+def test_chunked_losses_equal_plain_torch_in_value_and_gradient(chunk_elements, monkeypatch):
+    monkeypatch.setattr(consa_cli.losses, "CHUNK_ELEMENTS", chunk_elements)
+    teacher, student = torch.randn(2, 7, 50), torch.randn(2, 7, 50, requires_grad=True)
+    input_ids = torch.randint(0, 50, (2, 7))
+    kl = kl_to_teacher(student, teacher)
+    expected_kl = F.kl_div(student.log_softmax(-1).flatten(0, 1), teacher.log_softmax(-1).flatten(0, 1),
+                           log_target=True, reduction="batchmean")
+    lm = next_token_loss(student, input_ids)
+    expected_lm = F.cross_entropy(student[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten())
+    for loss, expected in ((kl, expected_kl), (lm, expected_lm)):
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+        grad, = torch.autograd.grad(3.0 * loss, student)
+        expected_grad, = torch.autograd.grad(3.0 * expected, student)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-7)
+    assert kl_to_teacher(teacher, teacher).abs() < 1e-5  # zero against itself
+
+
+def test_attention_backend_is_resolved_and_recorded():
+    cpu = torch.device("cpu")
+    assert resolve_attention_backend("auto", cpu) == "sdpa"
+    assert resolve_attention_backend("eager", cpu) == "eager"
+    with pytest.raises(SettingsError, match="--attention-backend flex needs a CUDA device"):
+        resolve_attention_backend("flex", cpu)
+    with pytest.raises(SettingsError, match="--attention-backend must be one of"):
+        build_settings(SearchSettings, None, attention_backend="triton")
+    result = run_search(settings(steps=2), tiny_model("qwen3"), SEQUENCES, sink_tokens=2)
+    assert result.allocation.metadata["attention_backend"] == "sdpa"
+    assert result.allocation.metadata["settings"]["attention_backend"] == "auto"

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
 from consa_cli.families import adapter_for
+from consa_cli.kernels import flex_full_and_sliding
 
 ATTENTION_NAME = "consa"
 
@@ -41,7 +43,7 @@ class LayerHybrid:
     backend: str = "sdpa"
 
 
-# --- attention backends: one signature, SDPA is the reference ---------------------------------------------
+# --- attention backends: one signature each, SDPA is the reference ---------------------------------------
 
 
 def _sdpa_backend(query, key, value, mask, is_causal, scaling):
@@ -59,7 +61,37 @@ def _eager_backend(query, key, value, mask, is_causal, scaling):
     return torch.matmul(probs, value)
 
 
-ATTENTION_BACKENDS: dict[str, Callable] = {"sdpa": _sdpa_backend, "eager": _eager_backend}
+@dataclass(frozen=True)
+class AttentionBackend:
+    """How one backend computes attention.
+
+    ``attend(query, key, value, mask, is_causal, scaling)``: one attention over aligned heads (hard
+    allocations: full, sliding or both on separate head slices). ``full_and_sliding(query, key, value,
+    fa_weight, scaling, window, sink_tokens)``: the relaxed mix ``sliding + w * (full - sliding)`` that search
+    needs, for query heads ``[B, Hq, T, D]``, KV heads ``[B, Hkv, T, D]`` and ``fa_weight`` per KV head, in
+    self-attention without a padding mask.
+    """
+
+    attend: Callable
+    full_and_sliding: Callable
+
+
+def _mix_two_calls(attend, query, key, value, fa_weight, scaling, window, sink_tokens, attention_mask=None):
+    """The reference relaxed mix: a full and a sliding-window attention call, then the mix."""
+    groups = query.shape[1] // key.shape[1]
+    key_states, value_states = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    full = _attend(query, key_states, value_states, attention_mask, scaling, attend, None, sink_tokens)
+    sliding = _attend(query, key_states, value_states, attention_mask, scaling, attend, window, sink_tokens)
+    mix = fa_weight.to(device=query.device, dtype=query.dtype).repeat_interleave(groups).view(1, -1, 1, 1)
+    return sliding + mix * (full - sliding)
+
+
+ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
+    "sdpa": AttentionBackend(_sdpa_backend, partial(_mix_two_calls, _sdpa_backend)),
+    "eager": AttentionBackend(_eager_backend, partial(_mix_two_calls, _eager_backend)),
+    # consa_cli.kernels: SDPA full + FlexAttention window; hard allocations (the KL teacher) take SDPA's kernels.
+    "flex": AttentionBackend(_sdpa_backend, flex_full_and_sliding),
+}
 
 
 def causal_window_mask(
@@ -137,7 +169,8 @@ def _sliding_blocked(query, key, value, scaling, backend, window, sink_tokens):
         False,
         scaling,
     )
-    return out.view(batch, heads, padded, dim)[:, :, :length]
+    # reshape, not view: some kernels (CUDA's memory-efficient SDPA) return another memory layout.
+    return out.reshape(batch, heads, padded, dim)[:, :, :length]
 
 
 def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
@@ -165,6 +198,7 @@ def consa_attention_forward(
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         attention_mask = attention_mask == 0  # additive float mask -> bool
     backend = ATTENTION_BACKENDS[hybrid.backend]
+    attend = backend.attend
     num_kv_heads = key.shape[1]
     groups = query.shape[1] // num_kv_heads
     window, sinks = hybrid.sliding_window, hybrid.sink_tokens
@@ -174,7 +208,7 @@ def consa_attention_forward(
         # Hard allocation: each head gets only the attention it needs, on contiguous head slices.
         if bool(weight.all()) or bool((~weight).all()):
             out = _attend(
-                query, _repeat_kv(key, groups), _repeat_kv(value, groups), attention_mask, scaling, backend,
+                query, _repeat_kv(key, groups), _repeat_kv(value, groups), attention_mask, scaling, attend,
                 None if bool(weight.all()) else window, sinks,
             )
         else:
@@ -186,15 +220,13 @@ def consa_attention_forward(
                     query.index_select(1, q_idx),
                     _repeat_kv(key.index_select(1, kv_idx), groups),
                     _repeat_kv(value.index_select(1, kv_idx), groups),
-                    attention_mask, scaling, backend, None if is_full else window, sinks,
+                    attention_mask, scaling, attend, None if is_full else window, sinks,
                 )
                 out.index_copy_(1, q_idx, part)
-    else:
-        key_states, value_states = _repeat_kv(key, groups), _repeat_kv(value, groups)
-        full = _attend(query, key_states, value_states, attention_mask, scaling, backend, None, sinks)
-        sliding = _attend(query, key_states, value_states, attention_mask, scaling, backend, window, sinks)
-        mix = weight.to(device=query.device, dtype=query.dtype).repeat_interleave(groups).view(1, -1, 1, 1)
-        out = sliding + mix * (full - sliding)
+    elif attention_mask is None and query.shape[-2] == key.shape[-2]:
+        out = backend.full_and_sliding(query, key, value, weight, scaling, window, sinks)
+    else:  # padding or a KV cache: the reference handles both
+        out = _mix_two_calls(attend, query, key, value, weight, scaling, window, sinks, attention_mask)
     return out.transpose(1, 2).contiguous(), None
 
 

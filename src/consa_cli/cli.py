@@ -120,6 +120,15 @@ def search(
     batch_size: int = typer.Option(None, help=f"Sequences per step. {_default('batch_size')}"),
     loss: str = typer.Option(None, help="kl (match the dense model's own outputs) or lm (next-token loss). "
                              f"{_default('loss')}"),
+    method: str = typer.Option(None, help="l0 (hard-concrete gates + augmented Lagrangian, ConSA), scalar-l1 (sigmoid "
+                               "gates + L1 penalty, ranked to the target: the paper's ablation) or attention-mass "
+                               "(training-free: rank units by attention mass beyond the window over steps x "
+                               f"batch-size calibration sequences). {_default('method')}"),
+    l1_weight: float = typer.Option(None, help=f"scalar-l1 only: weight of the mean gate value. {_default('l1_weight')}"),
+    retrieval_fraction: float = typer.Option(None, help="Share of calibration sequences that are synthetic long-range "
+                                             "retrieval samples (loss on their answer tokens only; formats distinct "
+                                             "from `consa eval --retrieval`'s). 0: natural text only. "
+                                             f"{_default('retrieval_fraction')}"),
     seed: int = typer.Option(None, help=f"Seed for data order and gate noise. {_default('seed')}"),
     gate_lr: float = typer.Option(None, help=f"Adam learning rate of the gates' log_alpha. {_default('gate_lr')}"),
     multiplier_lr: float = typer.Option(None, help="Ascent rate of the Lagrange multipliers. "
@@ -131,6 +140,9 @@ def search(
                                        f"from it). {_default('penalty_init')}"),
     dtype: str = typer.Option(None, help=f"Model dtype: bfloat16, float32 or float16. {_default('dtype')}"),
     device: str = typer.Option(None, help=f"cpu, cuda, cuda:N or auto. {_default('device')}"),
+    attention_backend: str = typer.Option(None, help="Attention kernels: flex (full and sliding-window branches in "
+                                          "one FlexAttention pass; CUDA), sdpa (two calls, the reference), eager, "
+                                          f"or auto (flex on CUDA, else sdpa). {_default('attention_backend')}"),
     output: str = typer.Option(None, "--output", "-o", help=f"Run directory to write. {_default('output')}"),
     checkpoint_every: int = typer.Option(None, help="Steps between checkpoints (checkpoint.safetensors in the run "
                                          "directory, for --resume); 0: only when interrupted and at the end. "
@@ -154,9 +166,11 @@ def search(
     with user_errors():
         flags = dict(
             model=model, sparsity=sparsity, granularity=granularity, window=window, sink_tokens=sink_tokens,
-            seq_len=seq_len, data=data, steps=steps, batch_size=batch_size, loss=loss, seed=seed, gate_lr=gate_lr,
+            seq_len=seq_len, data=data, steps=steps, batch_size=batch_size, loss=loss, method=method,
+            l1_weight=l1_weight, retrieval_fraction=retrieval_fraction, seed=seed, gate_lr=gate_lr,
             multiplier_lr=multiplier_lr, target_warmup_steps=target_warmup_steps, penalty_init=penalty_init,
-            dtype=dtype, device=device, output=output, checkpoint_every=checkpoint_every,
+            dtype=dtype, device=device, attention_backend=attention_backend, output=output,
+            checkpoint_every=checkpoint_every,
         )
         checkpoint = None
         if resume is None:
@@ -174,15 +188,20 @@ def search(
 
         def on_start(info: dict) -> None:
             resumed = f", continuing after step {info['resumed_from']}" if info["resumed_from"] else ""
+            retrieval = f" ({info['retrieval_sequences']} retrieval)" if info["retrieval_sequences"] else ""
             console.print(
-                f"model [bold]{info['model']}[/] on {info['device']}: {info['units']} {settings.granularity} units, "
+                f"model [bold]{info['model']}[/] on {info['device']} ({info['attention_backend']} attention): "
+                f"{info['units']} {settings.granularity} units, "
                 f"target sparsity {settings.sparsity}, window {settings.window} + {info['sink_tokens']} sinks, "
-                f"{info['calibration_sequences']} x {settings.seq_len}-token calibration sequences, {settings.loss} loss"
-                f"{resumed}"
+                f"{info['calibration_sequences']} x {settings.seq_len}-token calibration sequences"
+                f"{retrieval}, method {settings.method}, {settings.loss} loss{resumed}"
             )
             progress.start()
 
         def on_step(record: dict) -> None:
+            if "task_loss" not in record:  # a training-free method: one record per calibration sequence
+                progress.update(task, completed=record["step"], description="scoring calibration sequences")
+                return
             progress.update(task, advance=1, description=(
                 f"loss {record['task_loss']:.4f}  E[s] {record['expected_sparsity']:.3f}/"
                 f"{record['target_sparsity']:.3f}  lambda {record['lambda']:+.3f}  phi {record['phi']:.3f}"
@@ -202,11 +221,10 @@ def search(
         console.print(allocation.describe())
         _print_mask(allocation)
         meta = allocation.metadata
-        console.print(
-            f"log_alpha > 0 threshold keeps {meta['full_units_threshold']} units; ranking keeps exactly "
-            f"{allocation.num_full_units} ({meta['units_where_ranking_differs_from_threshold']} units differ). "
-            f"{result.seconds:.0f} s. Written to {settings.output}"
-        )
+        threshold = (f"log_alpha > 0 threshold keeps {meta['full_units_threshold']} units; ranking keeps exactly "
+                     f"{allocation.num_full_units} ({meta['units_where_ranking_differs_from_threshold']} units "
+                     "differ). ") if "full_units_threshold" in meta else ""
+        console.print(f"{threshold}{result.seconds:.0f} s. Written to {settings.output}")
 
 
 def _print_mask(allocation) -> None:

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from consa_cli.allocation import (
@@ -33,6 +32,7 @@ from consa_cli.allocation import (
     write_atomically,
 )
 from consa_cli.attention import install_hybrid, remove_hybrid, set_fa_weights
+from consa_cli.calibration import CalibrationSet, mix_retrieval
 from consa_cli.checkpoint import (
     CHECKPOINT_FILE,
     CheckpointError,
@@ -42,8 +42,10 @@ from consa_cli.checkpoint import (
     deferred_stop_signals,
     save_checkpoint,
 )
+from consa_cli.kernels import flex_supported
+from consa_cli.losses import search_loss
 from consa_cli.models import DEFAULT_MODEL
-from consa_cli.settings import RESUMABLE, SearchSettings, settings_to_dict
+from consa_cli.settings import RESUMABLE, SearchSettings, SettingsError, settings_to_dict
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
@@ -87,6 +89,28 @@ class HardConcreteGates(nn.Module):
         """P(z > 0) per unit: the probability a unit keeps (some) full attention; its expected L0 norm."""
         shift = self.temperature * math.log(-self.stretch_low / self.stretch_high)
         return torch.sigmoid(self.log_alpha - shift)
+
+
+class ScalarGates(nn.Module):
+    """Deterministic gates ``sigmoid(log_alpha)`` in [0, 1]: the scalar-gate + L1 ablation (DuoAttention / LoZA).
+
+    Same interface as :class:`HardConcreteGates` so the search loop, checkpoints and ranking are shared; there is
+    no noise and no exact zero, so the final count comes from ranking alone.
+    """
+
+    def __init__(self, num_units: int, log_alpha_init: float = 5.0):
+        super().__init__()
+        self.log_alpha = nn.Parameter(torch.full((num_units,), float(log_alpha_init)))
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.sigmoid(self.log_alpha)
+
+    def deterministic(self) -> torch.Tensor:
+        return torch.sigmoid(self.log_alpha)
+
+    def prob_full(self) -> torch.Tensor:
+        """The gate values themselves: their mean is the soft fraction of full attention."""
+        return torch.sigmoid(self.log_alpha)
 
 
 @dataclass(frozen=True)
@@ -148,25 +172,14 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def teacher_targets(teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense-model token distributions ``[tokens, vocab]`` and their mean entropy (the KL's constant part)."""
-    log_probs = F.log_softmax(teacher_logits.flatten(0, -2).float(), dim=-1)
-    probs = log_probs.exp()
-    return probs, -(probs * log_probs).sum(dim=-1).mean()
-
-
-def kl_to_teacher(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
-                  teacher_entropy: torch.Tensor) -> torch.Tensor:
-    """Mean per-token KL(teacher || student), as soft-label cross-entropy minus the teacher's entropy.
-
-    One fused cross-entropy instead of two log-softmaxes and a KL: about half the cost per step on a CPU,
-    where the 49k-word vocabulary of the embedded model makes the loss a large share of the step.
-    """
-    return F.cross_entropy(student_logits.flatten(0, -2).float(), teacher_probs) - teacher_entropy
-
-
-def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
+def resolve_attention_backend(name: str, device: torch.device) -> str:
+    """The attention backend a search runs with: ``auto`` becomes flex on a CUDA device that has it, else sdpa."""
+    if name == "auto":
+        return "flex" if flex_supported(device) else "sdpa"
+    if name == "flex" and not flex_supported(device):
+        raise SettingsError(f"--attention-backend {name} needs a CUDA device with triton (FlexAttention has no CPU "
+                            f"backward), not {device}; use sdpa")
+    return name
 
 
 def target_at(step: int, settings: SearchSettings) -> float:
@@ -179,7 +192,7 @@ def target_at(step: int, settings: SearchSettings) -> float:
 def run_search(
     settings: SearchSettings,
     model: nn.Module,
-    sequences: torch.Tensor,
+    calibration: CalibrationSet | torch.Tensor,
     sink_tokens: int,
     model_fingerprint: str = "",
     on_step: Callable[[dict], None] | None = None,
@@ -187,7 +200,7 @@ def run_search(
     checkpoint_dir: Path | None = None,
     resume: CheckpointState | None = None,
 ) -> SearchResult:
-    """Learn an allocation for ``model`` (frozen) on calibration ``sequences [N, seq_len]``.
+    """Learn an allocation for ``model`` (frozen) on ``calibration`` (or plain text sequences ``[N, seq_len]``).
 
     ``on_step`` receives each step's metrics (for progress display); ``metrics_path`` gets them as JSONL.
     With ``checkpoint_dir``, ``checkpoint.safetensors`` is written there every ``settings.checkpoint_every``
@@ -205,8 +218,11 @@ def run_search(
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
 
-    gates = HardConcreteGates(layout.num_units, settings.log_alpha_init, settings.temperature,
-                              settings.stretch_low, settings.stretch_high).to(device)
+    if settings.method == "scalar-l1":
+        gates = ScalarGates(layout.num_units, settings.log_alpha_init).to(device)
+    else:
+        gates = HardConcreteGates(layout.num_units, settings.log_alpha_init, settings.temperature,
+                                  settings.stretch_low, settings.stretch_high).to(device)
     lagrange_linear = nn.Parameter(torch.zeros(layout.num_constraints, device=device))
     lagrange_quadratic = nn.Parameter(torch.full((layout.num_constraints,), float(settings.penalty_init), device=device))
     gate_optimizer = torch.optim.Adam(gates.parameters(), lr=settings.gate_lr)
@@ -214,8 +230,12 @@ def run_search(
                                            maximize=True)
     # The data order is drawn first; a resumed run draws it the same way and only then takes over the generator's
     # saved state, so the remaining steps see exactly the sequences and gate noise the uninterrupted run would.
-    order = torch.randperm(sequences.shape[0], generator=generator)
-    fingerprint_of_data = data_fingerprint(sequences)
+    if not isinstance(calibration, CalibrationSet):
+        calibration = CalibrationSet.text_only(calibration)
+    order = torch.randperm(calibration.sequences.shape[0], generator=generator)
+    # Text-only data keep the fingerprint of the tokens alone, so runs checkpointed before loss masks existed resume.
+    fingerprint_of_data = data_fingerprint(calibration.sequences if calibration.loss_mask.all() else
+                                           torch.cat([calibration.sequences, calibration.loss_mask.long()]))
     first_step, resumes, metrics = 0, [], []
     if resume is not None:
         _restore(resume, settings, model_fingerprint, fingerprint_of_data, gates, lagrange_linear,
@@ -239,8 +259,10 @@ def run_search(
 
     for param in model.parameters():
         param.requires_grad_(False)
-    all_full = torch.ones(layout.num_layers, layout.num_kv_heads, dtype=torch.bool, device=device)
-    install_hybrid(model, all_full, settings.window, sink_tokens, settings.backend)
+    # On the CPU: the attention function reads a hard mask's all-full / all-sliding shortcut without a device sync.
+    all_full = torch.ones(layout.num_layers, layout.num_kv_heads, dtype=torch.bool)
+    attention_backend = resolve_attention_backend(settings.attention_backend, device)
+    install_hybrid(model, all_full, settings.window, sink_tokens, attention_backend)
     metrics_file = metrics_path.open("a" if resume is not None else "w") if metrics_path is not None else None
     try:
         with deferred_stop_signals(active=checkpoint_dir is not None) as stop_signals:
@@ -248,24 +270,29 @@ def run_search(
                 step_started = time.perf_counter()
                 batch_idx = [order[(step * settings.batch_size + i) % len(order)]
                              for i in range(settings.batch_size)]
-                input_ids = sequences[torch.stack(batch_idx)].to(device)
+                input_ids = calibration.sequences[torch.stack(batch_idx)].to(device)
 
-                if settings.loss == "kl":
+                loss_mask = calibration.loss_mask[torch.stack(batch_idx)].to(device)
+
+                teacher_logits = None
+                if settings.loss == "kl":  # the dense model's own predictions: the only loss with a teacher
                     set_fa_weights(model, all_full)
                     with torch.no_grad():
-                        teacher_probs, teacher_entropy = teacher_targets(
-                            model(input_ids=input_ids, use_cache=False).logits)
+                        teacher_logits = model(input_ids=input_ids, use_cache=False).logits
 
                 z = gates.sample(generator)
                 set_fa_weights(model, layout.to_fa_weights(z))
                 logits = model(input_ids=input_ids, use_cache=False).logits
-                task_loss = (kl_to_teacher(logits, teacher_probs, teacher_entropy) if settings.loss == "kl"
-                             else next_token_loss(logits, input_ids))
+                task_loss = search_loss(logits, input_ids, loss_mask, settings.loss, teacher_logits)
 
                 target = target_at(step, settings)
                 expected = layout.constraint_sparsity(gates.prob_full())
                 gap = expected - target
-                constraint = (lagrange_linear * gap + lagrange_quadratic * gap.pow(2)).sum()
+                if settings.method == "scalar-l1":
+                    # The ablation: no constraint, an L1 pull towards sliding on every gate; the count is set by ranking.
+                    constraint = settings.l1_weight * z.mean()
+                else:
+                    constraint = (lagrange_linear * gap + lagrange_quadratic * gap.pow(2)).sum()
                 loss = task_loss + constraint
                 if not torch.isfinite(loss):  # checked before the update, so the gates stay the last good ones
                     raise FloatingPointError(_non_finite_message(loss.item(), step + 1, settings, checkpoint_dir,
@@ -312,7 +339,7 @@ def run_search(
         granularity=settings.granularity,
         sliding_window=settings.window,
         sink_tokens=sink_tokens,
-        method="learned",
+        method="learned" if settings.method == "l0" else f"learned:{settings.method}",
         model=settings.model or DEFAULT_MODEL,
         model_fingerprint=model_fingerprint,
         scores=scores,
@@ -323,6 +350,7 @@ def run_search(
         "full_units_threshold": int(threshold_units.sum()),
         "units_where_ranking_differs_from_threshold": int((allocation.unit_mask != threshold_units).sum()),
         "final_expected_sparsity": 1.0 - gates.prob_full().mean().item(),
+        "attention_backend": attention_backend,
     }
     if resumes:
         allocation.metadata["resumes"] = resumes
@@ -435,6 +463,7 @@ def search(settings: SearchSettings, force: bool = False, on_start: Callable[[di
     if resume is None:
         check_run_dir(settings.output, force)  # fail before minutes of loading; create it only once all loaded
     device = resolve_device(settings.device)
+    attention_backend = resolve_attention_backend(settings.attention_backend, device)  # fail before loading
     model, tokenizer = load_model_and_tokenizer(settings.model, dtype=getattr(torch, settings.dtype),
                                                 device=str(device))
     if settings.granularity == "kv-head-per-layer":
@@ -444,6 +473,7 @@ def search(settings: SearchSettings, force: bool = False, on_start: Callable[[di
         sink_tokens = adapter_for(model.config.model_type).default_sink_tokens
     # All calibration sequences: the seeded order draws from the whole split, not just its first articles.
     sequences = load_token_sequences(settings.data, tokenizer, settings.seq_len, "calibration")
+    calibration = mix_retrieval(sequences, tokenizer, settings.retrieval_fraction, settings.window, settings.seed)
     if resume is None:
         output = prepare_run_dir(settings.output, force)
         # An overwritten run's checkpoint must not be left for a later --resume to continue.
@@ -455,18 +485,28 @@ def search(settings: SearchSettings, force: bool = False, on_start: Callable[[di
                 leftover.unlink()
     if on_start is not None:
         on_start({"model": model.config.name_or_path, "sink_tokens": sink_tokens,
-                  "calibration_sequences": sequences.shape[0], "device": str(device),
+                  "attention_backend": attention_backend,
+                  "calibration_sequences": calibration.sequences.shape[0],
+                  "retrieval_sequences": calibration.retrieval_count, "device": str(device),
                   "units": UnitLayout(settings.granularity, model.config.num_hidden_layers,
                                       model.config.num_key_value_heads).num_units,
                   "resumed_from": resume.step if resume is not None else 0})
-    result = run_search(settings, model, sequences, sink_tokens, model_fingerprint(model), on_step=on_step,
-                        metrics_path=output / METRICS_FILE, checkpoint_dir=output, resume=resume)
-    result.allocation.metadata["calibration_sequences"] = int(sequences.shape[0])
+    if settings.method == "attention-mass":
+        from consa_cli.heuristics import attention_mass_search
+
+        result = attention_mass_search(settings, model, calibration, sink_tokens, model_fingerprint(model),
+                                       on_step=on_step)
+    else:
+        result = run_search(settings, model, calibration, sink_tokens, model_fingerprint(model), on_step=on_step,
+                            metrics_path=output / METRICS_FILE, checkpoint_dir=output, resume=resume)
+    result.allocation.metadata["calibration_sequences"] = int(calibration.sequences.shape[0])
+    result.allocation.metadata["retrieval_sequences"] = calibration.retrieval_count
     result.allocation.metadata["versions"] = environment_versions()
     result.allocation.save(output / ALLOCATION_FILE)
     summary = {
         "settings": settings_to_dict(settings),
         "sink_tokens": sink_tokens,
+        "attention_backend": attention_backend,
         "allocation": result.allocation.settings_dict(),
         "fa_rows": result.allocation.render_rows(),
         "seconds": round(result.seconds, 2),  # of this call only, for a resumed run

@@ -16,7 +16,11 @@ from consa_cli.allocation import GRANULARITIES
 from consa_cli.data import EMBEDDED_CORPUS
 
 LOSSES = ("kl", "lm")
+# l0: hard-concrete gates + augmented Lagrangian (ConSA); scalar-l1: sigmoid gates + L1, ranked (the paper's
+# ablation); attention-mass: training-free, rank units by attention mass beyond the window on calibration text.
+METHODS = ("l0", "scalar-l1", "attention-mass")
 DTYPES = ("bfloat16", "float32", "float16")
+ATTENTION_BACKENDS = ("auto", "sdpa", "eager", "flex")  # auto: flex on a CUDA device that has it, else sdpa
 
 
 class SettingsError(ValueError):
@@ -45,6 +49,9 @@ class SearchSettings:
     steps: int = 150
     batch_size: int = 1
     loss: str = "kl"
+    method: str = "l0"
+    l1_weight: float = 0.1  # scalar-l1 only: weight of the mean gate value in the loss
+    retrieval_fraction: float = 0.0  # share of calibration sequences that are synthetic retrieval samples
     seed: int = 0
     gate_lr: float = 0.3
     multiplier_lr: float = 0.05
@@ -56,7 +63,7 @@ class SearchSettings:
     stretch_high: float = 1.1
     dtype: str = "bfloat16"
     device: str = "auto"
-    backend: str = "sdpa"
+    attention_backend: str = "auto"
     output: str = "runs/search"
     checkpoint_every: int = 25  # steps between checkpoints; 0: only when interrupted and at the end
 
@@ -67,6 +74,15 @@ class SearchSettings:
             raise SettingsError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got '{self.granularity}'")
         if self.loss not in LOSSES:
             raise SettingsError(f"--loss must be one of {', '.join(LOSSES)}, got '{self.loss}'")
+        if self.method not in METHODS:
+            raise SettingsError(f"--method must be one of {', '.join(METHODS)}, got '{self.method}'")
+        if not 0.0 <= self.retrieval_fraction < 1.0:
+            raise SettingsError(f"--retrieval-fraction must lie in [0, 1), got {self.retrieval_fraction}")
+        if self.l1_weight < 0:
+            raise SettingsError(f"--l1-weight must be >= 0, got {self.l1_weight}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise SettingsError(f"--attention-backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                                f"got '{self.attention_backend}'")
         if self.dtype not in DTYPES:
             raise SettingsError(f"--dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
         for name in ("window", "seq_len", "steps", "batch_size"):
@@ -145,6 +161,8 @@ def resumed_settings(saved: dict[str, Any], run_dir: str | Path, completed_steps
     ``recipe`` and ``overrides`` are what the user gave, as for :func:`build_settings`; a given value equal to the
     saved one is no conflict. The run stays in ``run_dir`` wherever it was first written.
     """
+    # Runs checkpointed before the backend setting was renamed name it "backend".
+    saved = {("attention_backend" if key == "backend" else key): value for key, value in saved.items()}
     run = build_settings(SearchSettings, None, **saved)
     given = load_recipe(recipe) if recipe is not None else {}
     given.update({key: value for key, value in overrides.items() if value is not None})

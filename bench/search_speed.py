@@ -1,0 +1,215 @@
+"""Search-step speed against a plain dense forward + backward of the same model, and the attention kernel alone.
+
+A Qwen3-0.6B-shaped model (its real config, random weights, bfloat16; the hub is unreachable here), frozen weights,
+one sequence per step. Columns per sequence length and loss:
+
+* dense: ``model(inputs_embeds)`` + next-token loss + backward to the (grad-requiring) embeddings, SDPA attention;
+* search: consa's own search loop (``run_search``: gates, teacher forward for KL, backward, optimiser steps) with
+  each ``--backends`` entry: ``flex`` (SDPA full + FlexAttention window) and ``sdpa`` (the reference: full +
+  blocked sliding-window SDPA calls).
+
+Tokens/s are from the median step after warm-up (the first steps compile the kernels); the dense step is measured
+before and after the searches and the faster median kept (a conservative ratio); peak memory is
+``torch.cuda.max_memory_allocated``. The projected search time is the recipe's step count times the measured step
+plus the measured warm-up. Results go to ``--json`` after every row.
+
+    python bench/search_speed.py --lengths 4096 8192 --json docs/results/search-speed-h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, Qwen3Config
+
+from consa_cli.attention import ATTENTION_BACKENDS
+from consa_cli.losses import next_token_loss
+from consa_cli.search import environment_versions, run_search
+from consa_cli.settings import SearchSettings, load_recipe
+
+RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "qwen3-0.6b-kv-head-per-layer.yaml"
+QWEN3_0_6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+                  rope_theta=1_000_000.0, max_position_embeddings=40960, rms_norm_eps=1e-6)
+TINY = dict(QWEN3_0_6B, vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=8, num_key_value_heads=4, head_dim=16)
+
+
+def build_model(shape: dict, device: torch.device) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = Qwen3Config(**shape)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.bfloat16)
+    model = model.to(device).eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+
+
+def dense_step_seconds(model, input_ids: torch.Tensor, warmup: int, repeats: int) -> list[float]:
+    """Plain forward + next-token loss + backward to the embeddings (weights frozen), per step."""
+    embedding = model.get_input_embeddings()
+    seconds = []
+    for _ in range(warmup + repeats):
+        synchronize(input_ids.device)
+        started = time.perf_counter()
+        embeds = embedding(input_ids).detach().requires_grad_()
+        loss = next_token_loss(model(inputs_embeds=embeds, use_cache=False).logits, input_ids)
+        loss.backward()
+        synchronize(input_ids.device)
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def search_step_seconds(model, length: int, loss: str, backend: str, warmup: int, repeats: int,
+                        window: int, sinks: int) -> list[float]:
+    """consa's search loop itself, timed per step by its own metrics (each step ends in a host sync)."""
+    settings = SearchSettings(granularity="kv-head-per-layer", sparsity=0.75, window=window, seq_len=length,
+                              steps=warmup + repeats, loss=loss, attention_backend=backend, target_warmup_steps=0)
+    sequences = torch.randint(0, model.config.vocab_size, (settings.steps, length),
+                              generator=torch.Generator().manual_seed(1))
+    result = run_search(settings, model, sequences, sinks)
+    assert result.allocation.metadata["attention_backend"] == backend
+    return [record["seconds"] for record in result.metrics]
+
+
+def kernel_milliseconds(fn, inputs: list[torch.Tensor], repeats: int) -> float:
+    """Median fwd + bwd time of ``fn(*inputs)`` in ms (CUDA events), after a compiling warm-up."""
+    def once():
+        out = fn(*inputs)
+        out.backward(torch.ones_like(out))
+
+    for _ in range(3):
+        once()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        once()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return round(statistics.median(times), 3)
+
+
+def kernel_rows(length: int, shape: dict, window: int, sinks: int, device: torch.device, repeats: int) -> dict:
+    heads, kv_heads, dim = shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"]
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def tensor(*size):
+        return torch.randn(*size, device=device, dtype=torch.bfloat16, generator=generator)
+
+    # The layout transformers hands over: [B, T, H, D] transposed to [B, H, T, D].
+    query, key, value = (tensor(1, length, h, dim).transpose(1, 2).requires_grad_() for h in (heads, kv_heads, kv_heads))
+    weight = torch.rand(kv_heads, device=device, generator=generator).requires_grad_()
+    scaling = dim ** -0.5
+
+    def dense_causal(q, k, v):  # what the dense model's SDPA attention does (transformers: GQA in SDPA)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling,
+                                                                enable_gqa=True)
+
+    row = {"dense_causal_sdpa_ms": kernel_milliseconds(dense_causal, [query, key, value], repeats)}
+    for backend in ("sdpa", "flex"):
+        def mix(q, k, v, w, backend=backend):
+            return ATTENTION_BACKENDS[backend].full_and_sliding(q, k, v, w, scaling, window, sinks)
+
+        row[f"search_{backend}_ms"] = kernel_milliseconds(mix, [query, key, value, weight], repeats)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
+    parser.add_argument("--losses", nargs="+", default=["lm", "kl"])
+    parser.add_argument("--backends", nargs="+", default=["flex", "sdpa"])
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--sink-tokens", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=3, help="steps not timed (the first compiles the kernels)")
+    parser.add_argument("--repeats", type=int, default=8, help="timed steps")
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model of the same layout (smoke test, CPU)")
+    parser.add_argument("--json", type=Path, required=True)
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shape = TINY if args.tiny else QWEN3_0_6B
+    model = build_model(shape, device)
+    backends = args.backends if device.type == "cuda" else ["sdpa", "eager"]
+    recipe = load_recipe(RECIPE)
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "command": "python " + " ".join(sys.argv),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "versions": environment_versions(),
+        "model": "Qwen3-0.6B shape, random weights, bfloat16" if not args.tiny else "tiny Qwen3, random weights",
+        "window": args.window, "sink_tokens": args.sink_tokens, "granularity": "kv-head-per-layer",
+        "rows": [], "kernels": [],
+    }
+
+    def save() -> None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+    for length in args.lengths:
+        if device.type == "cuda":
+            report["kernels"].append({"tokens": length, **kernel_rows(length, shape, args.window, args.sink_tokens,
+                                                                      device, repeats=20)})
+            print(report["kernels"][-1], flush=True)
+            save()
+        input_ids = torch.randint(0, shape["vocab_size"], (1, length), device=device)
+        reset_peak(device)
+        dense = dense_step_seconds(model, input_ids, args.warmup, args.repeats)
+        dense_seconds = statistics.median(dense[args.warmup:])
+        dense_peak = peak_gib(device)
+        rows = []
+        for loss in args.losses:
+            row = {"tokens": length, "loss": loss}
+            for backend in backends:
+                reset_peak(device)
+                seconds = search_step_seconds(model, length, loss, backend, args.warmup, args.repeats, args.window,
+                                              args.sink_tokens)
+                step = statistics.median(seconds[args.warmup:])
+                row[f"{backend}_seconds"] = step
+                row[f"{backend}_peak_gib"] = peak_gib(device)
+                row[f"{backend}_warmup_s"] = round(sum(seconds[:args.warmup]), 1)
+                if length == recipe["seq_len"] and loss == recipe["loss"]:
+                    row[f"{backend}_projected_recipe_minutes"] = round(
+                        (sum(seconds[:args.warmup]) + step * (recipe["steps"] - args.warmup)) / 60, 1)
+            rows.append(row)
+        dense_again = dense_step_seconds(model, input_ids, args.warmup, args.repeats)
+        dense_seconds = min(dense_seconds, statistics.median(dense_again[args.warmup:]))
+        for row in rows:
+            row["dense_tokens_per_s"] = round(length / dense_seconds)
+            row["dense_peak_gib"] = dense_peak
+            for backend in backends:
+                step = row.pop(f"{backend}_seconds")
+                row[f"{backend}_tokens_per_s"] = round(length / step)
+                row[f"{backend}_vs_dense"] = round(dense_seconds / step, 3)
+            report["rows"].append(row)
+            print(row, flush=True)
+        save()
+
+
+if __name__ == "__main__":
+    main()

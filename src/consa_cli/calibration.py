@@ -1,0 +1,124 @@
+"""Calibration data for search: natural text, optionally mixed with synthetic long-range retrieval samples.
+
+Perplexity-calibrated allocations keep perplexity but lose retrieval (docs/results.md): on natural text almost
+every token is predictable from the last few hundred, so the search never learns which heads fetch facts from
+far back. DuoAttention calibrates on synthetic retrieval for this reason. A retrieval calibration sample is a
+calibration-split text sequence with a few facts (needles) laid in far from its end and a question about one of
+them at the end; the loss counts only the answer tokens, so each sample says exactly "keep what retrieves".
+
+The calibration formats are deliberately unlike the evaluation tasks in :mod:`consa_cli.retrieval` (digits keyed
+by a fixed phrase, magic numbers, variable chains): letter codes of named rooms and people's cities, asked in
+other words, so retrieval accuracy measured afterwards is on formats the search never saw.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from consa_cli.data import DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+CALIBRATION_FORMATS = ("room-code", "home-city")
+MAX_NEEDLES = 3  # facts per sample: the queried one and up to two distractors of the same format
+
+_ROOMS = ("amber", "birch", "cobalt", "copper", "coral", "crimson", "ivory", "jade", "lilac", "maple", "marble",
+          "olive", "onyx", "pearl", "quartz", "ruby", "sable", "slate", "topaz", "velvet")  # fmt: skip
+_PEOPLE = ("Adele Brandt", "Boris Okafor", "Clara Lindqvist", "Dmitri Havel", "Elena Marchetti", "Farid Nasser",
+           "Greta Holm", "Hugo Lemaire", "Ines Duarte", "Jonas Keller", "Keiko Tanabe", "Luis Ortega",
+           "Mara Petrovic", "Nils Ekberg", "Olga Sorensen", "Pavel Novak")  # fmt: skip
+_CITIES = ("Lisbon", "Oslo", "Krakow", "Valencia", "Tampere", "Ghent", "Bergen", "Porto", "Zagreb", "Lyon",
+           "Graz", "Turin", "Aarhus", "Brno", "Seville", "Utrecht")  # fmt: skip
+_CODE_LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZ"
+
+
+@dataclass
+class CalibrationSet:
+    """Token sequences ``[N, seq_len]`` and which logit positions count in the loss (``loss_mask``, same shape).
+
+    ``loss_mask[i, t]`` is True when the logits at position ``t`` (which predict token ``t + 1``) enter sequence
+    ``i``'s loss; each sequence's loss is the mean over its own True positions, so a retrieval sample with three
+    answer tokens weighs as much as a text sequence with a thousand.
+    """
+
+    sequences: torch.LongTensor
+    loss_mask: torch.BoolTensor
+
+    @classmethod
+    def text_only(cls, sequences: torch.LongTensor) -> CalibrationSet:
+        return cls(sequences, torch.ones_like(sequences, dtype=torch.bool))
+
+    @property
+    def retrieval_count(self) -> int:
+        return int((~self.loss_mask.all(dim=1)).sum())
+
+
+def _fact(fmt: str, rng: random.Random, key: str) -> tuple[str, str, str]:
+    """(needle sentence, question ending where the answer starts, answer) for one fact of format ``fmt``."""
+    if fmt == "room-code":
+        code = "".join(rng.choice(_CODE_LETTERS) for _ in range(4))
+        return (f" The door of the {key} room opens with the code {code}.",
+                f"\nWhich code opens the door of the {key} room? The code is", f" {code}")
+    city = rng.choice(_CITIES)
+    return (f" {key} has lived in {city} for many years.", f"\nIn which city does {key} live? {key} lives in",
+            f" {city}")
+
+
+def retrieval_sample(tokenizer: PreTrainedTokenizerBase, text_ids: torch.LongTensor, fmt: str,
+                     rng: random.Random, window: int) -> tuple[torch.LongTensor, torch.BoolTensor]:
+    """One retrieval calibration sample as long as ``text_ids``: text with needles, then question and answer.
+
+    Every needle sits more than ``window`` tokens before the answer, so a sliding-window unit cannot see it and
+    only full-attention units can carry the fact to the answer.
+    """
+    if fmt not in CALIBRATION_FORMATS:
+        raise DataError(f"unknown calibration format '{fmt}'; choose from {', '.join(CALIBRATION_FORMATS)}")
+    keys = rng.sample(_ROOMS if fmt == "room-code" else _PEOPLE, rng.randint(1, MAX_NEEDLES))
+    facts = [_fact(fmt, rng, key) for key in keys]
+    needle_text, question_text, answer_text = facts[rng.randrange(len(facts))]
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    needles = [encode(needle) for needle, _, _ in facts]
+    tail = encode(question_text) + encode(answer_text)
+    answer_len = len(encode(answer_text))
+    length = len(text_ids)
+    text_budget = length - len(tail) - sum(map(len, needles))
+    latest = text_budget - window  # a needle ending here still lies beyond the window of the first answer token
+    if latest < 1:
+        raise DataError(f"--seq-len {length} is too short for retrieval calibration with --window {window}: the "
+                        "needles must lie a full window before the question")
+    positions = sorted(rng.randrange(1, latest) for _ in needles)  # after the first token (BOS or not)
+    text = text_ids[:text_budget].tolist()
+    ids: list[int] = []
+    previous = 0
+    for position, needle in zip(positions, needles, strict=True):
+        ids += text[previous:position] + needle
+        previous = position
+    ids += text[previous:] + tail
+    loss_mask = torch.zeros(length, dtype=torch.bool)
+    loss_mask[length - answer_len - 1 : length - 1] = True  # the logits that predict the answer tokens
+    return torch.tensor(ids, dtype=torch.long), loss_mask
+
+
+def mix_retrieval(text: torch.LongTensor, tokenizer: PreTrainedTokenizerBase, retrieval_fraction: float,
+                  window: int, seed: int) -> CalibrationSet:
+    """Calibration set of ``text`` sequences plus retrieval samples making up ``retrieval_fraction`` of it.
+
+    The retrieval samples are built on text sequences of the same calibration split (cycled), alternating the
+    formats; everything depends only on ``seed``.
+    """
+    if not 0.0 <= retrieval_fraction < 1.0:
+        raise DataError(f"--retrieval-fraction must lie in [0, 1), got {retrieval_fraction}")
+    base = CalibrationSet.text_only(text)
+    count = round(len(text) * retrieval_fraction / (1.0 - retrieval_fraction))
+    if count == 0:
+        return base
+    rng = random.Random(f"consa-calibration/{seed}")
+    samples = [retrieval_sample(tokenizer, text[(i * 7 + 3) % len(text)], CALIBRATION_FORMATS[i % 2], rng, window)
+               for i in range(count)]
+    return CalibrationSet(torch.cat([base.sequences, torch.stack([ids for ids, _ in samples])]),
+                          torch.cat([base.loss_mask, torch.stack([mask for _, mask in samples])]))

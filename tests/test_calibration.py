@@ -1,0 +1,72 @@
+"""Retrieval calibration samples: exact length, needles beyond the window, loss on the answer tokens only."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from consa_cli.calibration import CALIBRATION_FORMATS, CalibrationSet, mix_retrieval, retrieval_sample
+from consa_cli.data import DataError
+from consa_cli.retrieval import TASKS
+from consa_cli.search import run_search
+from consa_cli.settings import SearchSettings
+
+LENGTH, WINDOW = 400, 64
+
+
+def text_sequences(tokenizer, count=6):
+    ids = tokenizer("the quick brown fox jumps over the lazy dog. " * 200, add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids[: count * LENGTH]).view(count, LENGTH)
+
+
+@pytest.mark.parametrize("fmt", CALIBRATION_FORMATS)
+def test_sample_asks_for_a_fact_beyond_the_window_and_scores_only_its_answer(char_tokenizer, fmt):
+    text = text_sequences(char_tokenizer)[0]
+    for seed in range(5):
+        ids, mask = retrieval_sample(char_tokenizer, text, fmt, random.Random(seed), WINDOW)
+        assert ids.shape == mask.shape == (LENGTH,)
+        decoded = char_tokenizer.decode(ids)
+        answer = char_tokenizer.decode(ids[1:][mask[:-1]])  # the tokens the scored logits predict
+        question = decoded[: len(decoded) - len(answer)].rsplit("\n", 1)[1]
+        key = question.split("the door of the ")[-1].split(" room")[0] if fmt == "room-code" else \
+            question.split("In which city does ")[1].split(" live")[0]
+        needle_at = decoded.index(f"{key} room opens with the code{answer}." if fmt == "room-code" else
+                                  f"{key} has lived in{answer} for")
+        first_answer_token = LENGTH - len(answer)
+        assert first_answer_token - needle_at > WINDOW  # out of a sliding window's reach
+        assert int(mask.sum()) == len(answer) and answer.strip()
+
+
+def test_mixture_has_the_requested_share_is_seeded_and_keeps_text_rows(char_tokenizer):
+    text = text_sequences(char_tokenizer)
+    mixed = mix_retrieval(text, char_tokenizer, 0.25, WINDOW, seed=0)
+    assert mixed.sequences.shape == (8, LENGTH) and mixed.retrieval_count == 2
+    assert torch.equal(mixed.sequences[:6], text) and mixed.loss_mask[:6].all()
+    assert torch.equal(mix_retrieval(text, char_tokenizer, 0.25, WINDOW, seed=0).sequences, mixed.sequences)
+    assert not torch.equal(mix_retrieval(text, char_tokenizer, 0.25, WINDOW, seed=1).sequences, mixed.sequences)
+    assert mix_retrieval(text, char_tokenizer, 0.0, WINDOW, seed=0).retrieval_count == 0
+
+
+def test_calibration_formats_differ_from_the_evaluation_tasks():
+    assert not set(CALIBRATION_FORMATS) & set(TASKS)
+
+
+def test_too_short_for_a_needle_beyond_the_window_is_a_data_error(char_tokenizer):
+    with pytest.raises(DataError, match="too short for retrieval calibration"):
+        retrieval_sample(char_tokenizer, text_sequences(char_tokenizer)[0][:150], "home-city", random.Random(0),
+                         WINDOW)
+
+
+def test_search_on_a_mixture_hits_the_exact_count_and_differs_from_text_only(char_tokenizer):
+    text = text_sequences(char_tokenizer) % 96  # the tiny model's vocabulary
+    mixed = mix_retrieval(text_sequences(char_tokenizer), char_tokenizer, 0.5, WINDOW, seed=0)
+    mixed = CalibrationSet(mixed.sequences % 96, mixed.loss_mask)
+    settings = SearchSettings(window=WINDOW, seq_len=LENGTH, steps=6, sparsity=0.5, target_warmup_steps=2,
+                              dtype="float32", granularity="kv-head")
+    with_retrieval = run_search(settings, tiny_model("llama"), mixed, sink_tokens=2)
+    text_only = run_search(settings, tiny_model("llama"), text, sink_tokens=2)
+    assert with_retrieval.allocation.num_full_units == with_retrieval.allocation.num_units // 2
+    assert not torch.equal(with_retrieval.allocation.scores, text_only.allocation.scores)
