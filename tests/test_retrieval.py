@@ -248,3 +248,12 @@ def test_named_haystacks(monkeypatch):
     assert retrieval.haystack_filler("prose") == ("Some held-out prose sentence here.",)
     with pytest.raises(DataError, match="unknown retrieval haystack 'essays'; choose from noise, prose"):
         retrieval.haystack_filler("essays")
+
+
+def test_the_default_haystack_is_noise(char_tokenizer):
+    sample, = make_samples("passkey", char_tokenizer, [300], [0.5], 1, seed=0)
+    haystack = text_of(char_tokenizer, sample).split("I will quiz you about it.")[1].rsplit("\n", 1)[0]
+    sentences = re.sub(r" The pass key is \d+\. Remember it\. \d+ is the pass key\.", "", haystack)
+    assert set(re.findall(r"[A-Z][^.]*\.", sentences)) <= set(retrieval.NOISE_FILLER)
+    explicit, = make_samples("passkey", char_tokenizer, [300], [0.5], 1, seed=0, filler=retrieval.NOISE_FILLER)
+    assert torch.equal(sample.prompt_ids, explicit.prompt_ids)

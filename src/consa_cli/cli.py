@@ -296,8 +296,8 @@ RETRIEVAL_LENGTHS = typer.Option("1024,2048", "--retrieval-lengths",
 RETRIEVAL_DEPTHS = typer.Option("0.1,0.5,0.9", "--retrieval-depths", help="Needle depths, comma-separated: "
                                 "0 = start of the context, 1 = just before the question.")
 RETRIEVAL_SAMPLES = typer.Option(4, "--retrieval-samples", help="Prompts per (task, length, depth).")
-RETRIEVAL_HAYSTACK = typer.Option("noise", "--retrieval-haystack", help="Text around the needles: noise (the "
-                                  "pass-key test's repeated sentences) or prose (held-out Wikipedia, harder).")
+RETRIEVAL_HAYSTACK = typer.Option(None, "--retrieval-haystack", help="Text around the needles: noise (the pass-key "
+                                  "test's repeated sentences) or prose (held-out Wikipedia, harder) \\[default: noise].")
 
 
 @app.command("eval")
@@ -399,7 +399,8 @@ def _print_task_table(rows: list[dict]) -> None:
     console.print(table)
 
 
-def _set_retrieval(settings, tasks: str | None, lengths: str, depths: str, samples: int, haystack: str) -> None:
+def _set_retrieval(settings, tasks: str | None, lengths: str, depths: str, samples: int,
+                   haystack: str | None) -> None:
     """Fill an EvalSettings' retrieval fields from the --retrieval* flags (nothing when ``tasks`` is empty)."""
     from consa_cli.retrieval import HAYSTACKS, TASKS
     from consa_cli.settings import SettingsError
@@ -410,9 +411,10 @@ def _set_retrieval(settings, tasks: str | None, lengths: str, depths: str, sampl
     settings.retrieval_lengths = _csv(lengths, int, "--retrieval-lengths")
     settings.retrieval_depths = _csv(depths, float, "--retrieval-depths")
     settings.retrieval_samples = samples
-    settings.retrieval_haystack = haystack
+    settings.retrieval_haystack = haystack or settings.retrieval_haystack
     unknown = [task for task in settings.retrieval_tasks if task not in TASKS]
-    if unknown or samples < 1 or not all(0 <= d <= 1 for d in settings.retrieval_depths) or haystack not in HAYSTACKS:
+    if (unknown or samples < 1 or not all(0 <= d <= 1 for d in settings.retrieval_depths)
+            or settings.retrieval_haystack not in HAYSTACKS):
         raise SettingsError(f"--retrieval takes {', '.join(TASKS)}; --retrieval-depths lie in [0, 1]; "
                             f"--retrieval-samples >= 1; --retrieval-haystack is {' or '.join(HAYSTACKS)}")
 

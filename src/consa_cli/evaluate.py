@@ -29,7 +29,7 @@ from consa_cli.data import EMBEDDED_CORPUS, load_token_sequences
 from consa_cli.downstream import load_tasks, run_tasks
 from consa_cli.export import MASK_FILE, load_hybrid, read_export_config
 from consa_cli.models import load_model_and_tokenizer, model_fingerprint
-from consa_cli.retrieval import evaluate_retrieval, haystack_filler
+from consa_cli.retrieval import DEFAULT_HAYSTACK, evaluate_retrieval, haystack_filler
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -55,7 +55,7 @@ class EvalSettings:
     retrieval_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
     retrieval_samples: int = 4
     retrieval_seed: int = 0
-    retrieval_haystack: str = "noise"  # or "prose": see consa_cli.retrieval.HAYSTACKS
+    retrieval_haystack: str = DEFAULT_HAYSTACK  # see consa_cli.retrieval.HAYSTACKS
     # Downstream benchmarks through lm-evaluation-harness (consa_cli.downstream); no tasks = none.
     tasks: list[str] = field(default_factory=list)
     tasks_include: str | None = None  # a directory of lm-eval task YAML files (local data works offline)
