@@ -354,3 +354,11 @@ def test_sweep_command(tmp_path, tiny_model_dir, tiny_text_file):
     assert result.exit_code == 2 and result.stdout == ""
     assert result.stderr.strip() == "error: --sparsities must be a comma-separated list of float, got '0.5,half'"
     assert not (tmp_path / "bad").exists()
+
+
+def test_report_without_matplotlib_fails_before_evaluating(tmp_path, tiny_model_dir, tiny_text_file, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    result = invoke("eval", tiny_model_dir, "--data", tiny_text_file, "--report", tmp_path / "report")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.strip() == "error: plots need matplotlib: pip install 'consa-cli[plot]'"
+    assert not (tmp_path / "report").exists()
