@@ -128,7 +128,8 @@ def bucket_rows(nll: torch.Tensor, buckets: list[tuple[int, int]],
     rows = []
     for start, end in buckets:
         per_sequence = nll[:, start:end].mean(dim=1)
-        row = {"start": start, "end": end, "nll": per_sequence.mean().item(), "ppl": math.exp(per_sequence.mean())}
+        mean = per_sequence.mean().item()
+        row = {"start": start, "end": end, "nll": mean, "ppl": math.exp(mean)}
         if reference is not None:
             row["delta_nll_vs_dense"], row["paired_t_vs_dense"] = paired_difference(
                 per_sequence, reference[:, start:end].mean(dim=1))
@@ -168,6 +169,7 @@ def evaluate(targets: list[Target], settings: EvalSettings,
     reference_window = settings.bucket_window or (Counter(windows).most_common(1)[0][0] if windows else None)
 
     for target in targets:
+        applied = target.allocation if target.kind == "allocation" else None  # an export has it built in
         if target.kind == "export":
             model, tokenizer = load_hybrid(target.path, dtype=dtype, device=settings.device, return_tokenizer=True)
         else:
@@ -187,12 +189,7 @@ def evaluate(targets: list[Target], settings: EvalSettings,
             batch = sequences[token_key]
             progress = (lambda n, label=target.label, total=batch.shape[0]: on_progress(label, n, total)) \
                 if on_progress else None
-            if target.kind == "allocation":
-                allocation = target.allocation
-                with hybrid_attention(model, allocation.fa_mask.to(model.device), allocation.sliding_window,
-                                      allocation.sink_tokens):
-                    per_token = token_nll(model, batch, settings.batch_size, progress)
-            else:
+            with _runtime(model, applied):
                 per_token = token_nll(model, batch, settings.batch_size, progress)
             nll = per_token.mean(dim=1)
             row = _row(target, seq_len, nll)
@@ -212,10 +209,9 @@ def evaluate(targets: list[Target], settings: EvalSettings,
                 if window < seq_len - 1:  # every prediction whose query lies beyond the window, in one number
                     row["beyond_window"] = bucket_rows(per_token, [(window, seq_len - 1)], reference)[0]
             rows.append(row)
-        allocation = target.allocation if target.kind == "allocation" else None
         target_rows = rows[-len(settings.seq_lens):]
         if settings.retrieval_tasks:
-            with _runtime(model, allocation):  # the same seeded prompts for every target that shares the tokenizer
+            with _runtime(model, applied):  # the same seeded prompts for every target that shares the tokenizer
                 retrieval = evaluate_retrieval(model, tokenizer, settings.retrieval_tasks, settings.retrieval_lengths,
                                                settings.retrieval_depths, settings.retrieval_samples,
                                                settings.retrieval_seed, haystack_filler(settings.retrieval_haystack),
@@ -223,7 +219,7 @@ def evaluate(targets: list[Target], settings: EvalSettings,
             for row in target_rows:
                 row["retrieval"] = retrieval
         if harness_tasks is not None:
-            with _runtime(model, allocation):
+            with _runtime(model, applied):
                 scores = run_tasks(model, tokenizer, harness_tasks, settings.batch_size, settings.tasks_limit,
                                    settings.tasks_fewshot)
             for row in target_rows:
