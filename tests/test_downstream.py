@@ -10,6 +10,7 @@ import torch
 from conftest import TOKENIZER_WORDS
 
 from consa_cli.allocation import Allocation
+from consa_cli.attention import hybrid_attention
 from consa_cli.downstream import DownstreamError, load_tasks
 from consa_cli.evaluate import EvalSettings, evaluate, resolve_target
 from consa_cli.models import load_model_and_tokenizer, model_fingerprint
@@ -24,12 +25,19 @@ def _isolated(isolated_consa_cache, one_thread, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 
 
-def documents(count: int = 6) -> list[dict]:
+def documents(answers: list[int] | None = None, count: int = 6) -> list[dict]:
+    """Seeded three-choice questions in the tiny vocabulary; ``answers`` (default: 0, 1, 2, 0, ...)."""
     generator = torch.Generator().manual_seed(0)
     words = torch.randint(0, len(TOKENIZER_WORDS), (count, 8), generator=generator).tolist()
     return [{"question": " ".join(TOKENIZER_WORDS[w] for w in row[:5]),
-             "choices": [TOKENIZER_WORDS[w] for w in row[5:]], "answer": index % 3}
+             "choices": [TOKENIZER_WORDS[w] for w in row[5:]],
+             "answer": answers[index] if answers else index % 3}
             for index, row in enumerate(words)]
+
+
+def write_documents(path, answers: list[int] | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(doc) + "\n" for doc in documents(answers)))
 
 
 def write_task(directory, data_file) -> None:
@@ -44,22 +52,23 @@ def write_task(directory, data_file) -> None:
 @pytest.fixture
 def local_task(tmp_path):
     data = tmp_path / "data" / "docs.jsonl"
-    data.parent.mkdir()
-    data.write_text("".join(json.dumps(doc) + "\n" for doc in documents()))
+    write_documents(data)
     write_task(tmp_path / "tasks", data)
     return tmp_path / "tasks"
 
 
-def reference_accuracy(model, tokenizer) -> float:
-    """Multiple-choice accuracy computed by hand: the choice whose token is likeliest after the question."""
-    correct = 0
+def reference_choices(model, tokenizer) -> list[int]:
+    """Multiple-choice answers computed by hand: the choice whose token is likeliest after the question."""
+    picks = []
     for doc in documents():
         context = tokenizer(doc["question"], return_tensors="pt")["input_ids"]
         with torch.no_grad():
             log_probs = model(input_ids=context).logits[0, -1].log_softmax(-1)
         choice_ids = [tokenizer(choice)["input_ids"][0] for choice in doc["choices"]]
-        correct += int(torch.stack([log_probs[i] for i in choice_ids]).argmax()) == doc["answer"]
-    return correct / len(documents())
+        picks.append(int(torch.stack([log_probs[i] for i in choice_ids]).argmax()))
+    return picks
+
+
 
 
 def test_missing_harness_is_one_clear_error(monkeypatch):
@@ -71,7 +80,13 @@ def test_missing_harness_is_one_clear_error(monkeypatch):
 def test_local_task_scores_dense_and_hybrids(tmp_path, local_task, tiny_model_dir, tiny_text_file):
     pytest.importorskip("lm_eval")
     model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir), dtype=torch.float32)
-    expected = reference_accuracy(model, tokenizer)
+    dense_picks = reference_choices(model, tokenizer)
+    with hybrid_attention(model, torch.zeros(4, 2), sliding_window=2, sink_tokens=0):
+        sliding_picks = reference_choices(model, tokenizer)
+    # The dense model's picks as the answers: it scores 1, the all-sliding hybrid only where it picks the same.
+    write_documents(tmp_path / "data" / "docs.jsonl", dense_picks)
+    sliding_accuracy = sum(map(int.__eq__, sliding_picks, dense_picks)) / len(dense_picks)
+    assert sliding_accuracy < 1
     for name, full in (("all-full", True), ("all-sliding", False)):
         (tmp_path / name).mkdir()
         Allocation(torch.full((4, 2), full), "layer", 2, 0, model=str(tiny_model_dir),
@@ -85,9 +100,9 @@ def test_local_task_scores_dense_and_hybrids(tmp_path, local_task, tiny_model_di
     assert set(dense["tasks"]) == {TASK}
     metrics = dense["tasks"][TASK]
     assert {"acc", "acc_stderr"} <= set(metrics)
-    assert metrics["acc"] == pytest.approx(expected)  # the harness scores the model consa holds, in memory
+    assert metrics["acc"] == 1.0  # the model consa holds, scored in memory
     assert all_full["tasks"] == dense["tasks"]  # an all-full allocation is the dense model
-    assert 0.0 <= all_sliding["tasks"][TASK]["acc"] <= 1.0
+    assert all_sliding["tasks"][TASK]["acc"] == pytest.approx(sliding_accuracy)  # the hybrid, applied
 
 
 @pytest.mark.parametrize(("names", "message"), [
