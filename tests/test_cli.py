@@ -94,6 +94,25 @@ def test_eval_of_a_run_dir_adds_the_dense_reference(tmp_path, tiny_model_dir, ti
     rows = json.loads((tmp_path / "eval.json").read_text())["rows"]
     assert [row["label"] for row in rows] == [f"dense ({tiny_model_dir})", "rule"]
     assert rows[0]["is_reference"] and rows[1]["delta_nll_vs_dense"] > 0
+    assert "perplexity by query position" in result.stdout and "[4, 8)" in result.stdout
+    assert [(b["start"], b["end"]) for b in rows[1]["position_buckets"]] == [(0, 4), (4, 8), (8, 16), (16, 31)]
+
+
+def test_eval_report_compares_several_allocations(tmp_path, tiny_model_dir, tiny_text_file):
+    pytest.importorskip("matplotlib")
+    for rule, sparsity in (("bottom", "0.5"), ("top", "0.5"), ("top", "0.75")):
+        result = invoke("baseline", "--rule", rule, "--model", tiny_model_dir, "--sparsity", sparsity, "--window",
+                        "4", "--output", tmp_path / f"{rule}-{sparsity}")
+        assert result.exit_code == 0, result.output
+    result = invoke("eval", tmp_path / "bottom-0.5", tmp_path / "top-0.5", tmp_path / "top-0.75", "--data",
+                    tiny_text_file, "--seq-len", "32", "--max-sequences", "2", "--dtype", "float32", "--report",
+                    tmp_path / "report")
+    assert result.exit_code == 0, result.output
+    assert f"wrote {tmp_path / 'report' / 'report.md'}" in result.stdout.replace("\n", "")
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| top-0.75 | rule:top layer | 1/4 | 0.750 |" in text
+    assert {p.name for p in (tmp_path / "report").glob("*.png")} == {
+        "delta-nll-32.png", "delta-nll-beyond-window-32.png", "masks-sparsity-0.5.png", "masks-sparsity-0.75.png"}
 
 
 def _bad_inputs() -> dict[str, tuple]:
@@ -194,6 +213,14 @@ def _bad_inputs() -> dict[str, tuple]:
                                  "--retrieval-depths lie in [0, 1]"),
         "eval-retrieval-lengths": (eval_("--retrieval", "passkey", "--retrieval-lengths", "long"),
                                    "--retrieval-lengths must be a comma-separated list of int"),
+        "eval-retrieval-haystack": (eval_("--retrieval", "passkey", "--retrieval-haystack", "essays"),
+                                    "--retrieval-haystack is noise or prose"),
+        "eval-bucket-window-0": (eval_("--bucket-window", "0"), "--bucket-window must be at least 1, got 0"),
+        "eval-tasks-limit-without-tasks": (eval_("--tasks-limit", "2"), "--tasks-limit and --tasks-fewshot need"),
+        "sweep-unknown-rule": (lambda tmp, m, d: ["sweep", "--model", m, "--sparsities", "0.5", "--rules", "nope",
+                                                  "--output", tmp / "sweep"], "unknown rule 'nope'"),
+        "sweep-sparsity-above-1": (lambda tmp, m, d: ["sweep", "--model", m, "--sparsities", "0.5,1.5",
+                                                      "--output", tmp / "sweep"], "--sparsity must be between 0 and 1"),
         "show-not-safetensors": (lambda tmp, m, d: ["show", write("notes.txt", "hello")(tmp)],
                                  "is not a readable safetensors allocation file"),
         "show-missing": (lambda tmp, m, d: ["show", tmp / "nothing-here"], "no allocation file at"),
@@ -310,3 +337,28 @@ def test_no_code_path_unpickles_files():
                  for number, line in enumerate(path.read_text().splitlines(), 1)
                  if any(call in line for call in ("torch.load(", "pickle.load", "import pickle", "trust_remote_code=True"))]
     assert offenders == []
+
+
+def test_sweep_command(tmp_path, tiny_model_dir, tiny_text_file):
+    result = invoke("sweep", "--model", tiny_model_dir, "--data", tiny_text_file, "--sparsities", "0.5",
+                    "--rules", "top", *SEARCH, "--dtype", "float32", "--max-sequences", "2", "--no-report",
+                    "--output", tmp_path / "sweep")
+    assert result.exit_code == 0, result.output
+    assert "search 1/1: " in result.stdout and "rule-top-kv-head-s0.5" in result.stdout
+    assert f"wrote {tmp_path / 'sweep' / 'eval.json'}" in result.stdout.replace("\n", "")
+    assert not (tmp_path / "sweep" / "report").exists()
+    rows = json.loads((tmp_path / "sweep" / "eval.json").read_text())["rows"]
+    assert [row["method"] for row in rows][0] == "dense" and len(rows) == 3
+
+    result = invoke("sweep", "--model", tiny_model_dir, "--sparsities", "0.5,half", "--output", tmp_path / "bad")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.strip() == "error: --sparsities must be a comma-separated list of float, got '0.5,half'"
+    assert not (tmp_path / "bad").exists()
+
+
+def test_report_without_matplotlib_fails_before_evaluating(tmp_path, tiny_model_dir, tiny_text_file, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    result = invoke("eval", tiny_model_dir, "--data", tiny_text_file, "--report", tmp_path / "report")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.strip() == "error: plots need matplotlib: pip install 'consa-cli[plot]'"
+    assert not (tmp_path / "report").exists()

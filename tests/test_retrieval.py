@@ -115,6 +115,16 @@ def test_needle_sits_at_the_requested_depth(char_tokenizer, task):
             assert text[queried.end() :] == "\nWhat is the pass key? The pass key is"
 
 
+@pytest.mark.parametrize("length", [600, 601, 617, 650])
+def test_haystack_ends_with_a_whole_sentence_before_the_question(char_tokenizer, length):
+    filler = ["Alpha beta gamma delta.", "A much longer second sentence of the haystack, cut when it opens it."]
+    for sample in make_samples("passkey", char_tokenizer, [length], [0.5], 3, seed=4, filler=filler):
+        text = text_of(char_tokenizer, sample)
+        haystack = text[: text.rindex("\n")]
+        assert haystack.endswith(tuple(" " + sentence for sentence in filler))
+        assert len(text) == length
+
+
 def test_passkey_answer_comes_only_from_its_single_needle(char_tokenizer):
     for sample in make_samples("passkey", char_tokenizer, [600], [0.2, 0.8], 3, seed=2, filler=FILLER):
         text = text_of(char_tokenizer, sample)
@@ -230,3 +240,20 @@ def test_evaluate_retrieval_runs_on_a_hybrid(char_tokenizer, one_thread):
     assert set(result) == {"overall", "by_task", "cells"}
     assert set(result["by_task"]) == set(TASKS) and len(result["cells"]) == len(TASKS)
     assert all(0 <= value <= 1 for value in [result["overall"], *result["by_task"].values()])
+
+
+def test_named_haystacks(monkeypatch):
+    assert retrieval.haystack_filler("noise") == retrieval.NOISE_FILLER
+    monkeypatch.setattr(retrieval, "default_filler", lambda: ("Some held-out prose sentence here.",))
+    assert retrieval.haystack_filler("prose") == ("Some held-out prose sentence here.",)
+    with pytest.raises(DataError, match="unknown retrieval haystack 'essays'; choose from noise, prose"):
+        retrieval.haystack_filler("essays")
+
+
+def test_the_default_haystack_is_noise(char_tokenizer):
+    sample, = make_samples("passkey", char_tokenizer, [300], [0.5], 1, seed=0)
+    haystack = text_of(char_tokenizer, sample).split("I will quiz you about it.")[1].rsplit("\n", 1)[0]
+    sentences = re.sub(r" The pass key is \d+\. Remember it\. \d+ is the pass key\.", "", haystack)
+    assert set(re.findall(r"[A-Z][^.]*\.", sentences)) <= set(retrieval.NOISE_FILLER)
+    explicit, = make_samples("passkey", char_tokenizer, [300], [0.5], 1, seed=0, filler=retrieval.NOISE_FILLER)
+    assert torch.equal(sample.prompt_ids, explicit.prompt_ids)

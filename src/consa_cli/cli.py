@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import sys
 import traceback
 from collections.abc import Iterator
@@ -43,13 +44,14 @@ def user_errors() -> Iterator[None]:
     """Turn expected failures into one line on stderr and exit code 2 (a traceback only with --debug)."""
     from consa_cli.allocation import AllocationError
     from consa_cli.data import DataError
+    from consa_cli.downstream import DownstreamError
     from consa_cli.export import ExportError
     from consa_cli.families import UnsupportedModelError
     from consa_cli.models import ModelError
     from consa_cli.plots import PlotError
     from consa_cli.settings import SettingsError
 
-    expected = (AllocationError, DataError, ExportError, UnsupportedModelError, ModelError, SettingsError, PlotError,
+    expected = (AllocationError, DataError, DownstreamError, ExportError, UnsupportedModelError, ModelError, SettingsError, PlotError,
                 FileExistsError, FileNotFoundError, PermissionError, FloatingPointError)
     try:
         yield
@@ -159,8 +161,6 @@ def search(
 
     Ctrl-C (or SIGTERM) stops after the current step with a checkpoint; continue with --resume RUN_DIR.
     """
-    import shlex
-
     from consa_cli.checkpoint import SearchInterrupted, load_checkpoint
     from consa_cli.search import search as run
     from consa_cli.settings import SettingsError, build_settings, resumed_settings
@@ -290,6 +290,18 @@ def export(
                           f"{result.max_logit_difference:.2e})")
 
 
+# Shared by `consa eval` and `consa sweep`.
+RETRIEVAL_TASKS = typer.Option(None, "--retrieval", help="Also score long-context retrieval (exact match): "
+                               "comma-separated tasks from passkey, multikey, variable-tracking.")
+RETRIEVAL_LENGTHS = typer.Option("1024,2048", "--retrieval-lengths",
+                                 help="Retrieval prompt lengths in tokens, comma-separated.")
+RETRIEVAL_DEPTHS = typer.Option("0.1,0.5,0.9", "--retrieval-depths", help="Needle depths, comma-separated: "
+                                "0 = start of the context, 1 = just before the question.")
+RETRIEVAL_SAMPLES = typer.Option(4, "--retrieval-samples", help="Prompts per (task, length, depth).")
+RETRIEVAL_HAYSTACK = typer.Option(None, "--retrieval-haystack", help="Text around the needles: noise (the pass-key "
+                                  "test's repeated sentences) or prose (held-out Wikipedia, harder) \\[default: noise].")
+
+
 @app.command("eval")
 def eval_command(
     targets: list[str] = typer.Argument(..., help="Export dirs, run dirs / allocation files (applied to their "
@@ -302,14 +314,22 @@ def eval_command(
     device: str = typer.Option(None, help="cpu or cuda \\[default: cpu]."),
     dense: bool = typer.Option(True, help="Include the dense original model as the reference row."),
     dense_model: str = typer.Option(None, help="Dense reference model \\[default: the targets' source model]."),
+    bucket_window: int = typer.Option(None, help="Split perplexity by query position into [0, W), [W, 2W), "
+                                      "[2W, 4W), ... \\[default: W = each allocation's sliding window]."),
     json_path: Path = typer.Option(None, "--json", help="Also write the results as JSON here."),
-    retrieval: str = typer.Option(None, "--retrieval", help="Also score long-context retrieval (exact match): "
-                                  "comma-separated tasks from passkey, multikey, variable-tracking."),
-    retrieval_lengths: str = typer.Option("1024,2048", "--retrieval-lengths",
-                                          help="Retrieval prompt lengths in tokens, comma-separated."),
-    retrieval_depths: str = typer.Option("0.1,0.5,0.9", "--retrieval-depths", help="Needle depths, comma-separated: "
-                                         "0 = start of the context, 1 = just before the question."),
-    retrieval_samples: int = typer.Option(4, "--retrieval-samples", help="Prompts per (task, length, depth)."),
+    report: Path = typer.Option(None, "--report", metavar="DIR", help="Also write DIR/report.md: tables, NLL and "
+                                "retrieval vs sparsity per method, and the masks (PNGs; needs matplotlib)."),
+    retrieval: str = RETRIEVAL_TASKS,
+    retrieval_lengths: str = RETRIEVAL_LENGTHS,
+    retrieval_depths: str = RETRIEVAL_DEPTHS,
+    retrieval_samples: int = RETRIEVAL_SAMPLES,
+    retrieval_haystack: str = RETRIEVAL_HAYSTACK,
+    tasks: str = typer.Option(None, "--tasks", help="Also run lm-evaluation-harness tasks on every target in memory, "
+                              "comma-separated (e.g. arc_easy,hellaswag; needs consa-cli\\[lmeval])."),
+    tasks_include: Path = typer.Option(None, "--tasks-include", metavar="DIR", help="Directory of lm-eval task YAML "
+                                       "files (e.g. over local JSON data: works offline); their names go in --tasks."),
+    tasks_limit: int = typer.Option(None, "--tasks-limit", help="Documents per task (quick checks only)."),
+    tasks_fewshot: int = typer.Option(None, "--tasks-fewshot", help="Few-shot examples \\[default: each task's own]."),
     efficiency: bool = typer.Option(False, "--efficiency", help="Measure KV-cache bytes, peak memory and prefill / "
                                     "decode speed against the dense model instead of perplexity."),
     context_lengths: str = typer.Option("1024,2048", "--context-lengths",
@@ -318,7 +338,7 @@ def eval_command(
     decode_steps: int = typer.Option(16, "--decode-steps", help="--efficiency greedy decode steps after prefill."),
 ):
     """Held-out perplexity of hybrids next to the dense original (paired per-sequence statistics)."""
-    from consa_cli.evaluate import DTYPES, EvalSettings, evaluate, resolve_target
+    from consa_cli.evaluate import DTYPES, EvalSettings, evaluate, resolve_target, write_eval_json
     from consa_cli.settings import SettingsError
 
     if efficiency:
@@ -329,25 +349,29 @@ def eval_command(
         settings = EvalSettings()
         for name, value in {"data": data, "seq_lens": seq_len or None, "max_sequences": max_sequences,
                             "batch_size": batch_size, "dtype": dtype, "device": device,
-                            "dense_model": dense_model}.items():
+                            "dense_model": dense_model, "bucket_window": bucket_window}.items():
             if value is not None:
                 setattr(settings, name, value)
         settings.include_dense = dense
-        if retrieval:
-            from consa_cli.retrieval import TASKS
-
-            settings.retrieval_tasks = _csv(retrieval, str, "--retrieval")
-            settings.retrieval_lengths = _csv(retrieval_lengths, int, "--retrieval-lengths")
-            settings.retrieval_depths = _csv(retrieval_depths, float, "--retrieval-depths")
-            settings.retrieval_samples = retrieval_samples
-            unknown = [task for task in settings.retrieval_tasks if task not in TASKS]
-            if unknown or retrieval_samples < 1 or not all(0 <= d <= 1 for d in settings.retrieval_depths):
-                raise SettingsError(f"--retrieval takes {', '.join(TASKS)}; --retrieval-depths lie in [0, 1]; "
-                                    "--retrieval-samples >= 1")
+        _set_retrieval(settings, retrieval, retrieval_lengths, retrieval_depths, retrieval_samples, retrieval_haystack)
+        if tasks:
+            settings.tasks = _csv(tasks, str, "--tasks")
+            settings.tasks_include = str(tasks_include) if tasks_include else None
+            settings.tasks_limit, settings.tasks_fewshot = tasks_limit, tasks_fewshot
+            if (tasks_limit is not None and tasks_limit < 1) or (tasks_fewshot is not None and tasks_fewshot < 0):
+                raise SettingsError("--tasks-limit must be >= 1 and --tasks-fewshot >= 0")
+        elif tasks_include or tasks_limit is not None or tasks_fewshot is not None:
+            raise SettingsError("--tasks-include, --tasks-limit and --tasks-fewshot need --tasks")
         if settings.dtype not in DTYPES:
             raise SettingsError(f"--dtype must be one of {', '.join(DTYPES)}")
         if any(n < 2 for n in settings.seq_lens) or settings.max_sequences < 1 or settings.batch_size < 1:
             raise SettingsError("--seq-len must be >= 2, --max-sequences and --batch-size >= 1")
+        if settings.bucket_window is not None and settings.bucket_window < 1:
+            raise SettingsError(f"--bucket-window must be at least 1, got {settings.bucket_window}")
+        if report is not None:
+            from consa_cli.plots import require_matplotlib
+
+            require_matplotlib()  # before the evaluation, not after it
         resolved = [resolve_target(spec) for spec in targets]
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console, transient=True) as progress:
@@ -360,15 +384,51 @@ def eval_command(
 
             rows = evaluate(resolved, settings, on_progress)
         _print_eval_table(rows)
+        _print_bucket_tables(rows)
         if settings.retrieval_tasks:
             _print_retrieval_table(rows)
+        if settings.tasks:
+            _print_task_table(rows)
         if json_path is not None:
-            json_path.parent.mkdir(parents=True, exist_ok=True)
-            # Strict JSON: a t statistic can be inf/nan (identical or constant differences) -> null.
-            finite_rows = [{key: (None if isinstance(value, float) and not math.isfinite(value) else value)
-                            for key, value in row.items()} for row in rows]
-            json_path.write_text(json.dumps({"settings": settings.__dict__, "rows": finite_rows}, indent=2) + "\n")
-            console.print(f"wrote {json_path}")
+            console.print(f"wrote {write_eval_json(json_path, settings, rows)}")
+        if report is not None:
+            from consa_cli.report import write_report
+
+            command = "consa " + " ".join(shlex.quote(arg) for arg in sys.argv[1:]) if sys.argv[1:] else None
+            console.print(f"wrote {write_report(rows, resolved, report, command=command)}")
+
+
+def _print_task_table(rows: list[dict]) -> None:
+    """lm-eval scores: one row per (model, task), one column per metric (stderr in brackets)."""
+    from consa_cli.report import task_metric_cells
+
+    table = Table(title="lm-evaluation-harness (in-memory hybrid)")
+    for column in ("model", "task", "metrics"):
+        table.add_column(column)
+    for row in {row["path"]: row for row in rows if "tasks" in row}.values():  # scored once per target
+        for task, metrics in row["tasks"].items():
+            table.add_row(row["label"], task, "  ".join(task_metric_cells(metrics)))
+    console.print(table)
+
+
+def _set_retrieval(settings, tasks: str | None, lengths: str, depths: str, samples: int,
+                   haystack: str | None) -> None:
+    """Fill an EvalSettings' retrieval fields from the --retrieval* flags (nothing when ``tasks`` is empty)."""
+    from consa_cli.retrieval import HAYSTACKS, TASKS
+    from consa_cli.settings import SettingsError
+
+    if not tasks:
+        return
+    settings.retrieval_tasks = _csv(tasks, str, "--retrieval")
+    settings.retrieval_lengths = _csv(lengths, int, "--retrieval-lengths")
+    settings.retrieval_depths = _csv(depths, float, "--retrieval-depths")
+    settings.retrieval_samples = samples
+    settings.retrieval_haystack = haystack or settings.retrieval_haystack
+    unknown = [task for task in settings.retrieval_tasks if task not in TASKS]
+    if (unknown or samples < 1 or not all(0 <= d <= 1 for d in settings.retrieval_depths)
+            or settings.retrieval_haystack not in HAYSTACKS):
+        raise SettingsError(f"--retrieval takes {', '.join(TASKS)}; --retrieval-depths lie in [0, 1]; "
+                            f"--retrieval-samples >= 1; --retrieval-haystack is {' or '.join(HAYSTACKS)}")
 
 
 def _efficiency_command(targets: list[str], dtype: str, device: str, dense_model: str | None, json_path: Path | None,
@@ -420,6 +480,30 @@ def _print_eval_table(rows: list[dict]) -> None:
     console.print(table)
 
 
+def _print_bucket_tables(rows: list[dict]) -> None:
+    """Perplexity by query position, one table per (sequence length, buckets): where the long-range cost lies."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if "position_buckets" in row:
+            key = (row["seq_len"], tuple((b["start"], b["end"]) for b in row["position_buckets"]))
+            groups.setdefault(key, []).append(row)
+    for (seq_len, buckets), group in groups.items():
+        table = Table(title=f"perplexity by query position, {seq_len}-token sequences (delta NLL vs dense, paired t); "
+                      f"positions below the window see their whole prefix")
+        table.add_column("model")
+        for start, end in buckets:
+            table.add_column(f"[{start}, {end})", justify="right")
+        for row in group:
+            cells = []
+            for bucket in row["position_buckets"]:
+                cell = f"{bucket['ppl']:.3f}"
+                if "delta_nll_vs_dense" in bucket:
+                    cell += f" ({bucket['delta_nll_vs_dense']:+.4f}, t {bucket['paired_t_vs_dense']:.1f})"
+                cells.append(cell)
+            table.add_row(row["label"], *cells)
+        console.print(table)
+
+
 def _csv(text: str, kind: type, option: str) -> list:
     """A comma-separated option as a list of ``kind``."""
     from consa_cli.settings import SettingsError
@@ -445,6 +529,70 @@ def _print_retrieval_table(rows: list[dict]) -> None:
             by_cell = {(c["length"], c["depth"]): c["accuracy"] for c in result["cells"] if c["task"] == task}
             table.add_row(label, task, *(f"{by_cell[cell]:.2f}" for cell in columns), f"{accuracy:.2f}")
     console.print(table)
+
+
+@app.command()
+def sweep(
+    sparsities: str = typer.Option(..., help="Target sparsities, comma-separated, e.g. 0.5,0.75."),
+    model: str = typer.Option(None, "--model", "-m", help="Model to convert \\[default: the embedded SmolLM2-135M-Instruct]."),
+    granularity: str = typer.Option(DEFAULTS.granularity, help="Unit(s), comma-separated: layer, kv-head, "
+                                    "kv-head-per-layer."),
+    rules: str = typer.Option("interleaved", help="Baseline rules at every sparsity, comma-separated (see consa "
+                              "baseline; 'native' once); '' for none."),
+    methods: str = typer.Option(None, help="Search methods, comma-separated (values of search --method); one search "
+                                "per method, granularity and sparsity \\[default: the recipe's or search's default]."),
+    window: int = typer.Option(None, help=f"Sliding window in tokens. {_default('window')}"),
+    sink_tokens: int = typer.Option(None, help="Sink tokens \\[default: the family's default]."),
+    seq_len: int = typer.Option(None, help=f"Tokens per calibration sequence. {_default('seq_len')}"),
+    data: str = typer.Option(None, help="Calibration text (its calibration split; evaluation uses its held-out split). "
+                             f"{_default('data')}"),
+    steps: int = typer.Option(None, help=f"Optimisation steps of every search. {_default('steps')}"),
+    batch_size: int = typer.Option(None, help=f"Sequences per step (and per evaluation pass). {_default('batch_size')}"),
+    loss: str = typer.Option(None, help=f"kl or lm. {_default('loss')}"),
+    seed: int = typer.Option(None, help=f"Seed of searches and of the random rule. {_default('seed')}"),
+    dtype: str = typer.Option(None, help=f"bfloat16, float32 or float16. {_default('dtype')}"),
+    device: str = typer.Option(None, help=f"cpu, cuda, cuda:N or auto (search and evaluation). {_default('device')}"),
+    recipe: Path = typer.Option(None, help="YAML of search settings (see recipes/); flags override it."),
+    eval_seq_len: list[int] = typer.Option(None, "--eval-seq-len", help="Evaluation sequence length; repeat for "
+                                           "several \\[default: --seq-len]."),
+    max_sequences: int = typer.Option(None, help="Held-out evaluation sequences per length \\[default: 32]."),
+    retrieval: str = RETRIEVAL_TASKS,
+    retrieval_lengths: str = RETRIEVAL_LENGTHS,
+    retrieval_depths: str = RETRIEVAL_DEPTHS,
+    retrieval_samples: int = RETRIEVAL_SAMPLES,
+    retrieval_haystack: str = RETRIEVAL_HAYSTACK,
+    report: bool = typer.Option(True, help="Write OUTPUT/report/report.md with plots (needs matplotlib)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Sweep directory: one run dir per allocation, "
+                                "eval.json, report/."),
+    force: bool = typer.Option(False, help="Overwrite an existing sweep directory."),
+):
+    """Search and baseline allocations at several sparsities, evaluate them all, plot the Pareto front."""
+    from consa_cli.evaluate import EvalSettings
+    from consa_cli.search import resolve_device
+    from consa_cli.settings import build_settings
+    from consa_cli.sweep import run_sweep
+
+    with user_errors():
+        flags = dict(model=model, window=window, sink_tokens=sink_tokens, seq_len=seq_len, data=data, steps=steps,
+                     batch_size=batch_size, loss=loss, seed=seed, dtype=dtype, device=device)
+        search_settings = build_settings(SearchSettings, recipe, **flags)
+        evaluation = EvalSettings(data=search_settings.data, seq_lens=eval_seq_len or [search_settings.seq_len],
+                                  batch_size=search_settings.batch_size, dtype=search_settings.dtype,
+                                  device=str(resolve_device(search_settings.device)))
+        if max_sequences is not None:
+            evaluation.max_sequences = max_sequences
+        _set_retrieval(evaluation, retrieval, retrieval_lengths, retrieval_depths, retrieval_samples,
+                       retrieval_haystack)
+        command = "consa " + " ".join(shlex.quote(arg) for arg in sys.argv[1:]) if sys.argv[1:] else None
+        result = run_sweep(search_settings, evaluation, _csv(sparsities, float, "--sparsities"),
+                           _csv(granularity, str, "--granularity"), _csv(rules, str, "--rules"),
+                           _csv(methods or "", str, "--methods"), output, force=force, report=report,
+                           on_event=lambda message: console.print(message, highlight=False), command=command)
+        _print_eval_table(result.rows)
+        _print_bucket_tables(result.rows)
+        if evaluation.retrieval_tasks:
+            _print_retrieval_table(result.rows)
+        console.print(f"wrote {result.json_path}" + (f" and {result.report_path}" if result.report_path else ""))
 
 
 @app.command()

@@ -3,25 +3,33 @@
 Targets can be export directories, allocation files / run directories (applied in memory to their model), or
 plain models. Every target is scored on the same evaluation sequences, so differences are paired: for each
 target we report the mean per-sequence NLL difference against the dense model and its paired t statistic.
+
+Perplexity over a whole sequence averages the long-range cost of sliding-window units away: a query at position
+``q < W`` sees its whole prefix through a window of ``W`` keys, so its prediction is exactly the dense one. The
+same NLL is therefore also split by query position into buckets ``[0, W), [W, 2W), [2W, 4W), ...`` (W the
+allocation's window), each with its own paired difference against the dense model.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from collections import Counter
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from consa_cli.allocation import ALLOCATION_FILE, Allocation
+from consa_cli.allocation import ALLOCATION_FILE, Allocation, write_atomically
 from consa_cli.attention import hybrid_attention
 from consa_cli.data import EMBEDDED_CORPUS, load_token_sequences
+from consa_cli.downstream import load_tasks, run_tasks
 from consa_cli.export import MASK_FILE, load_hybrid, read_export_config
 from consa_cli.models import load_model_and_tokenizer, model_fingerprint
-from consa_cli.retrieval import evaluate_retrieval
+from consa_cli.retrieval import DEFAULT_HAYSTACK, evaluate_retrieval, haystack_filler
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -39,12 +47,20 @@ class EvalSettings:
     device: str = "cpu"
     include_dense: bool = True
     dense_model: str | None = None
+    # Position buckets' base width; None: the targets' sliding window (the most common one for dense rows).
+    bucket_window: int | None = None
     # Long-context retrieval (consa_cli.retrieval); no tasks = perplexity only.
     retrieval_tasks: list[str] = field(default_factory=list)
     retrieval_lengths: list[int] = field(default_factory=lambda: [1024, 2048])
     retrieval_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
     retrieval_samples: int = 4
     retrieval_seed: int = 0
+    retrieval_haystack: str = DEFAULT_HAYSTACK  # see consa_cli.retrieval.HAYSTACKS
+    # Downstream benchmarks through lm-evaluation-harness (consa_cli.downstream); no tasks = none.
+    tasks: list[str] = field(default_factory=list)
+    tasks_include: str | None = None  # a directory of lm-eval task YAML files (local data works offline)
+    tasks_limit: int | None = None  # documents per task, for quick checks
+    tasks_fewshot: int | None = None  # None: each task's own default
 
 
 @dataclass
@@ -71,20 +87,54 @@ def resolve_target(spec: str) -> Target:
     return Target(spec, "model", spec, None, base_model=spec)
 
 
-def sequence_nll(model, sequences: torch.Tensor, batch_size: int = 1,
-                 on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Mean next-token NLL of each sequence ``[N]`` (float64), computed in float32 from the logits."""
+def token_nll(model, sequences: torch.Tensor, batch_size: int = 1,
+              on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Next-token NLL ``[N, T - 1]`` (float64) of every sequence; entry ``q`` is the prediction made at query
+    position ``q`` (of token ``q + 1``), computed in float32 from the logits."""
     device = next(model.parameters()).device
     results = []
     with torch.no_grad():
         for start in range(0, sequences.shape[0], batch_size):
             batch = sequences[start : start + batch_size].to(device)
             logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-            nll = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none").mean(dim=1)
-            results.append(nll.double().cpu())
+            results.append(F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none").double().cpu())
             if on_batch is not None:
                 on_batch(batch.shape[0])
     return torch.cat(results)
+
+
+def sequence_nll(model, sequences: torch.Tensor, batch_size: int = 1,
+                 on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Mean next-token NLL of each sequence ``[N]`` (float64), computed in float32 from the logits."""
+    return token_nll(model, sequences, batch_size, on_batch).mean(dim=1)
+
+
+def position_buckets(window: int, positions: int) -> list[tuple[int, int]]:
+    """Query-position ranges ``[0, W), [W, 2W), [2W, 4W), ...`` covering ``range(positions)``, the last cut
+    at ``positions``. The first is where a sliding window of ``W`` keys still sees the whole prefix."""
+    if window < 1 or positions < 1:
+        raise ValueError(f"buckets need window >= 1 and positions >= 1, got {window} and {positions}")
+    edges = [0, window]
+    while edges[-1] < positions:
+        edges.append(edges[-1] * 2)
+    edges = [edge for edge in edges if edge < positions] + [positions]
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
+def bucket_rows(nll: torch.Tensor, buckets: list[tuple[int, int]],
+                reference: torch.Tensor | None = None) -> list[dict]:
+    """Mean NLL / PPL of the per-token ``nll [N, P]`` in each bucket of query positions, with the paired
+    per-sequence difference against ``reference [N, P]`` (the dense model's) when given."""
+    rows = []
+    for start, end in buckets:
+        per_sequence = nll[:, start:end].mean(dim=1)
+        mean = per_sequence.mean().item()
+        row = {"start": start, "end": end, "nll": mean, "ppl": math.exp(mean)}
+        if reference is not None:
+            row["delta_nll_vs_dense"], row["paired_t_vs_dense"] = paired_difference(
+                per_sequence, reference[:, start:end].mean(dim=1))
+        rows.append(row)
+    return rows
 
 
 def paired_difference(candidate: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
@@ -112,10 +162,14 @@ def evaluate(targets: list[Target], settings: EvalSettings,
         targets = [Target(f"dense ({dense_name})", "model", dense_name, None, base_model=dense_name), *targets]
     loaded: dict[str, tuple] = {}
     sequences: dict[tuple, torch.Tensor] = {}
-    dense_nll: dict[int, torch.Tensor] = {}
+    dense_nll: dict[int, torch.Tensor] = {}  # per token, [N, seq_len - 1]
     dense_fingerprint = None
+    harness_tasks = load_tasks(settings.tasks, settings.tasks_include) if settings.tasks else None
+    windows = [t.allocation.sliding_window for t in targets if t.allocation is not None]
+    reference_window = settings.bucket_window or (Counter(windows).most_common(1)[0][0] if windows else None)
 
     for target in targets:
+        applied = target.allocation if target.kind == "allocation" else None  # an export has it built in
         if target.kind == "export":
             model, tokenizer = load_hybrid(target.path, dtype=dtype, device=settings.device, return_tokenizer=True)
         else:
@@ -135,34 +189,70 @@ def evaluate(targets: list[Target], settings: EvalSettings,
             batch = sequences[token_key]
             progress = (lambda n, label=target.label, total=batch.shape[0]: on_progress(label, n, total)) \
                 if on_progress else None
-            if target.kind == "allocation":
-                allocation = target.allocation
-                with hybrid_attention(model, allocation.fa_mask.to(model.device), allocation.sliding_window,
-                                      allocation.sink_tokens):
-                    nll = sequence_nll(model, batch, settings.batch_size, progress)
-            else:
-                nll = sequence_nll(model, batch, settings.batch_size, progress)
+            with _runtime(model, applied):
+                per_token = token_nll(model, batch, settings.batch_size, progress)
+            nll = per_token.mean(dim=1)
             row = _row(target, seq_len, nll)
             fingerprint = model_fingerprint(model)
+            reference = None
             if target.kind == "model" and target.allocation is None and seq_len not in dense_nll:
-                dense_nll[seq_len], dense_fingerprint = nll, fingerprint
+                dense_nll[seq_len], dense_fingerprint = per_token, fingerprint
                 row["is_reference"] = True
             elif seq_len in dense_nll and fingerprint == dense_fingerprint:  # paired only on the same weights
-                row["delta_nll_vs_dense"], row["paired_t_vs_dense"] = paired_difference(nll, dense_nll[seq_len])
+                reference = dense_nll[seq_len]
+                row["delta_nll_vs_dense"], row["paired_t_vs_dense"] = paired_difference(nll, reference.mean(dim=1))
+            window = settings.bucket_window or (target.allocation.sliding_window if target.allocation
+                                                else reference_window)
+            if window is not None:
+                row["bucket_window"] = window
+                row["position_buckets"] = bucket_rows(per_token, position_buckets(window, seq_len - 1), reference)
+                if window < seq_len - 1:  # every prediction whose query lies beyond the window, in one number
+                    row["beyond_window"] = bucket_rows(per_token, [(window, seq_len - 1)], reference)[0]
             rows.append(row)
+        target_rows = rows[-len(settings.seq_lens):]
         if settings.retrieval_tasks:
-            allocation = target.allocation if target.kind == "allocation" else None
-            runtime = nullcontext() if allocation is None else hybrid_attention(
-                model, allocation.fa_mask.to(model.device), allocation.sliding_window, allocation.sink_tokens)
-            with runtime:  # the same seeded prompts for every target that shares the tokenizer
+            with _runtime(model, applied):  # the same seeded prompts for every target that shares the tokenizer
                 retrieval = evaluate_retrieval(model, tokenizer, settings.retrieval_tasks, settings.retrieval_lengths,
                                                settings.retrieval_depths, settings.retrieval_samples,
-                                               settings.retrieval_seed, batch_size=settings.batch_size)
-            for row in rows[-len(settings.seq_lens):]:  # this target's rows
+                                               settings.retrieval_seed, haystack_filler(settings.retrieval_haystack),
+                                               batch_size=settings.batch_size)
+            for row in target_rows:
                 row["retrieval"] = retrieval
+        if harness_tasks is not None:
+            with _runtime(model, applied):
+                scores = run_tasks(model, tokenizer, harness_tasks, settings.batch_size, settings.tasks_limit,
+                                   settings.tasks_fewshot)
+            for row in target_rows:
+                row["tasks"] = scores
         if target.kind == "export":
             del model
     return rows
+
+
+def _runtime(model, allocation: Allocation | None):
+    """The model as this target runs it: with the allocation applied in memory, or as it is."""
+    if allocation is None:
+        return nullcontext()
+    return hybrid_attention(model, allocation.fa_mask.to(model.device), allocation.sliding_window,
+                            allocation.sink_tokens)
+
+
+def write_eval_json(path: str | Path, settings: EvalSettings, rows: list[dict]) -> Path:
+    """Write ``{"settings", "rows"}`` as strict JSON (a non-finite t statistic becomes null), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = _finite({"settings": asdict(settings), "rows": rows})
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(document, indent=2) + "\n"))
+    return path
+
+
+def _finite(value):
+    """``value`` with every inf / nan float (at any depth) replaced by None."""
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _row(target: Target, seq_len: int, nll: torch.Tensor) -> dict:

@@ -22,6 +22,11 @@ def _pyplot():
     return plt
 
 
+def require_matplotlib() -> None:
+    """Raise :class:`PlotError` now if pictures cannot be drawn (before an evaluation that ends with them)."""
+    _pyplot()
+
+
 def plot_allocation(allocation: Allocation, path: str | Path, title: str | None = None) -> Path:
     """Write a layers x KV-heads heatmap of ``allocation`` (dark = full attention) to ``path`` (PNG/SVG/PDF).
 
@@ -29,7 +34,6 @@ def plot_allocation(allocation: Allocation, path: str | Path, title: str | None 
     decisive the ranking was.
     """
     plt = _pyplot()
-    path = Path(path)
     mask = allocation.fa_mask.float().T.numpy()  # KV heads on the y axis, layers along x
     panels = 2 if allocation.scores is not None else 1
     width = max(6.0, 0.22 * allocation.num_layers + 2)
@@ -53,6 +57,56 @@ def plot_allocation(allocation: Allocation, path: str | Path, title: str | None 
         axis.set_xticklabels([str(i) if i % 5 == 0 else "" for i in range(allocation.num_layers)], fontsize=7)
         axis.set_yticks(range(allocation.num_kv_heads))
     axes[-1].set_xlabel("layer")
+    return _save(plt, figure, path)
+
+
+def plot_masks(panels: list[tuple[str, Allocation]], path: str | Path) -> Path:
+    """Write several allocations' layers x KV-heads masks stacked in one picture (dark = full attention), so a
+    learned mask can be read next to the rules at the same sparsity."""
+    if not panels:
+        raise PlotError("no allocation to draw")
+    plt = _pyplot()
+    num_layers = max(allocation.num_layers for _, allocation in panels)
+    heights = [0.45 + 0.3 * allocation.num_kv_heads for _, allocation in panels]
+    figure, axes = plt.subplots(len(panels), 1, figsize=(max(6.0, 0.22 * num_layers + 2), 0.6 + sum(heights)),
+                                squeeze=False, gridspec_kw={"height_ratios": heights})
+    for axis, (title, allocation) in zip(axes[:, 0], panels, strict=True):
+        axis.imshow(allocation.fa_mask.float().T.numpy(), cmap="Greys", vmin=0, vmax=1, aspect="auto",
+                    interpolation="nearest")
+        axis.set_title(title, fontsize=8, loc="left")
+        axis.set_yticks(range(allocation.num_kv_heads))
+        axis.set_xticks(range(allocation.num_layers))
+        axis.set_xticklabels([str(i) if i % 5 == 0 else "" for i in range(allocation.num_layers)], fontsize=7)
+    axes[-1, 0].set_xlabel("layer (rows: KV heads)")
+    return _save(plt, figure, path)
+
+
+def plot_versus_sparsity(series: dict[str, list[tuple[float, float]]], path: str | Path, ylabel: str, title: str,
+                         reference: float | None = None, reference_label: str = "dense") -> Path:
+    """One line per method through its (sparsity, value) points, e.g. the perplexity / accuracy Pareto front.
+
+    ``reference`` draws the dense model's value as a dashed horizontal line.
+    """
+    if not any(series.values()):
+        raise PlotError(f"nothing to plot for {title}")
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    markers = "osD^v<>pPX*h"
+    for index, (label, points) in enumerate(sorted(series.items())):
+        xs, ys = zip(*sorted(points), strict=True)
+        axis.plot(xs, ys, marker=markers[index % len(markers)], label=label)
+    if reference is not None:
+        axis.axhline(reference, color="grey", linestyle="--", linewidth=1, label=reference_label)
+    axis.set_xlabel("sparsity (fraction of units with a sliding window)")
+    axis.set_ylabel(ylabel)
+    axis.set_title(title, fontsize=9)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    return _save(plt, figure, path)
+
+
+def _save(plt, figure, path: str | Path) -> Path:
+    path = Path(path)
     figure.tight_layout()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

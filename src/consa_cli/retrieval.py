@@ -9,8 +9,11 @@ it at the end; accuracy per (task, length, depth) cell shows where retrieval bre
 - ``multikey``: the queried "special magic number" among distractor needles with other keys.
 - ``variable-tracking``: a chain ``VAR A = 31337 .``, ``VAR B = VAR A .``, ...; asks for the last one's value.
 
-The haystack is natural prose (sentences from the held-out part of the embedded Wikipedia excerpt) unless a
-fixed list of filler sentences is given.
+Two haystacks (:data:`HAYSTACKS`): ``noise``, the repeated sentences of the original pass-key test ("The grass is
+green. The sky is blue. ..."), where nothing but the needle is worth remembering, so a dense model finds it
+and any loss is the allocation's; and ``prose``, sentences from the held-out part of the embedded Wikipedia
+excerpt, harder (a 135M model misses half the keys in 1900 tokens of it, docs/results.md 1c.1). Any fixed list of
+filler sentences can be given instead.
 """
 
 from __future__ import annotations
@@ -79,6 +82,21 @@ class _Puzzle:
     values: list[str]  # the needles' secrets: filler sentences containing one are skipped
 
 
+HAYSTACKS = ("noise", "prose")
+DEFAULT_HAYSTACK = "noise"  # a dense model finds the needle in it, so what a hybrid misses is the allocation's
+# The original pass-key filler (Mohtashami & Jaggi 2023, also RULER's "noise" haystack).
+NOISE_FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
+                "There and back again.")
+
+
+def haystack_filler(haystack: str) -> tuple[str, ...]:
+    """The filler sentences of a named haystack: ``noise`` (:data:`NOISE_FILLER`) or ``prose``
+    (:func:`default_filler`)."""
+    if haystack not in HAYSTACKS:
+        raise DataError(f"unknown retrieval haystack '{haystack}'; choose from {', '.join(HAYSTACKS)}")
+    return NOISE_FILLER if haystack == "noise" else default_filler()
+
+
 @lru_cache(maxsize=1)  # read and split once per process: every task and target uses the same haystack
 def default_filler() -> tuple[str, ...]:
     """Sentences of the held-out articles of the embedded Wikipedia excerpt (its last 20%)."""
@@ -106,7 +124,7 @@ def make_samples(
 
     Every prompt is exactly ``length`` tokens of ``tokenizer``: the tokens it puts before a text by default
     (BOS, if any), a short instruction, the haystack with the needles, and the question. The haystack is
-    ``filler`` (default :func:`default_filler`) cycled from a seeded sentence, the last sentence cut to fit.
+    ``filler`` (default: the :data:`DEFAULT_HAYSTACK`'s) cycled from a seeded sentence, the first one cut to fit.
     A needle at depth ``d`` (0 = start of the haystack, 1 = just before the question) goes to the sentence
     boundary nearest ``d`` of the haystack's filler tokens. Each sample depends only on ``seed``, the task,
     its cell and its index, so the same arguments give the same prompts for every model that shares the
@@ -118,7 +136,7 @@ def make_samples(
         raise DataError(f"samples per cell must be at least 1, got {samples_per_cell}")
     if any(not 0 <= depth <= 1 for depth in depths):
         raise DataError(f"retrieval depths must lie in [0, 1], got {', '.join(map(str, depths))}")
-    texts = [text.strip() for text in (default_filler() if filler is None else filler)]
+    texts = [text.strip() for text in (haystack_filler(DEFAULT_HAYSTACK) if filler is None else filler)]
     encoded = _encode_pieces(tokenizer, [" " + text for text in texts])
     sentences = [(text, ids) for text, ids in zip(texts, encoded, strict=True) if ids]
     lead = _leading_special_ids(tokenizer)
@@ -153,13 +171,20 @@ def make_samples(
 
 def _haystack(pool: list[list[int]], start: int, budget: int, needles: list[list[int]],
               depths: list[float]) -> list[int]:
-    """``budget`` filler tokens (sentences cycled from ``pool[start]``) with the needles at their depths."""
+    """``budget`` filler tokens (sentences cycled from ``pool[start]``) with the needles at their depths.
+
+    The haystack ends with a whole sentence: the sentence cut to make the length exact is the first one,
+    whose tail opens the haystack. A question right after a sentence broken off mid-way reads to a small
+    model as more of the same prose, and it continues the prose instead of answering (docs/results.md 1c.1).
+    """
     filler = []
     filled = 0
-    while filled < budget:
-        ids = pool[(start + len(filler)) % len(pool)][: budget - filled]
-        filler.append(ids)
-        filled += len(ids)
+    while filled + len(pool[(start + len(filler)) % len(pool)]) <= budget:
+        filler.append(pool[(start + len(filler)) % len(pool)])
+        filled += len(filler[-1])
+    if filled < budget:
+        cut = pool[(start + len(filler)) % len(pool)]
+        filler.insert(0, cut[len(cut) - (budget - filled) :])
     boundaries = list(accumulate((len(ids) for ids in filler), initial=0))
     slots: dict[int, list[int]] = {}
     # Sorted by depth (stably): needles sharing a boundary keep their order, so a variable chain stays intact.
