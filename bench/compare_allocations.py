@@ -36,7 +36,7 @@ from consa_cli.evaluate import paired_difference, sequence_nll
 from consa_cli.families import adapter_for
 from consa_cli.heuristics import attention_mass_search
 from consa_cli.models import load_model_and_tokenizer, model_fingerprint
-from consa_cli.retrieval import evaluate_retrieval
+from consa_cli.retrieval import evaluate_retrieval, haystack_filler
 from consa_cli.search import environment_versions, resolve_device, run_search
 from consa_cli.settings import SearchSettings
 
@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--retrieval-lengths", default="1024,2048")
     parser.add_argument("--retrieval-depths", default="0.1,0.5,0.9")
     parser.add_argument("--retrieval-samples", type=int, default=8)
+    parser.add_argument("--retrieval-haystack", default="noise", help="noise or prose (see consa eval)")
     parser.add_argument("--save-dir", type=Path, default=None, help="write every allocation here (safetensors)")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
@@ -79,7 +80,8 @@ def main() -> None:
 
     def retrieval() -> dict:
         result = evaluate_retrieval(model, tokenizer, tasks, [int(n) for n in args.retrieval_lengths.split(",")],
-                                    [float(d) for d in args.retrieval_depths.split(",")], args.retrieval_samples)
+                                    [float(d) for d in args.retrieval_depths.split(",")], args.retrieval_samples,
+                                    filler=list(haystack_filler(args.retrieval_haystack)))
         return {"retrieval": result["overall"], "retrieval_by_task": result["by_task"],
                 "retrieval_cells": result["cells"]}
 
