@@ -355,6 +355,11 @@ def test_sweep_command(tmp_path, tiny_model_dir, tiny_text_file):
     assert result.stderr.strip() == "error: --sparsities must be a comma-separated list of float, got '0.5,half'"
     assert not (tmp_path / "bad").exists()
 
+    result = invoke("sweep", "--model", tiny_model_dir, "--sparsities", "0.5", "--retrieval-fraction", "1.5",
+                    "--output", tmp_path / "bad")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: --retrieval-fraction must lie in [0, 1), got 1.5"
+
 
 def test_report_without_matplotlib_fails_before_evaluating(tmp_path, tiny_model_dir, tiny_text_file, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError

@@ -549,6 +549,8 @@ def sweep(
     steps: int = typer.Option(None, help=f"Optimisation steps of every search. {_default('steps')}"),
     batch_size: int = typer.Option(None, help=f"Sequences per step (and per evaluation pass). {_default('batch_size')}"),
     loss: str = typer.Option(None, help=f"kl or lm. {_default('loss')}"),
+    retrieval_fraction: float = typer.Option(None, help="Share of synthetic retrieval samples in every search's "
+                                             f"calibration data (see search). {_default('retrieval_fraction')}"),
     seed: int = typer.Option(None, help=f"Seed of searches and of the random rule. {_default('seed')}"),
     dtype: str = typer.Option(None, help=f"bfloat16, float32 or float16. {_default('dtype')}"),
     device: str = typer.Option(None, help=f"cpu, cuda, cuda:N or auto (search and evaluation). {_default('device')}"),
@@ -574,7 +576,8 @@ def sweep(
 
     with user_errors():
         flags = dict(model=model, window=window, sink_tokens=sink_tokens, seq_len=seq_len, data=data, steps=steps,
-                     batch_size=batch_size, loss=loss, seed=seed, dtype=dtype, device=device)
+                     batch_size=batch_size, loss=loss, retrieval_fraction=retrieval_fraction, seed=seed, dtype=dtype,
+                     device=device)
         search_settings = build_settings(SearchSettings, recipe, **flags)
         evaluation = EvalSettings(data=search_settings.data, seq_lens=eval_seq_len or [search_settings.seq_len],
                                   batch_size=search_settings.batch_size, dtype=search_settings.dtype,
