@@ -95,6 +95,25 @@ def test_cache_keeps_full_history_for_fa_heads_and_window_plus_sinks_for_the_res
         assert layer.get_seq_length() == length
 
 
+@pytest.mark.parametrize("sinks", [0, 3])
+def test_sliding_ring_returns_every_key_the_newest_query_sees_at_its_position(sinks):
+    """Keys that carry their own position: after any mix of prefills, decode steps and chunks, the cache returns
+    exactly the sinks and the window of the newest query, each labelled with its true position."""
+    layer, length = HybridCacheLayer(full_heads=1, sliding_window=WINDOW, sink_tokens=sinks), 0
+    for chunk in [5, 1, 1, 4, *[1] * 13, 7, *[1] * 9, 20, 1]:
+        keys = torch.arange(length, length + chunk, dtype=torch.float32).view(1, 1, -1, 1).expand(1, 3, -1, 2)
+        length += chunk
+        returned, _ = layer.update(keys, keys)
+        positions = returned.sliding_positions("cpu")
+        assert torch.equal(returned.sliding[0, 0, :, 0], positions.float())
+        assert torch.equal(returned.full[0, 0, :, 0], torch.arange(length, dtype=torch.float32))
+        newest_sees = {p for p in range(length) if p < sinks or p > length - 1 - WINDOW}
+        assert newest_sees <= set(positions.tolist()) <= set(range(length))
+        if chunk == 1:  # a decode step attends to the whole ring, unmasked: it must hold nothing else
+            assert sorted(positions.tolist()) == sorted(newest_sees)
+    assert layer.sliding_keys.shape[2] == sinks + WINDOW
+
+
 def test_padded_batch_generation_matches_reference():
     model = tiny_model("llama")
     allocation = _allocation(MIXED)
