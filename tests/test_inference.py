@@ -235,6 +235,14 @@ def test_cuda_bf16_blocked_sliding_attention_matches_float32_masked_reference():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_decode_step_never_synchronizes():
+    model = tiny_model("qwen3").cuda()
+    for mask, granularity in ((MIXED[:, :1].expand(-1, 2), "layer"), (MIXED, "kv-head")):
+        with hybrid_inference(model, _allocation(mask, granularity=granularity)):
+            assert decode_step_ops(model, 40).cuda_syncs == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_generate_matches_reference_token_for_token():
     model = tiny_model("qwen3").cuda()
     prompt = PROMPT.cuda()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -82,7 +83,8 @@ class OpCounts:
     ``kernels``: ops that compute or copy (each a kernel launch on a GPU); ``views``: metadata-only ops
     (slices, transposes, reshapes without a copy); ``allocations``: fresh tensors the kernels return;
     ``host_syncs``: ops that read a device value on the host (see :data:`HOST_SYNC_OPS`); ``python_calls``:
-    Python function calls (the host-side work that has to keep the launch queue fed); ``by_op``: kernels by name.
+    Python function calls (the host-side work that has to keep the launch queue fed); ``cuda_syncs``: the
+    synchronizing CUDA calls torch reports in sync-debug mode (CUDA only); ``by_op``: kernels by name.
     """
 
     kernels: int = 0
@@ -90,6 +92,7 @@ class OpCounts:
     allocations: int = 0
     host_syncs: int = 0
     python_calls: int = 0
+    cuda_syncs: int | None = None
     by_op: dict[str, int] = field(default_factory=dict)
 
 
@@ -143,7 +146,22 @@ def decode_step_ops(model, context_length: int, batch_size: int = 1, steps: int 
     finally:
         sys.setprofile(None)
     counter.counts.python_calls = calls
+    if device.type == "cuda":
+        counter.counts.cuda_syncs = _cuda_syncs(lambda: model(input_ids=next_tokens, **with_cache))
     return counter.counts
+
+
+def _cuda_syncs(step: Callable) -> int:
+    """Synchronizing CUDA calls during ``step()``, as torch's sync-debug mode reports them."""
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return sum("synchroniz" in str(warning.message) for warning in caught)
 
 
 def _sync(device: torch.device) -> None:
