@@ -53,6 +53,58 @@ def load(name: str, dtype: torch.dtype, device: str):
     return load_model_and_tokenizer(name, dtype=dtype, device=device)[0]
 
 
+def build_variants(model, name: str, device: str, dtype: torch.dtype, window: int, sink_tokens: int | None,
+                   full_fraction: float) -> dict:
+    """``{variant: (label, allocation, context manager factory)}`` for :data:`VARIANTS`, all on ``model``'s weights.
+
+    The layer hybrids keep ``full_fraction`` of the layers full (evenly interleaved); the KV-head hybrid keeps the
+    same number of KV heads full, spread evenly over the layers. consa's hybrids get ``sink_tokens`` sinks (the
+    family's default when None), the native one none (transformers has no sinks).
+    """
+    config = model.config
+    layers, heads = config.num_hidden_layers, config.num_key_value_heads
+    sinks = sink_tokens if sink_tokens is not None else adapter_for(config.model_type).default_sink_tokens
+    sparsity = 1.0 - full_fraction
+    layer_allocation = rule_allocation("interleaved", layers, heads, sparsity, "layer", window, sinks)
+    native_allocation = rule_allocation("interleaved", layers, heads, sparsity, "layer", window, 0)
+    # As many full KV heads as the layer hybrids have (e.g. 7 of 28 layers = 56 of 224 heads, 2 per layer).
+    head_sparsity = 1.0 - full_unit_count(layers, sparsity) / layers
+    head_allocation = rule_allocation("uniform-heads", layers, heads, head_sparsity, "kv-head", window, sinks)
+    if head_allocation.fa_mask.sum() != layer_allocation.fa_mask.sum():
+        raise SystemExit("the KV-head and layer hybrids keep different numbers of full heads")
+
+    @contextmanager
+    def dense():
+        yield model
+
+    @contextmanager
+    def native():
+        # transformers' own layer hybrid: the config written by `consa export` for a layer allocation, same weights.
+        patched = native_config(config.to_dict(), native_allocation)
+        model.to("cpu")  # one copy of the weights on the device, as for every other variant
+        with torch.device(device):
+            hybrid = AutoModelForCausalLM.from_config(AutoConfig.for_model(**patched), dtype=dtype,
+                                                      attn_implementation="sdpa")
+        hybrid.load_state_dict(model.state_dict())
+        try:
+            yield hybrid.eval()
+        finally:
+            del hybrid
+            model.to(device)
+
+    @contextmanager
+    def consa(allocation):
+        with hybrid_inference(model, allocation):
+            yield model
+
+    return {
+        "dense": (f"dense ({name})", None, dense),
+        "native": ("transformers native layer hybrid", native_allocation, native),
+        "consa-layer": ("consa layer hybrid", layer_allocation, lambda: consa(layer_allocation)),
+        "consa-kv-head": ("consa KV-head hybrid", head_allocation, lambda: consa(head_allocation)),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="qwen3-0.6b-random", help="qwen3-0.6b-random or a model consa loads")
@@ -72,48 +124,9 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
 
     model = load(args.model, dtype, args.device)
-    config = model.config
-    layers, heads = config.num_hidden_layers, config.num_key_value_heads
-    sinks = args.sink_tokens if args.sink_tokens is not None else adapter_for(config.model_type).default_sink_tokens
-    sparsity = 1.0 - args.full_fraction
-    layer_allocation = rule_allocation("interleaved", layers, heads, sparsity, "layer", args.window, sinks)
-    native_allocation = rule_allocation("interleaved", layers, heads, sparsity, "layer", args.window, 0)
-    # As many full KV heads as the layer hybrids have (e.g. 7 of 28 layers = 56 of 224 heads, 2 per layer).
-    head_sparsity = 1.0 - full_unit_count(layers, sparsity) / layers
-    head_allocation = rule_allocation("uniform-heads", layers, heads, head_sparsity, "kv-head", args.window, sinks)
-    if head_allocation.fa_mask.sum() != layer_allocation.fa_mask.sum():
-        raise SystemExit("the KV-head and layer hybrids keep different numbers of full heads")
-
-    @contextmanager
-    def dense():
-        yield model
-
-    @contextmanager
-    def native():
-        # transformers' own layer hybrid: the config written by `consa export` for a layer allocation, same weights.
-        patched = native_config(config.to_dict(), native_allocation)
-        model.to("cpu")  # one copy of the weights on the device, as for every other variant
-        with torch.device(args.device):
-            hybrid = AutoModelForCausalLM.from_config(AutoConfig.for_model(**patched), dtype=dtype,
-                                                      attn_implementation="sdpa")
-        hybrid.load_state_dict(model.state_dict())
-        try:
-            yield hybrid.eval()
-        finally:
-            del hybrid
-            model.to(args.device)
-
-    @contextmanager
-    def consa(allocation):
-        with hybrid_inference(model, allocation):
-            yield model
-
-    available = {
-        "dense": (f"dense ({args.model})", None, dense),
-        "native": ("transformers native layer hybrid", native_allocation, native),
-        "consa-layer": ("consa layer hybrid", layer_allocation, lambda: consa(layer_allocation)),
-        "consa-kv-head": ("consa KV-head hybrid", head_allocation, lambda: consa(head_allocation)),
-    }
+    available = build_variants(model, args.model, args.device, dtype, args.window, args.sink_tokens,
+                               args.full_fraction)
+    sinks = available["consa-layer"][1].sink_tokens
     variants = [available[name] for name in args.variants.split(",")]
     settings = EfficiencySettings(context_lengths=[int(n) for n in args.lengths.split(",")],
                                   batch_sizes=[int(n) for n in args.batches.split(",")],

@@ -145,3 +145,16 @@ def test_install_rejects_wrong_layer_count():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="3 layers, model has 4"):
         install_hybrid(model, torch.ones(3, 2, dtype=torch.bool), WINDOW, 0)
+
+
+def test_hard_allocation_forward_reads_no_device_value_on_the_host():
+    """Which heads are full is read once at install: a forward (prefill or decode) has no host sync."""
+    from consa_cli.efficiency import OpCounter
+
+    model = tiny_model("qwen3")
+    for mask in (MIXED, MIXED.sort(dim=1, descending=True).values):  # gathered heads, then FA-first slices
+        with torch.no_grad(), hybrid_attention(model, mask, WINDOW, 2), OpCounter() as counter:
+            cache = DynamicCache()
+            model(TOKENS, past_key_values=cache, use_cache=True)
+            model(TOKENS[:, :1], past_key_values=cache, use_cache=True)
+        assert counter.counts.host_syncs == 0, counter.counts.by_op

@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_model
-from transformers import DynamicCache
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 import consa_cli.hybrid_runtime as runtime
 from consa_cli.allocation import Allocation
 from consa_cli.attention import hybrid_attention
+from consa_cli.efficiency import OpCounter, decode_step_ops
+from consa_cli.export import native_config
 from consa_cli.hybrid_runtime import HybridCacheLayer, hybrid_cache
 from consa_cli.inference import hybrid_inference, kv_head_order, permute_kv_heads
 from consa_cli.models import model_fingerprint
@@ -87,10 +89,29 @@ def test_cache_keeps_full_history_for_fa_heads_and_window_plus_sinks_for_the_res
         if full:
             assert layer.full_keys.shape[2] >= length  # capacity: the whole history (+ growth room)
         if sliding:
-            assert layer.sliding_keys.shape[1:3] == (sliding, 2 + WINDOW - 1)
+            assert layer.sliding_keys.shape[1:3] == (sliding, 2 + WINDOW)  # sinks + a ring of the window
         else:
             assert layer.sliding_keys is None
         assert layer.get_seq_length() == length
+
+
+@pytest.mark.parametrize("sinks", [0, 3])
+def test_sliding_ring_returns_every_key_the_newest_query_sees_at_its_position(sinks):
+    """Keys that carry their own position: after any mix of prefills, decode steps and chunks, the cache returns
+    exactly the sinks and the window of the newest query, each labelled with its true position."""
+    layer, length = HybridCacheLayer(full_heads=1, sliding_window=WINDOW, sink_tokens=sinks), 0
+    for chunk in [5, 1, 1, 4, *[1] * 13, 7, *[1] * 9, 20, 1]:
+        keys = torch.arange(length, length + chunk, dtype=torch.float32).view(1, 1, -1, 1).expand(1, 3, -1, 2)
+        length += chunk
+        returned, _ = layer.update(keys, keys)
+        positions = returned.sliding_positions("cpu")
+        assert torch.equal(returned.sliding[0, 0, :, 0], positions.float())
+        assert torch.equal(returned.full[0, 0, :, 0], torch.arange(length, dtype=torch.float32))
+        newest_sees = {p for p in range(length) if p < sinks or p > length - 1 - WINDOW}
+        assert newest_sees <= set(positions.tolist()) <= set(range(length))
+        if chunk == 1:  # a decode step attends to the whole ring, unmasked: it must hold nothing else
+            assert sorted(positions.tolist()) == sorted(newest_sees)
+    assert layer.sliding_keys.shape[2] == sinks + WINDOW
 
 
 def test_padded_batch_generation_matches_reference():
@@ -118,6 +139,32 @@ def test_blocked_sliding_attention_in_chunks_equals_masked(monkeypatch, length):
         mask = runtime.causal_window_mask(length, length, WINDOW, sinks, "cpu")
         masked = runtime.sdpa_backend(query, key, value, mask, False, 0.25)
         torch.testing.assert_close(blocked, masked, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_step_has_no_host_sync_and_costs_no_more_than_the_native_hybrid():
+    """A decode step's ATen ops (each a kernel launch on a GPU), fresh tensors and Python calls stay within
+    1.25x of transformers' own layer hybrid, with no host sync: the per-step overhead that made GPU decode slow."""
+    model = tiny_model("qwen3")
+    layers = torch.tensor([True, False, False, True]).unsqueeze(1).expand(-1, 2)
+    native = AutoModelForCausalLM.from_config(AutoConfig.for_model(**native_config(
+        model.config.to_dict(), _allocation(layers, sinks=0, granularity="layer"))), attn_implementation="sdpa")
+    native.load_state_dict(model.state_dict())
+    reference = decode_step_ops(native.eval(), 40)  # past the window and sinks: the ring has wrapped
+    for mask, granularity in ((layers, "layer"), (MIXED, "kv-head")):
+        with hybrid_inference(model, _allocation(mask, granularity=granularity)):
+            counts = decode_step_ops(model, 40)
+        assert counts.host_syncs == 0
+        assert counts.kernels <= 1.25 * reference.kernels, (granularity, counts.by_op, reference.by_op)
+        assert counts.allocations <= 1.25 * reference.allocations
+        assert counts.python_calls <= 1.25 * reference.python_calls
+        assert "aten.cat" not in counts.by_op or counts.by_op["aten.cat"] <= reference.by_op["aten.cat"]
+
+
+def test_op_counter_sees_host_syncs():
+    with OpCounter() as counter:
+        weight = torch.tensor([True, False])
+        int(weight.sum()), bool(weight[:1].all())  # noqa: B018 - the syncs under test
+    assert counter.counts.host_syncs == 2 and counter.counts.by_op["aten.sum"] == 1
 
 
 BLOCK_CONSA_AND_RUN = """
@@ -170,7 +217,7 @@ def test_kv_head_export_loads_without_consa_via_remote_code(tmp_path, family):
         expected = model.generate(PROMPT, past_key_values=DynamicCache(), max_new_tokens=10, do_sample=False, pad_token_id=0)
     torch.testing.assert_close(remote["logits"], reference, rtol=1e-5, atol=1e-5)
     assert torch.equal(remote["generated"], expected)
-    assert remote["kept"].tolist() == [2 + WINDOW - 1] * 3  # three layers have sliding heads: window + sinks only
+    assert remote["kept"].tolist() == [2 + WINDOW] * 3  # three layers have sliding heads: window + sinks only
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -185,6 +232,14 @@ def test_cuda_bf16_blocked_sliding_attention_matches_float32_masked_reference():
         blocked = runtime.sliding_blocked(query.bfloat16(), key.bfloat16(), value.bfloat16(), 128**-0.5,
                                           runtime.sdpa_backend, 256, sinks)
         torch.testing.assert_close(blocked.float(), reference, rtol=0, atol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_decode_step_never_synchronizes():
+    model = tiny_model("qwen3").cuda()
+    for mask, granularity in ((MIXED[:, :1].expand(-1, 2), "layer"), (MIXED, "kv-head")):
+        with hybrid_inference(model, _allocation(mask, granularity=granularity)):
+            assert decode_step_ops(model, 40).cuda_syncs == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
@@ -49,6 +49,22 @@ class LayerHybrid:
     sliding_window: int
     sink_tokens: int
     backend: str = "sdpa"
+    # Hard allocations are read on the host once, here: a forward never waits for the device to say which heads.
+    full_kv_heads: tuple[int, ...] | None = field(init=False, default=None, repr=False)
+    _head_indices: dict = field(init=False, default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.fa_weight.dtype == torch.bool:
+            self.full_kv_heads = tuple(torch.nonzero(self.fa_weight.cpu()).flatten().tolist())
+
+    def head_indices(self, is_full: bool, groups: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """KV heads and their query heads of one attention type (hard allocations), made once per device."""
+        key = (is_full, groups, device)
+        if key not in self._head_indices:
+            kv = [head for head in range(self.fa_weight.numel()) if (head in self.full_kv_heads) == is_full]
+            query = [head * groups + member for head in kv for member in range(groups)]
+            self._head_indices[key] = (torch.tensor(kv, device=device), torch.tensor(query, device=device))
+        return self._head_indices[key]
 
 
 # --- attention backends: one signature each, SDPA is the reference ---------------------------------------
@@ -114,14 +130,13 @@ def consa_attention_forward(
     weight = hybrid.fa_weight
 
     if weight.dtype == torch.bool:
-        full_heads = int(weight.sum())
-        if bool(weight[:full_heads].all()):  # FA heads first (all, none, or a permuted export): slices
+        full_heads = len(hybrid.full_kv_heads)
+        if hybrid.full_kv_heads == tuple(range(full_heads)):  # FA heads first (all, none, or a permuted export)
             out = split_head_attention(query, key, value, attention_mask, scaling, full_heads, window, sinks, kernel)
         else:  # each head gets only the attention it needs, on gathered head slices
             out = torch.empty_like(query)
             for is_full in (True, False):
-                kv_idx = torch.nonzero(weight == is_full).flatten().to(query.device)
-                q_idx = (kv_idx.unsqueeze(1) * groups + torch.arange(groups, device=query.device)).flatten()
+                kv_idx, q_idx = hybrid.head_indices(is_full, groups, query.device)
                 part = attend(query.index_select(1, q_idx), key.index_select(1, kv_idx),
                               value.index_select(1, kv_idx), attention_mask, scaling, kernel,
                               None if is_full else window, sinks)
@@ -175,7 +190,7 @@ def install_hybrid(
 def set_fa_weights(model: nn.Module, fa_weights: torch.Tensor) -> None:
     """Replace the per-KV-head full-attention weights ``[L, H]`` of an installed hybrid."""
     for layer_idx, module in enumerate(attention_modules(model)):
-        module.consa_hybrid.fa_weight = fa_weights[layer_idx]
+        module.consa_hybrid = replace(module.consa_hybrid, fa_weight=fa_weights[layer_idx])
 
 
 def remove_hybrid(model: nn.Module) -> None:

@@ -8,12 +8,15 @@ memory (CUDA), prefill seconds and decode tokens per second (batch x steps / sec
 
 from __future__ import annotations
 
+import sys
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache
 
 from consa_cli.allocation import Allocation
@@ -65,6 +68,100 @@ def new_cache(model):
     if model.config._attn_implementation == PREFIX_ATTENTION_NAME:
         return hybrid_cache(model)
     return DynamicCache(config=model.config)
+
+
+# aten ops that copy a device value to the host (``.item()``, ``bool(t)``, ``int(t)``, data-dependent shapes):
+# on a GPU each one waits for every queued kernel, once per layer per step if it sits in the attention.
+HOST_SYNC_OPS = frozenset({"aten._local_scalar_dense", "aten.is_nonzero", "aten.nonzero", "aten.equal",
+                           "aten.masked_select", "aten.unique", "aten._unique2"})
+
+
+@dataclass
+class OpCounts:
+    """What one forward dispatches to ATen, counted by :class:`OpCounter` (exact and machine-independent).
+
+    ``kernels``: ops that compute or copy (each a kernel launch on a GPU); ``views``: metadata-only ops
+    (slices, transposes, reshapes without a copy); ``allocations``: fresh tensors the kernels return;
+    ``host_syncs``: ops that read a device value on the host (see :data:`HOST_SYNC_OPS`); ``python_calls``:
+    Python function calls (the host-side work that has to keep the launch queue fed); ``cuda_syncs``: the
+    synchronizing CUDA calls torch reports in sync-debug mode (CUDA only); ``by_op``: kernels by name.
+    """
+
+    kernels: int = 0
+    views: int = 0
+    allocations: int = 0
+    host_syncs: int = 0
+    python_calls: int = 0
+    cuda_syncs: int | None = None
+    by_op: dict[str, int] = field(default_factory=dict)
+
+
+class OpCounter(TorchDispatchMode):
+    """``with OpCounter() as counter: model(...)``, then ``counter.counts``: every ATen op the code runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = OpCounts()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket._qualified_op_name.replace("::", ".")
+        if name in HOST_SYNC_OPS:
+            self.counts.host_syncs += 1
+        if func.is_view:
+            self.counts.views += 1
+            return out
+        self.counts.kernels += 1
+        self.counts.by_op[name] = self.counts.by_op.get(name, 0) + 1
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        self.counts.allocations += sum(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs
+                                       for t in torch.utils._pytree.tree_leaves(out))
+        return out
+
+
+@torch.no_grad()
+def decode_step_ops(model, context_length: int, batch_size: int = 1, steps: int = 2, seed: int = 0) -> OpCounts:
+    """Op counts of one greedy decode step (the last of ``steps``) after a ``context_length`` prefill, on the
+    cache ``generate()`` would use, called as :func:`measure_generation` calls it."""
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, model.config.get_text_config().vocab_size, (batch_size, context_length),
+                           generator=generator).to(device)
+    with_cache = {cache_argument(model): new_cache(model), "use_cache": True}
+    next_tokens = model(input_ids=tokens, logits_to_keep=1, **with_cache).logits[:, -1:].argmax(dim=-1)
+    for _ in range(steps - 1):
+        next_tokens = model(input_ids=next_tokens, **with_cache).logits[:, -1:].argmax(dim=-1)
+    with OpCounter() as counter:
+        next_tokens = model(input_ids=next_tokens, **with_cache).logits[:, -1:].argmax(dim=-1)
+    calls = 0
+
+    def count_call(frame, event, arg) -> None:
+        nonlocal calls
+        calls += event == "call"
+
+    sys.setprofile(count_call)  # a separate step: the counter's own Python would count too
+    try:
+        model(input_ids=next_tokens, **with_cache)
+    finally:
+        sys.setprofile(None)
+    counter.counts.python_calls = calls
+    if device.type == "cuda":
+        counter.counts.cuda_syncs = _cuda_syncs(lambda: model(input_ids=next_tokens, **with_cache))
+    return counter.counts
+
+
+def _cuda_syncs(step: Callable) -> int:
+    """Synchronizing CUDA calls during ``step()``, as torch's sync-debug mode reports them."""
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return sum("synchroniz" in str(warning.message) for warning in caught)
 
 
 def _sync(device: torch.device) -> None:

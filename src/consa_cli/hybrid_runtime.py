@@ -161,27 +161,35 @@ class HybridKV:
 
     ``full``: ``[B, full_heads, length, D]`` or None; ``sliding``: ``[B, sliding_heads, n, D]`` or None, holding
     positions ``[0, sink_count) + [recent_start, length)``; ``sliding_span`` is None when they are simply
-    ``0 .. length - 1`` (a prefill into an empty cache).
+    ``0 .. length - 1`` (a prefill into an empty cache). ``ring_start``: the recent positions sit in a ring
+    after the sinks, the oldest at ring slot ``ring_start`` (0: in position order).
     """
 
     full: torch.Tensor | None
     sliding: torch.Tensor | None
     sliding_span: tuple[int, int] | None
     length: int
+    ring_start: int = 0
 
     def sliding_positions(self, device) -> torch.Tensor:
         if self.sliding_span is None:
             return torch.arange(self.length, device=device)
         sinks, recent = self.sliding_span
-        return torch.cat([torch.arange(sinks, device=device), torch.arange(recent, self.length, device=device)])
+        ring = torch.arange(self.length - recent, device=device)
+        if self.ring_start:
+            ring = (ring - self.ring_start) % ring.numel()
+        return torch.cat([torch.arange(sinks, device=device), ring + recent])
 
 
 class HybridCacheLayer(DynamicLayer):
     """One layer's KV cache: the first ``full_heads`` KV heads keep every token, the others only the
-    ``sink_tokens`` first and the ``sliding_window - 1`` latest (what the next query needs).
+    ``sink_tokens`` first and the ``sliding_window`` latest (what the latest query saw).
 
-    Full-attention keys live in a buffer written in place, so a decode step copies one token, not the whole
-    history; it grows by 1/32 of its length (at most ``growth_tokens``), so it never holds 4% more than needed.
+    Both live in buffers written in place, so a decode step copies one token, and attends to a view: no
+    per-step concatenation, mask or index tensor. Full-attention keys grow by 1/32 of their length (at most
+    ``growth_tokens``), so they never hold 4% more than needed. Sliding heads keep ``sink_tokens + window``
+    slots: the sinks, then a ring where position ``p`` sits in slot ``(p - sink_tokens) % window``; a single
+    new query sees every slot, so their order does not matter.
     """
 
     is_sliding = False  # masks are built for the full length; the attention function windows the SWA heads
@@ -193,8 +201,7 @@ class HybridCacheLayer(DynamicLayer):
         self.full_heads, self.sliding_window, self.sink_tokens = full_heads, sliding_window, sink_tokens
         self.length = 0
         self.full_keys = self.full_values = None  # buffers [B, full_heads, capacity, D]
-        self.sliding_keys = self.sliding_values = None  # [B, sliding_heads, sinks + recent, D]
-        self.sink_count = self.recent_start = 0
+        self.sliding_keys = self.sliding_values = None  # [B, sliding_heads, sink_tokens + window, D]
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -206,9 +213,12 @@ class HybridCacheLayer(DynamicLayer):
         start, heads = self.length, self.full_heads
         self.length += key_states.shape[-2]
         full_keys, full_values = self._append_full(key_states[:, :heads], value_states[:, :heads], start)
-        sliding_keys, sliding_values, span = self._append_sliding(key_states[:, heads:], value_states[:, heads:])
-        return (HybridKV(full_keys, sliding_keys, span, self.length),
-                HybridKV(full_values, sliding_values, span, self.length))
+        if key_states.shape[1] == heads:
+            return HybridKV(full_keys, None, None, self.length), HybridKV(full_values, None, None, self.length)
+        sliding_keys, sliding_values, span, ring_start = self._append_sliding(
+            key_states[:, heads:], value_states[:, heads:], start)
+        return (HybridKV(full_keys, sliding_keys, span, self.length, ring_start),
+                HybridKV(full_values, sliding_values, span, self.length, ring_start))
 
     def _append_full(self, keys, values, start):
         if keys.shape[1] == 0:
@@ -226,24 +236,47 @@ class HybridCacheLayer(DynamicLayer):
         self.full_values[:, :, start : self.length] = values
         return self.full_keys[:, :, : self.length], self.full_values[:, :, : self.length]
 
-    def _append_sliding(self, keys, values):
-        if keys.shape[1] == 0:
-            return None, None, None
+    def _append_sliding(self, keys, values, start):
+        sinks, window = self.sink_tokens, self.sliding_window
         if self.sliding_keys is None:  # prefill into an empty cache: attend over the whole prompt
-            all_keys, all_values, span = keys, values, None
-            old_sinks, old_recent = 0, 0
-        else:
-            all_keys = torch.cat([self.sliding_keys, keys], dim=2)
-            all_values = torch.cat([self.sliding_values, values], dim=2)
-            span = old_sinks, old_recent = self.sink_count, self.recent_start
-        # Keep positions [0, sinks) and [recent, length): everything a later query can still see.
-        sinks = min(self.sink_tokens, self.length)
-        recent = max(sinks, self.length - self.sliding_window + 1)
-        recent_index = old_sinks + recent - old_recent
-        self.sliding_keys = torch.cat([all_keys[:, :, :sinks], all_keys[:, :, recent_index:]], dim=2)
-        self.sliding_values = torch.cat([all_values[:, :, :sinks], all_values[:, :, recent_index:]], dim=2)
-        self.sink_count, self.recent_start = sinks, recent
-        return all_keys, all_values, span
+            shape = (keys.shape[0], keys.shape[1], sinks + window, keys.shape[3])
+            self.sliding_keys, self.sliding_values = keys.new_empty(shape), values.new_empty(shape)
+            self._store(keys, values, start)
+            return keys, values, None, 0
+        if keys.shape[2] == 1:  # decode: write one slot, attend to every filled slot
+            self._store(keys, values, start)
+            filled = min(self.length, sinks + window)
+            sink_count = min(sinks, self.length)
+            ring_start = (self.length - sinks) % window if self.length > sinks + window else 0
+            return (self.sliding_keys[:, :, :filled], self.sliding_values[:, :, :filled],
+                    (sink_count, max(sink_count, self.length - window)), ring_start)
+        # Several new tokens on a filled cache: the kept keys in position order, then the new ones.
+        sink_count = min(sinks, start)
+        span = (sink_count, max(sink_count, start - window))
+        kept = []
+        for buffer, new in ((self.sliding_keys, keys), (self.sliding_values, values)):
+            ring = buffer[:, :, sinks : min(start, sinks + window)]
+            oldest = (start - sinks) % window if start > sinks + window else 0
+            kept.append(torch.cat([buffer[:, :, :sink_count], ring[:, :, oldest:], ring[:, :, :oldest], new], dim=2))
+        self._store(keys, values, start)
+        return kept[0], kept[1], span, 0
+
+    def _store(self, keys, values, start):
+        """Write the positions ``[start, length)`` that later queries can see into the sink and ring slots."""
+        sinks, window, end = self.sink_tokens, self.sliding_window, self.length
+        pieces = []
+        if start < sinks:  # sink slots are positions themselves
+            pieces.append((start, min(sinks, end), start))
+        first = max(sinks, start, end - window)  # the ring keeps the latest `window` positions past the sinks
+        if first < end:
+            slot = (first - sinks) % window
+            wrap = min(end, first + window - slot)  # positions up to here fit before the ring's end
+            pieces.append((first, wrap, sinks + slot))
+            if wrap < end:
+                pieces.append((wrap, end, sinks))
+        for position, stop, slot in pieces:
+            self.sliding_keys[:, :, slot : slot + stop - position] = keys[:, :, position - start : stop - start]
+            self.sliding_values[:, :, slot : slot + stop - position] = values[:, :, position - start : stop - start]
 
     def tensors(self) -> list[torch.Tensor]:
         """The cache's storage (for measuring its size)."""
