@@ -40,7 +40,7 @@ def test_plan_lists_every_search_and_rule(tmp_path):
 
 @pytest.mark.parametrize(("arguments", "message"), [
     (dict(sparsities=[]), "at least one"),
-    (dict(sparsities=[1.5]), "between 0 and 1"),
+    (dict(sparsities=[1.5]), "--sparsities must lie between 0 and 1, got 1.5"),
     (dict(granularities=["head"]), "--granularity must be one of"),
     (dict(rules=["diagonal"]), "unknown rule 'diagonal'"),
     (dict(rules=["uniform-heads"], granularities=["layer"]), "needs a KV-head granularity"),

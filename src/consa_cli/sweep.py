@@ -66,6 +66,9 @@ def plan_sweep(search: SearchSettings, sparsities: list[float], granularities: l
     """
     if not sparsities:
         raise SettingsError("--sparsities needs at least one value")
+    outside = [sparsity for sparsity in sparsities if not 0.0 <= sparsity <= 1.0]
+    if outside:
+        raise SettingsError(f"--sparsities must lie between 0 and 1, got {outside[0]}")
     if not granularities:
         raise SettingsError("--granularity needs at least one value")
     bad = [g for g in granularities if g not in GRANULARITIES]
