@@ -220,7 +220,7 @@ def _bad_inputs() -> dict[str, tuple]:
         "sweep-unknown-rule": (lambda tmp, m, d: ["sweep", "--model", m, "--sparsities", "0.5", "--rules", "nope",
                                                   "--output", tmp / "sweep"], "unknown rule 'nope'"),
         "sweep-sparsity-above-1": (lambda tmp, m, d: ["sweep", "--model", m, "--sparsities", "0.5,1.5",
-                                                      "--output", tmp / "sweep"], "--sparsity must be between 0 and 1"),
+                                                      "--output", tmp / "sweep"], "--sparsities must lie between 0 and 1, got 1.5"),
         "show-not-safetensors": (lambda tmp, m, d: ["show", write("notes.txt", "hello")(tmp)],
                                  "is not a readable safetensors allocation file"),
         "show-missing": (lambda tmp, m, d: ["show", tmp / "nothing-here"], "no allocation file at"),
