@@ -81,7 +81,9 @@ def retrieval_sample(tokenizer: PreTrainedTokenizerBase, text_ids: torch.LongTen
     keys = rng.sample(_ROOMS if fmt == "room-code" else _PEOPLE, rng.randint(1, MAX_NEEDLES))
     facts = [_fact(fmt, rng, key) for key in keys]
     needle_text, question_text, answer_text = facts[rng.randrange(len(facts))]
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
     needles = [encode(needle) for needle, _, _ in facts]
     tail = encode(question_text) + encode(answer_text)
     answer_len = len(encode(answer_text))
