@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoConfig, AutoModelForCausalLM, Qwen3Config
 
 from consa_cli.allocation import full_unit_count
@@ -78,6 +79,15 @@ def build_variants(model, name: str, device: str, dtype: torch.dtype, window: in
         yield model
 
     @contextmanager
+    def dense_without_cudnn():
+        # The dense model with cuDNN attention switched off, as consa's runtime does for decode steps: cuDNN
+        # rebuilds its plan on the host for every new key length (bench/profile_decode.py), which dominates a
+        # dense decode step on an H100. The fair dense reference for decode speed.
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+                         set_priority=True):
+            yield model
+
+    @contextmanager
     def native():
         # transformers' own layer hybrid: the config written by `consa export` for a layer allocation, same weights.
         patched = native_config(config.to_dict(), native_allocation)
@@ -99,6 +109,7 @@ def build_variants(model, name: str, device: str, dtype: torch.dtype, window: in
 
     return {
         "dense": (f"dense ({name})", None, dense),
+        "dense-no-cudnn": ("dense, SDPA without cuDNN", None, dense_without_cudnn),
         "native": ("transformers native layer hybrid", native_allocation, native),
         "consa-layer": ("consa layer hybrid", layer_allocation, lambda: consa(layer_allocation)),
         "consa-kv-head": ("consa KV-head hybrid", head_allocation, lambda: consa(head_allocation)),

@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 import consa_cli.hybrid_runtime as runtime
 from consa_cli.allocation import Allocation
 from consa_cli.attention import hybrid_attention
-from consa_cli.efficiency import OpCounter, decode_step_ops
+from consa_cli.efficiency import OpCounter, cache_argument, decode_step_ops, new_cache
 from consa_cli.export import native_config
 from consa_cli.hybrid_runtime import HybridCacheLayer, hybrid_cache
 from consa_cli.inference import hybrid_inference, kv_head_order, permute_kv_heads
@@ -252,3 +252,17 @@ def test_cuda_generate_matches_reference_token_for_token():
         reference = model.generate(prompt, past_key_values=DynamicCache(), **settings)
     with hybrid_inference(model, allocation):
         assert torch.equal(model.generate(prompt, **settings), reference)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_decode_attention_avoids_cudnn():
+    """cuDNN attention rebuilds its plan on the host for every new key length: decode steps must not use it."""
+    model = tiny_model("qwen3").cuda()
+    with hybrid_inference(model, _allocation(MIXED)):
+        cache = {cache_argument(model): new_cache(model), "use_cache": True}
+        tokens = model(input_ids=PROMPT.cuda(), logits_to_keep=1, **cache).logits[:, -1:].argmax(dim=-1)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+            model(input_ids=tokens, **cache)
+    ops = [event.key for event in profiler.key_averages()]
+    assert any("attention" in op for op in ops)  # the profile saw the attention calls
+    assert not any("cudnn_attention" in op for op in ops)

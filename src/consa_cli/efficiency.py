@@ -161,7 +161,8 @@ def _cuda_syncs(step: Callable) -> int:
             step()
         finally:
             torch.cuda.set_sync_debug_mode(previous)
-    return sum("synchroniz" in str(warning.message) for warning in caught)
+    # Only torch's per-operation warning: switching the mode on also warns ("... debug mode is a prototype").
+    return sum("called a synchronizing CUDA operation" in str(warning.message) for warning in caught)
 
 
 def _sync(device: torch.device) -> None:

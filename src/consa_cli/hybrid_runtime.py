@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
@@ -28,6 +29,11 @@ from transformers.masking_utils import AttentionMaskInterface, causal_mask_funct
 PREFIX_ATTENTION_NAME = "consa_hybrid"
 # Keys of one blocked sliding-window call, in elements: bounds the transient copies of long prefills.
 _BLOCKED_CALL_ELEMENTS = 1 << 28
+# SDPA kernels for decode steps on CUDA: everything but cuDNN. cuDNN attention builds an execution plan on the
+# host for every new key length (~1.6 ms per call on an H100 host, measured with bench/profile_decode.py), and
+# during decoding the full-attention heads' key length grows by one every step, so that plan is never reused:
+# 28 such calls made a Qwen3-0.6B decode step 2x slower than the same step on flash attention.
+_DECODE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 # --- kernels: one signature, SDPA is the reference -----------------------------------------------------------
@@ -43,6 +49,10 @@ def sdpa_backend(query, key, value, mask, is_causal, scaling):
     groups = query.shape[1] // key.shape[1]
     if groups > 1 and mask is not None:  # masked kernels fall back to the slow path with enable_gqa
         key, value, groups = repeat_kv(key, groups), repeat_kv(value, groups), 1
+    if query.shape[-2] == 1 and query.is_cuda:
+        with sdpa_kernel(_DECODE_SDPA_BACKENDS, set_priority=True):
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal,
+                                                  scale=scaling, enable_gqa=groups > 1)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling,
                                           enable_gqa=groups > 1)
 
@@ -61,6 +71,7 @@ def eager_backend(query, key, value, mask, is_causal, scaling):
 
 
 ATTENTION_BACKENDS = {"sdpa": sdpa_backend, "eager": eager_backend}
+
 
 
 def causal_window_mask(q_len: int, kv_len: int, window: int | None, sink_tokens: int,

@@ -1,0 +1,238 @@
+"""Where a decode step's time goes on the GPU: torch.profiler per variant, plus decode attention kernels alone.
+
+Part 1 (``--variants``): for each variant of ``bench/inference_speed.py`` (dense, transformers' native layer
+hybrid, consa's layer and KV-head hybrids), prefill ``batch x context`` random tokens, decode a few warm-up steps,
+then profile ``--steps`` decode steps. Per step: wall milliseconds, GPU kernel milliseconds (the sum of kernel
+durations; ``kernel / wall`` near 1 means GPU-bound, far below 1 launch- or host-bound), kernel launches, and
+the kernels and host ops that take the most time.
+
+Part 2 (``--attention``): one layer's decode attention alone (one query token per sequence against ``S`` cached
+keys, GQA), for the head counts of a dense layer and of a KV-head hybrid's full heads, through consa's decode
+path (SDPA without cuDNN), SDPA pinned to cuDNN or to flash, SDPA on repeated KV heads (transformers' path) and
+two matmul formulations (``KERNELS``). Shapes stay fixed here, so cuDNN's per-shape plan is built once: part 1
+shows what rebuilding it for every new key length costs during real decoding.
+
+    python bench/profile_decode.py --device cuda --contexts 8192,32768 --batches 1,8 \
+        --json docs/results/profile_decode_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import time
+from pathlib import Path
+
+import torch
+from inference_speed import QWEN3_0_6B, VARIANTS, build_variants, load
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from consa_cli.efficiency import cache_argument, new_cache
+from consa_cli.hybrid_runtime import repeat_kv, sdpa_backend
+
+
+def decode_split_kv(query, key, value, scaling, chunk: int = 2048):
+    """One query token per sequence, as two batched matmuls around a float32 softmax (a candidate that lost).
+
+    The idea: a flash kernel without a split over the keys would run one thread block per (sequence, query
+    head), leaving most of a large GPU idle for a KV-head hybrid's few full heads; here the score matmul tiles
+    over the keys and the probability-value product is split into ``chunk``-key pieces. Measured on an H100,
+    PyTorch's flash kernel already splits over the keys for one query token and is 2-3x faster than this.
+    """
+    batch, query_heads, _, dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    groups = query_heads // kv_heads
+    # [B, H_kv, S, D] prefixes of a cache buffer merge their first two dims without a copy.
+    keys, values = key.reshape(batch * kv_heads, length, dim), value.reshape(batch * kv_heads, length, dim)
+    queries = (query * scaling).reshape(batch * kv_heads, groups, dim)
+    if query.is_cuda:
+        scores = torch.bmm(queries, keys.transpose(1, 2), out_dtype=torch.float32)
+    else:
+        scores = torch.bmm(queries.float(), keys.transpose(1, 2).float())
+    probs = torch.softmax(scores, dim=-1).to(value.dtype)  # [B * H_kv, G, S]
+    pieces = length // chunk
+    if pieces < 2:
+        out = torch.bmm(probs, values)
+    else:
+        split = pieces * chunk
+        head = torch.matmul(probs[:, :, :split].reshape(-1, groups, pieces, chunk).transpose(1, 2),
+                            values[:, :split].reshape(-1, pieces, chunk, dim)).sum(dim=1, dtype=torch.float32)
+        if split < length:
+            head = head + torch.bmm(probs[:, :, split:], values[:, split:]).float()
+        out = head.to(value.dtype)
+    return out.reshape(batch, query_heads, 1, dim)
+
+
+# consa's decode path (``sdpa_backend``: SDPA without cuDNN for one query token), SDPA pinned to cuDNN / flash,
+# what transformers' sdpa path does (KV heads repeated first), and two matmul formulations.
+def _sdpa_on(backend):
+    def kernel(query, key, value, scaling):
+        with sdpa_kernel(backend):
+            return torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scaling,
+                                                                    enable_gqa=query.shape[1] != key.shape[1])
+    return kernel
+
+
+KERNELS = {
+    "sdpa": lambda q, k, v, s: sdpa_backend(q, k, v, None, False, s),
+    "split-kv": decode_split_kv,
+    "cudnn": _sdpa_on(SDPBackend.CUDNN_ATTENTION),
+    "flash": _sdpa_on(SDPBackend.FLASH_ATTENTION),
+    "sdpa-repeat-kv": lambda q, k, v, s: torch.nn.functional.scaled_dot_product_attention(
+        q, repeat_kv(k, q.shape[1] // k.shape[1]), repeat_kv(v, q.shape[1] // k.shape[1]), scale=s),
+    "matmul-unsplit": lambda q, k, v, s: decode_split_kv(q, k, v, s, chunk=1 << 30),
+}
+
+
+def _device_us(event) -> float:
+    """Self device time of a profiler average in microseconds (the attribute's name changed across torch)."""
+    for name in ("self_device_time_total", "self_cuda_time_total"):
+        if hasattr(event, name):
+            return float(getattr(event, name))
+    return 0.0
+
+
+@torch.no_grad()
+def profile_variant(model, context: int, batch: int, steps: int, top: int) -> dict:
+    """Profile ``steps`` greedy decode steps after a prefill; per-step summary of kernels and host ops."""
+    device = next(model.parameters()).device
+    tokens = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
+    with_cache = {cache_argument(model): new_cache(model), "use_cache": True}
+    next_tokens = model(input_ids=tokens, logits_to_keep=1, **with_cache).logits[:, -1:].argmax(dim=-1)
+    del tokens
+    for _ in range(3):  # warm-up: caches grow, kernels get picked
+        next_tokens = model(input_ids=next_tokens, **with_cache).logits[:, -1:].argmax(dim=-1)
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profiler:
+        start = time.perf_counter()
+        for _ in range(steps):
+            next_tokens = model(input_ids=next_tokens, **with_cache).logits[:, -1:].argmax(dim=-1)
+        torch.cuda.synchronize()
+        wall_ms = 1000.0 * (time.perf_counter() - start) / steps
+    # Unprofiled timing too: the profiler's own host overhead inflates the wall time above.
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        next_tokens = model(input_ids=next_tokens, **with_cache).logits[:, -1:].argmax(dim=-1)
+    torch.cuda.synchronize()
+    plain_ms = 1000.0 * (time.perf_counter() - start) / steps
+    averages = profiler.key_averages()
+    kernels = [event for event in averages if _device_us(event) > 0 and event.device_type.name == "CUDA"]
+    if not kernels:  # some torch versions report kernels with a CPU device type but device time
+        kernels = [event for event in averages if _device_us(event) > 0 and not event.key.startswith("aten::")]
+    host = sorted((event for event in averages if event.key.startswith("aten::")),
+                  key=lambda event: event.self_cpu_time_total, reverse=True)
+    kernel_ms = sum(_device_us(event) for event in kernels) / 1000.0 / steps
+    return {
+        "context_length": context, "batch_size": batch, "steps": steps,
+        "wall_ms_per_step": plain_ms, "profiled_wall_ms_per_step": wall_ms,
+        "kernel_ms_per_step": kernel_ms, "gpu_busy_fraction": kernel_ms / plain_ms,
+        "kernel_launches_per_step": sum(event.count for event in kernels) / steps,
+        "top_kernels": [{"name": event.key[:120], "ms_per_step": _device_us(event) / 1000.0 / steps,
+                         "calls_per_step": event.count / steps}
+                        for event in sorted(kernels, key=_device_us, reverse=True)[:top]],
+        "top_host_ops": [{"name": event.key, "self_cpu_ms_per_step": event.self_cpu_time_total / 1000.0 / steps,
+                          "calls_per_step": event.count / steps} for event in host[:top]],
+    }
+
+
+@torch.no_grad()
+def time_decode_attention(batch: int, query_heads: int, kv_heads: int, length: int, dim: int, dtype,
+                          repeats: int = 50) -> dict:
+    """Milliseconds of one decode attention call per kernel in KERNELS, and their max deviation."""
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    query = torch.randn(batch, query_heads, 1, dim, device="cuda", dtype=dtype, generator=generator)
+    # Keys as the hybrid cache holds them: a prefix of a larger buffer.
+    key = torch.randn(batch, kv_heads, length + 256, dim, device="cuda", dtype=dtype, generator=generator)[:, :, :length]
+    value = torch.randn(batch, kv_heads, length + 256, dim, device="cuda", dtype=dtype, generator=generator)[:, :, :length]
+    scaling = dim**-0.5
+    reference = None
+    row = {"batch": batch, "query_heads": query_heads, "kv_heads": kv_heads, "length": length}
+    for name, kernel in KERNELS.items():
+        try:
+            out = kernel(query, key, value, scaling)
+        except RuntimeError as error:  # a backend that does not take this shape
+            row[f"{name}_error"] = str(error).splitlines()[0][:120]
+            continue
+        reference = out if reference is None else reference
+        row[f"{name}_max_abs_diff"] = (out.float() - reference.float()).abs().max().item()
+        for _ in range(3):
+            kernel(query, key, value, scaling)
+        torch.cuda.synchronize()
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            kernel(query, key, value, scaling)
+        end.record()
+        torch.cuda.synchronize()
+        row[f"{name}_ms"] = start.elapsed_time(end) / repeats
+    # What reading the keys and values once costs at full memory bandwidth, for scale.
+    row["kv_mib"] = 2 * key.numel() * key.element_size() / 2**20
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--contexts", default="8192,32768")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--steps", type=int, default=8, help="profiled decode steps per variant")
+    parser.add_argument("--window", type=int, default=1024)
+    parser.add_argument("--full-fraction", type=float, default=0.25)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="'' skips part 1")
+    parser.add_argument("--attention", action="store_true", help="part 2: decode attention kernels alone")
+    parser.add_argument("--top", type=int, default=8)
+    parser.add_argument("--json", type=Path, required=True)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_decode.py needs a CUDA device")
+    dtype = getattr(torch, args.dtype)
+    contexts = [int(n) for n in args.contexts.split(",")]
+    batches = [int(n) for n in args.batches.split(",")]
+    report = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
+              "torch": torch.__version__, "settings": {k: str(v) for k, v in vars(args).items()},
+              "variants": [], "attention": []}
+
+    def save() -> None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+    if args.attention:
+        heads, kv_heads, dim = QWEN3_0_6B["num_attention_heads"], QWEN3_0_6B["num_key_value_heads"], QWEN3_0_6B["head_dim"]
+        full_kv = max(1, round(kv_heads * args.full_fraction))
+        for length in contexts:
+            for batch in batches:
+                for q_heads, k_heads in ((heads, kv_heads), (heads * full_kv // kv_heads, full_kv)):
+                    row = time_decode_attention(batch, q_heads, k_heads, length, dim, dtype)
+                    report["attention"].append(row)
+                    save()
+                    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                          flush=True)
+    if args.variants:
+        model = load("qwen3-0.6b-random", dtype, args.device)
+        available = build_variants(model, "qwen3-0.6b-random", args.device, dtype, args.window, None,
+                                   args.full_fraction)
+        for context in contexts:
+            for batch in batches:
+                for name in args.variants.split(","):
+                    label, _, enter = available[name]
+                    with enter() as variant:
+                        row = {"variant": name, **profile_variant(variant, context, batch, args.steps, args.top)}
+                    torch.cuda.empty_cache()
+                    report["variants"].append(row)
+                    save()
+                    print(f"{name:14s} T={context:6d} B={batch} wall {row['wall_ms_per_step']:7.2f} ms/step "
+                          f"kernels {row['kernel_ms_per_step']:7.2f} ms ({row['gpu_busy_fraction']:.0%} busy) "
+                          f"launches {row['kernel_launches_per_step']:.0f}", flush=True)
+                    for kernel in row["top_kernels"][:4]:
+                        print(f"    {kernel['ms_per_step']:7.3f} ms x{kernel['calls_per_step']:.0f} {kernel['name'][:90]}")
+                    for op in row["top_host_ops"][:3]:
+                        print(f"    host {op['self_cpu_ms_per_step']:7.3f} ms x{op['calls_per_step']:.0f} {op['name']}")
+
+
+if __name__ == "__main__":
+    main()
