@@ -33,6 +33,9 @@ def main() -> None:
         for row in json.load(open(path))["rows"]:
             rows.setdefault(row["name"], row)
     names = args.names.split(",") if args.names else list(rows)
+    missing = [name for name in (args.reference, *names) if name not in rows]
+    if missing:
+        raise SystemExit(f"no row named {missing[0]!r}; rows: {', '.join(rows)}")
     reference = rows[args.reference]["nll_per_sequence"]
     dense_retrieval = rows.get("dense", {}).get("retrieval")
     print(f"| allocation | FA units | PPL | dNLL vs dense (t) | dNLL vs {args.reference} (t) | retrieval (of dense) | "
