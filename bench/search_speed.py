@@ -11,7 +11,12 @@ one sequence per step. Columns per sequence length and loss:
 Tokens/s are from the median step after warm-up (the first steps compile the kernels); the dense step is measured
 before and after the searches and the faster median kept (a conservative ratio); peak memory is
 ``torch.cuda.max_memory_allocated``. The projected search time is the recipe's step count times the measured step
-plus the measured warm-up. Results go to ``--json`` after every row.
+plus the measured warm-up. Results go to ``--json`` after every row. ``--flex-configs`` adds tuning candidates
+for the flex window (the block mask's tile, FlexAttention's kernel options) to the attention-alone rows;
+``--kernels-only`` skips the model steps:
+
+    python bench/search_speed.py --lengths 4096 8192 --kernels-only --json /tmp/flex-sweep.json \
+        --flex-configs '[{"block_size": 64}, {"kernel_options": {"BLOCK_M": 64, "BLOCK_N": 64}}]'
 
     python bench/search_speed.py --lengths 4096 8192 --json docs/results/search-speed-h100.json
 """
@@ -31,6 +36,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen3Config
 
 from consa_cli.attention import ATTENTION_BACKENDS
+from consa_cli.kernels import flex_full_and_sliding
 from consa_cli.losses import next_token_loss
 from consa_cli.search import environment_versions, run_search
 from consa_cli.settings import SearchSettings, load_recipe
@@ -114,7 +120,8 @@ def kernel_milliseconds(fn, inputs: list[torch.Tensor], repeats: int) -> float:
     return round(statistics.median(times), 3)
 
 
-def kernel_rows(length: int, shape: dict, window: int, sinks: int, device: torch.device, repeats: int) -> dict:
+def kernel_rows(length: int, shape: dict, window: int, sinks: int, device: torch.device, repeats: int,
+                flex_configs: list[dict] = ()) -> dict:
     heads, kv_heads, dim = shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"]
     generator = torch.Generator(device=device).manual_seed(0)
 
@@ -136,6 +143,17 @@ def kernel_rows(length: int, shape: dict, window: int, sinks: int, device: torch
             return ATTENTION_BACKENDS[backend].full_and_sliding(q, k, v, w, scaling, window, sinks)
 
         row[f"search_{backend}_ms"] = kernel_milliseconds(mix, [query, key, value, weight], repeats)
+    for config in flex_configs:  # tuning candidates: the mask's tile and FlexAttention's kernel options
+        label = json.dumps(config, sort_keys=True)
+
+        def tuned(q, k, v, w, config=config):
+            return flex_full_and_sliding(q, k, v, w, scaling, window, sinks, **config)
+
+        try:
+            row.setdefault("flex_configs_ms", {})[label] = kernel_milliseconds(tuned, [query, key, value, weight],
+                                                                               repeats)
+        except Exception as error:  # noqa: BLE001 -- a candidate the compiler rejects (e.g. out of shared memory)
+            row.setdefault("flex_configs_ms", {})[label] = f"failed: {str(error).splitlines()[0][:160]}"
     return row
 
 
@@ -149,8 +167,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="steps not timed (the first compiles the kernels)")
     parser.add_argument("--repeats", type=int, default=8, help="timed steps")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model of the same layout (smoke test, CPU)")
+    parser.add_argument("--flex-configs", default="[]",
+                        help='JSON list of flex tuning candidates timed in the kernel-alone rows, e.g. '
+                             '\'[{"block_size": 64}, {"kernel_options": {"BLOCK_M": 64, "BLOCK_N": 64}}]\'')
+    parser.add_argument("--kernels-only", action="store_true", help="only the attention-alone rows (tuning sweeps)")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
+    flex_configs = json.loads(args.flex_configs)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shape = TINY if args.tiny else QWEN3_0_6B
@@ -174,9 +197,11 @@ def main() -> None:
     for length in args.lengths:
         if device.type == "cuda":
             report["kernels"].append({"tokens": length, **kernel_rows(length, shape, args.window, args.sink_tokens,
-                                                                      device, repeats=20)})
+                                                                      device, repeats=20, flex_configs=flex_configs)})
             print(report["kernels"][-1], flush=True)
             save()
+        if args.kernels_only:
+            continue
         input_ids = torch.randint(0, shape["vocab_size"], (1, length), device=device)
         reset_peak(device)
         dense = dense_step_seconds(model, input_ids, args.warmup, args.repeats)

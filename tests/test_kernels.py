@@ -25,8 +25,10 @@ def qkv(length, query_heads=4, kv_heads=2, dim=16, dtype=torch.float64, device="
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_flex_window_graph_forward_on_cpu_equals_the_reference():
-    """The flex graph, uncompiled (FlexAttention's CPU forward), against two SDPA calls; window 8 + 2 sinks."""
+@pytest.mark.parametrize("block_size", [128, 16])
+def test_flex_window_graph_forward_on_cpu_equals_the_reference(block_size):
+    """The flex graph, uncompiled (FlexAttention's CPU forward), against two SDPA calls; window 8 + 2 sinks, with
+    the default tile and a tile smaller than the sequence (the tuning knob of bench/search_speed.py)."""
     length, window, sinks, scaling = 64, 8, 2, 0.25
     query, key, value = (t.detach().float() for t in qkv(length))
     weight = torch.tensor([0.2, 0.7])
@@ -34,7 +36,7 @@ def test_flex_window_graph_forward_on_cpu_equals_the_reference():
     full = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
                                                             enable_gqa=True)
     mixed = window_mix(query, key, value, full, weight.repeat_interleave(2),
-                       window_block_mask(length, window, sinks, "cpu"), scaling)
+                       window_block_mask(length, window, sinks, "cpu", block_size), scaling)
     torch.testing.assert_close(mixed, reference, rtol=1e-5, atol=1e-5)
 
 
