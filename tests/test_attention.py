@@ -14,6 +14,7 @@ from consa_cli.attention import (
     consa_attention_forward,
     hybrid_attention,
     install_hybrid,
+    original_attention,
     remove_hybrid,
 )
 from consa_cli.baselines import native_allocation
@@ -37,6 +38,22 @@ def test_native_allocation_reproduces_original_logits(family):
     tolerance = 0.0 if family != "gemma3_text" else 1e-5
     torch.testing.assert_close(hybrid, reference, rtol=0, atol=tolerance)
     assert model.config._attn_implementation == "sdpa"  # restored
+
+
+def test_original_attention_is_the_model_itself_inside_an_installed_hybrid():
+    """The search teacher of a natively hybrid model (Gemma3) is its own pattern, not all-full attention."""
+    model = tiny_model("gemma3_text", layer_types=["sliding_attention", "full_attention"] * 2)
+    reference = model(TOKENS).logits
+    with hybrid_attention(model, torch.ones(4, 2, dtype=torch.bool), 8, 0):
+        all_full = model(TOKENS).logits
+        with original_attention(model):
+            teacher = model(TOKENS).logits
+        assert model.config._attn_implementation != "sdpa"  # the hybrid is back on
+        torch.testing.assert_close(model(TOKENS).logits, all_full, rtol=0, atol=0)
+    torch.testing.assert_close(teacher, reference, rtol=0, atol=0)
+    assert (all_full - reference).abs().max() > 1e-3  # at 40 tokens > window 8 all-full is another model
+    with original_attention(model):  # no hybrid installed: nothing to switch
+        torch.testing.assert_close(model(TOKENS).logits, reference, rtol=0, atol=0)
 
 
 def test_all_sliding_without_sinks_equals_native_sliding_window(family):

@@ -206,6 +206,27 @@ def remove_hybrid(model: nn.Module) -> None:
 
 
 @contextmanager
+def original_attention(model: nn.Module):
+    """``with original_attention(model): ...`` runs the model with its own attention while a hybrid is installed,
+    then switches the hybrid back on (its settings stay in place).
+
+    The search's teacher: the model as it was trained. For a dense model that is all-full attention; for a natively
+    hybrid model (Gemma3: 5 sliding layers per full one, RoPE base chosen by layer type) it is its own pattern --
+    all-full attention there reads far beyond the window its sliding layers were trained on (Gemma3-270M at 2048
+    tokens: perplexity 24.6 natively, 371 all-full).
+    """
+    original = getattr(model, "_consa_original_attn", None)
+    if original is None:  # no hybrid installed: the model already runs its own attention
+        yield model
+        return
+    model.set_attn_implementation(original)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(ATTENTION_NAME)
+
+
+@contextmanager
 def hybrid_attention(model: nn.Module, fa_weights: torch.Tensor, sliding_window: int, sink_tokens: int,
                      backend: str = "sdpa"):
     """``with hybrid_attention(model, mask, W, S): ...`` runs the model as a hybrid, then restores it."""
