@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from consa_cli.attention import hybrid_attention
-from consa_cli.baselines import rule_allocation
+from consa_cli.baselines import baseline_allocation
 from consa_cli.calibration import CalibrationSet, mix_retrieval
 from consa_cli.data import EMBEDDED_CORPUS, load_token_sequences
 from consa_cli.evaluate import paired_difference, sequence_nll
@@ -116,8 +116,8 @@ def main() -> None:
     for sparsity in [float(value) for value in args.sparsities.split(",")]:
         for spec in filter(None, args.rules.split(",")):
             rule, _, granularity = spec.partition(":")
-            allocation = rule_allocation(rule, model.config.num_hidden_layers, model.config.num_key_value_heads,
-                                         sparsity, granularity or args.rule_granularity, args.window, sinks)
+            allocation = baseline_allocation(rule, model.config, sparsity, granularity or args.rule_granularity,
+                                             args.window, sinks)  # "native": the model's own pattern (Gemma3)
             score(f"rule:{rule} {allocation.granularity} s={sparsity:g}", allocation, {})
 
         for overrides in json.loads(args.searches):
