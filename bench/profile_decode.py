@@ -1,6 +1,6 @@
 """Where a decode step's time goes on the GPU: torch.profiler per variant, plus decode attention kernels alone.
 
-Part 1 (``--variants``): for each variant of ``bench/inference_speed.py`` (dense, transformers' native layer
+Part 1 (``--variants``; with ``--prefill``, one prefill instead of decode steps): for each variant of ``bench/inference_speed.py`` (dense, transformers' native layer
 hybrid, consa's layer and KV-head hybrids), prefill ``batch x context`` random tokens, decode a few warm-up steps,
 then profile ``--steps`` decode steps. Per step: wall milliseconds, GPU kernel milliseconds (the sum of kernel
 durations; ``kernel / wall`` near 1 means GPU-bound, far below 1 launch- or host-bound), kernel launches, and
@@ -93,6 +93,50 @@ def _device_us(event) -> float:
     return 0.0
 
 
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed(step, repeats: int) -> tuple[float, torch.profiler.profile, float]:
+    """Run ``step`` ``repeats`` times under the profiler, then again unprofiled: (profiled ms, profiler, plain ms)
+    per call. The plain timing is the one to quote: the profiler's own host overhead inflates the other."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    _synchronize()
+    with torch.profiler.profile(activities=activities) as profiler:
+        start = time.perf_counter()
+        for _ in range(repeats):
+            step()
+        _synchronize()
+        profiled_ms = 1000.0 * (time.perf_counter() - start) / repeats
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    _synchronize()
+    return profiled_ms, profiler, 1000.0 * (time.perf_counter() - start) / repeats
+
+
+def _summary(profiler, repeats: int, plain_ms: float, profiled_ms: float, top: int) -> dict:
+    """Per-call kernel time, launches, and the top kernels and host ops of a profile of ``repeats`` calls."""
+    averages = profiler.key_averages()
+    kernels = [event for event in averages if _device_us(event) > 0 and event.device_type.name == "CUDA"]
+    if not kernels:  # some torch versions report kernels with a CPU device type but device time
+        kernels = [event for event in averages if _device_us(event) > 0 and not event.key.startswith("aten::")]
+    host = sorted((event for event in averages if event.key.startswith("aten::")),
+                  key=lambda event: event.self_cpu_time_total, reverse=True)
+    kernel_ms = sum(_device_us(event) for event in kernels) / 1000.0 / repeats
+    return {
+        "wall_ms_per_step": plain_ms, "profiled_wall_ms_per_step": profiled_ms,
+        "kernel_ms_per_step": kernel_ms, "gpu_busy_fraction": kernel_ms / plain_ms,
+        "kernel_launches_per_step": sum(event.count for event in kernels) / repeats,
+        "top_kernels": [{"name": event.key[:120], "ms_per_step": _device_us(event) / 1000.0 / repeats,
+                         "calls_per_step": event.count / repeats}
+                        for event in sorted(kernels, key=_device_us, reverse=True)[:top]],
+        "top_host_ops": [{"name": event.key, "self_cpu_ms_per_step": event.self_cpu_time_total / 1000.0 / repeats,
+                          "calls_per_step": event.count / repeats} for event in host[:top]],
+    }
+
+
 @torch.no_grad()
 def profile_variant(model, context: int, batch: int, steps: int, top: int) -> dict:
     """Profile ``steps`` greedy decode steps after a prefill; per-step summary of kernels and host ops."""
@@ -103,39 +147,29 @@ def profile_variant(model, context: int, batch: int, steps: int, top: int) -> di
     del tokens
     for _ in range(3):  # warm-up: caches grow, kernels get picked
         next_tokens = model(input_ids=next_tokens, **with_cache).logits[:, -1:].argmax(dim=-1)
-    torch.cuda.synchronize()
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as profiler:
-        start = time.perf_counter()
-        for _ in range(steps):
-            next_tokens = model(input_ids=next_tokens, **with_cache).logits[:, -1:].argmax(dim=-1)
-        torch.cuda.synchronize()
-        wall_ms = 1000.0 * (time.perf_counter() - start) / steps
-    # Unprofiled timing too: the profiler's own host overhead inflates the wall time above.
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
+
+    def step():
+        nonlocal next_tokens
         next_tokens = model(input_ids=next_tokens, **with_cache).logits[:, -1:].argmax(dim=-1)
-    torch.cuda.synchronize()
-    plain_ms = 1000.0 * (time.perf_counter() - start) / steps
-    averages = profiler.key_averages()
-    kernels = [event for event in averages if _device_us(event) > 0 and event.device_type.name == "CUDA"]
-    if not kernels:  # some torch versions report kernels with a CPU device type but device time
-        kernels = [event for event in averages if _device_us(event) > 0 and not event.key.startswith("aten::")]
-    host = sorted((event for event in averages if event.key.startswith("aten::")),
-                  key=lambda event: event.self_cpu_time_total, reverse=True)
-    kernel_ms = sum(_device_us(event) for event in kernels) / 1000.0 / steps
-    return {
-        "context_length": context, "batch_size": batch, "steps": steps,
-        "wall_ms_per_step": plain_ms, "profiled_wall_ms_per_step": wall_ms,
-        "kernel_ms_per_step": kernel_ms, "gpu_busy_fraction": kernel_ms / plain_ms,
-        "kernel_launches_per_step": sum(event.count for event in kernels) / steps,
-        "top_kernels": [{"name": event.key[:120], "ms_per_step": _device_us(event) / 1000.0 / steps,
-                         "calls_per_step": event.count / steps}
-                        for event in sorted(kernels, key=_device_us, reverse=True)[:top]],
-        "top_host_ops": [{"name": event.key, "self_cpu_ms_per_step": event.self_cpu_time_total / 1000.0 / steps,
-                          "calls_per_step": event.count / steps} for event in host[:top]],
-    }
+
+    profiled_ms, profiler, plain_ms = _timed(step, steps)
+    return {"phase": "decode", "context_length": context, "batch_size": batch, "steps": steps,
+            **_summary(profiler, steps, plain_ms, profiled_ms, top)}
+
+
+@torch.no_grad()
+def profile_prefill(model, context: int, batch: int, top: int) -> dict:
+    """Profile one prefill of ``batch x context`` random tokens (last-position logits, a fresh cache each time)."""
+    device = next(model.parameters()).device
+    tokens = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
+
+    def step():
+        model(input_ids=tokens, logits_to_keep=1, **{cache_argument(model): new_cache(model), "use_cache": True})
+
+    step()  # warm-up: kernels get picked
+    profiled_ms, profiler, plain_ms = _timed(step, 1)
+    return {"phase": "prefill", "context_length": context, "batch_size": batch, "steps": 1,
+            **_summary(profiler, 1, plain_ms, profiled_ms, top)}
 
 
 @torch.no_grad()
@@ -185,6 +219,7 @@ def main() -> None:
     parser.add_argument("--full-fraction", type=float, default=0.25)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="'' skips part 1")
     parser.add_argument("--attention", action="store_true", help="part 2: decode attention kernels alone")
+    parser.add_argument("--prefill", action="store_true", help="part 1 profiles one prefill instead of decoding")
     parser.add_argument("--top", type=int, default=8)
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
@@ -221,7 +256,9 @@ def main() -> None:
                 for name in args.variants.split(","):
                     label, _, enter = available[name]
                     with enter() as variant:
-                        row = {"variant": name, **profile_variant(variant, context, batch, args.steps, args.top)}
+                        profiled = (profile_prefill(variant, context, batch, args.top) if args.prefill else
+                                    profile_variant(variant, context, batch, args.steps, args.top))
+                        row = {"variant": name, **profiled}
                     torch.cuda.empty_cache()
                     report["variants"].append(row)
                     save()
