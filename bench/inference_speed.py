@@ -83,8 +83,7 @@ def build_variants(model, name: str, device: str, dtype: torch.dtype, window: in
         # The dense model with cuDNN attention switched off, as consa's runtime does for decode steps: cuDNN
         # rebuilds its plan on the host for every new key length (bench/profile_decode.py), which dominates a
         # dense decode step on an H100. The fair dense reference for decode speed.
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
-                         set_priority=True):
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
             yield model
 
     @contextmanager

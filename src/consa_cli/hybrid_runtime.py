@@ -50,7 +50,7 @@ def sdpa_backend(query, key, value, mask, is_causal, scaling):
     if groups > 1 and mask is not None:  # masked kernels fall back to the slow path with enable_gqa
         key, value, groups = repeat_kv(key, groups), repeat_kv(value, groups), 1
     if query.shape[-2] == 1 and query.is_cuda:
-        with sdpa_kernel(_DECODE_SDPA_BACKENDS, set_priority=True):
+        with sdpa_kernel(_DECODE_SDPA_BACKENDS):
             return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal,
                                                   scale=scaling, enable_gqa=groups > 1)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling,
