@@ -45,6 +45,7 @@ def test_mixture_has_the_requested_share_is_seeded_and_keeps_text_rows(char_toke
     mixed = mix_retrieval(text, char_tokenizer, 0.25, WINDOW, seed=0)
     assert mixed.sequences.shape == (8, LENGTH) and mixed.retrieval_count == 2
     assert torch.equal(mixed.sequences[:6], text) and mixed.loss_mask[:6].all()
+    assert mixed.is_retrieval.tolist() == [False] * 6 + [True] * 2  # stated per sequence, not read off the mask
     assert torch.equal(mix_retrieval(text, char_tokenizer, 0.25, WINDOW, seed=0).sequences, mixed.sequences)
     assert not torch.equal(mix_retrieval(text, char_tokenizer, 0.25, WINDOW, seed=1).sequences, mixed.sequences)
     assert mix_retrieval(text, char_tokenizer, 0.0, WINDOW, seed=0).retrieval_count == 0
@@ -63,7 +64,7 @@ def test_too_short_for_a_needle_beyond_the_window_is_a_data_error(char_tokenizer
 def test_search_on_a_mixture_hits_the_exact_count_and_differs_from_text_only(char_tokenizer):
     text = text_sequences(char_tokenizer) % 96  # the tiny model's vocabulary
     mixed = mix_retrieval(text_sequences(char_tokenizer), char_tokenizer, 0.5, WINDOW, seed=0)
-    mixed = CalibrationSet(mixed.sequences % 96, mixed.loss_mask)
+    mixed = CalibrationSet(mixed.sequences % 96, mixed.loss_mask, mixed.is_retrieval)
     settings = SearchSettings(window=WINDOW, seq_len=LENGTH, steps=6, sparsity=0.5, target_warmup_steps=2,
                               dtype="float32", granularity="kv-head")
     with_retrieval = run_search(settings, tiny_model("llama"), mixed, sink_tokens=2)

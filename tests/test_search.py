@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from conftest import tiny_model
 
 import consa_cli.losses
+from consa_cli.calibration import CalibrationSet
 from consa_cli.losses import kl_to_teacher, next_token_loss, search_loss
 from consa_cli.search import (
     HardConcreteGates,
@@ -18,7 +19,7 @@ from consa_cli.search import (
     run_search,
     target_at,
 )
-from consa_cli.settings import SearchSettings, SettingsError, build_settings
+from consa_cli.settings import LOSSES, SearchSettings, SettingsError, build_settings
 
 SEQUENCES = torch.randint(0, 96, (16, 64), generator=torch.Generator().manual_seed(3))
 
@@ -178,3 +179,66 @@ def test_attention_backend_is_resolved_and_recorded():
     result = run_search(settings(steps=2), tiny_model("qwen3"), SEQUENCES, sink_tokens=2)
     assert result.allocation.metadata["attention_backend"] == "sdpa"
     assert result.allocation.metadata["settings"]["attention_backend"] == "auto"
+
+
+def mixed_calibration() -> CalibrationSet:
+    """SEQUENCES, the second half flagged as retrieval samples scoring three 'answer' positions each."""
+    mask = torch.ones_like(SEQUENCES, dtype=torch.bool)
+    mask[8:] = False
+    mask[8:, -4:-1] = True
+    return CalibrationSet(SEQUENCES, mask, torch.arange(16) >= 8)
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 25, 30])  # one chunk; chunks of one token
+def test_mixed_batch_loss_adds_each_sequences_own_loss(chunk_elements, monkeypatch):
+    """kl and lm sequences in one batch: each its own mean over its positions, weighted 1/B, in value and gradient."""
+    monkeypatch.setattr(consa_cli.losses, "CHUNK_ELEMENTS", chunk_elements)
+    student = torch.randn(4, 6, 11, requires_grad=True)
+    teacher = torch.randn(2, 6, 11)  # the kl sequences' only: rows 0 and 3
+    ids = torch.randint(0, 11, (4, 6))
+    mask = torch.tensor([[True] * 6, [False, False, True, True, False, False], [True] * 6,
+                         [False, True, True, True, False, False]])
+    losses = ["kl", "lm", "lm", "kl"]
+    kl = F.kl_div(student[[0, 3]].log_softmax(-1), teacher.log_softmax(-1), log_target=True,
+                  reduction="none").sum(-1)
+    lm = F.cross_entropy(student[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(4, 5)
+    expected = (kl[0].mean() + lm[1, 2:4].mean() + lm[2].mean() + kl[1, 1:4].mean()) / 4
+    value = search_loss(student, ids, mask, losses, teacher)
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+    grad, = torch.autograd.grad(value, student)
+    expected_grad, = torch.autograd.grad(expected, student)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-7)
+    assert grad[2, -1].abs().max() == 0  # an lm sequence's last position predicts nothing
+
+
+def count_forwards(model) -> list[int]:
+    """The batch size of every forward ``model`` runs from now on."""
+    batches = []
+    model.register_forward_hook(lambda module, args, kwargs, output: batches.append(kwargs["input_ids"].shape[0]),
+                                with_kwargs=True)
+    return batches
+
+
+@pytest.mark.parametrize(("loss", "retrieval_loss", "per_step"), [
+    ("lm", "lm", [16]), ("kl", "lm", [8, 16]), ("lm", "kl", [8, 16]), ("kl", "kl", [16, 16]),
+])
+def test_teacher_runs_only_on_the_sequences_that_need_kl(loss, retrieval_loss, per_step):
+    model = tiny_model("llama")
+    batches = count_forwards(model)
+    run_search(settings(steps=3, batch_size=16, loss=loss, retrieval_loss=retrieval_loss), model,
+               mixed_calibration(), sink_tokens=2)
+    assert batches == per_step * 3  # every step sees all 16 sequences: 8 of text, 8 of retrieval
+
+
+def test_retrieval_loss_changes_only_what_retrieval_rows_learn():
+    calibration = mixed_calibration()
+    def scores(**overrides):
+        return run_search(settings(steps=6, batch_size=4, **overrides), tiny_model("llama"), calibration,
+                          sink_tokens=2).allocation.scores
+
+    assert not torch.equal(scores(retrieval_loss="lm"), scores(retrieval_loss="kl"))
+    text = CalibrationSet.text_only(SEQUENCES)
+    text_runs = [run_search(settings(steps=3, retrieval_loss=name), tiny_model("llama"), text, 2).allocation
+                 for name in LOSSES]
+    assert torch.equal(text_runs[0].scores, text_runs[1].scores)  # no retrieval rows: the setting is inert
+    assert text_runs[0].metadata["settings"]["retrieval_loss"] == "kl"

@@ -39,15 +39,22 @@ _CODE_LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZ"
 
 @dataclass
 class CalibrationSet:
-    """Token sequences ``[N, seq_len]`` and which logit positions count in the loss (``loss_mask``, same shape).
+    """Token sequences ``[N, seq_len]``, which logit positions count in the loss (``loss_mask``, same shape) and
+    which sequences are synthetic retrieval samples (``is_retrieval [N]``; None: none are).
 
     ``loss_mask[i, t]`` is True when the logits at position ``t`` (which predict token ``t + 1``) enter sequence
     ``i``'s loss; each sequence's loss is the mean over its own True positions, so a retrieval sample with three
-    answer tokens weighs as much as a text sequence with a thousand.
+    answer tokens weighs as much as a text sequence with a thousand. ``is_retrieval`` picks each sequence's loss
+    (the search's ``retrieval_loss`` or ``loss``); it is stated, not read off the mask.
     """
 
     sequences: torch.LongTensor
     loss_mask: torch.BoolTensor
+    is_retrieval: torch.BoolTensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.is_retrieval is None:
+            self.is_retrieval = torch.zeros(self.sequences.shape[0], dtype=torch.bool)
 
     @classmethod
     def text_only(cls, sequences: torch.LongTensor) -> CalibrationSet:
@@ -55,7 +62,7 @@ class CalibrationSet:
 
     @property
     def retrieval_count(self) -> int:
-        return int((~self.loss_mask.all(dim=1)).sum())
+        return int(self.is_retrieval.sum())
 
 
 def _fact(fmt: str, rng: random.Random, key: str) -> tuple[str, str, str]:
@@ -123,4 +130,5 @@ def mix_retrieval(text: torch.LongTensor, tokenizer: PreTrainedTokenizerBase, re
     samples = [retrieval_sample(tokenizer, text[(i * 7 + 3) % len(text)], CALIBRATION_FORMATS[i % 2], rng, window)
                for i in range(count)]
     return CalibrationSet(torch.cat([base.sequences, torch.stack([ids for ids, _ in samples])]),
-                          torch.cat([base.loss_mask, torch.stack([mask for _, mask in samples])]))
+                          torch.cat([base.loss_mask, torch.stack([mask for _, mask in samples])]),
+                          torch.cat([base.is_retrieval, torch.ones(count, dtype=torch.bool)]))

@@ -120,8 +120,11 @@ def search(
                              f"or a hub dataset id. {_default('data')}"),
     steps: int = typer.Option(None, help=f"Optimisation steps. {_default('steps')}"),
     batch_size: int = typer.Option(None, help=f"Sequences per step. {_default('batch_size')}"),
-    loss: str = typer.Option(None, help="kl (match the dense model's own outputs) or lm (next-token loss). "
-                             f"{_default('loss')}"),
+    loss: str = typer.Option(None, help="kl (match the dense model's own outputs) or lm (next-token loss), on the "
+                             f"natural-text calibration sequences. {_default('loss')}"),
+    retrieval_loss: str = typer.Option(None, help="kl or lm on the synthetic retrieval sequences (their answer "
+                                       "tokens; only with --retrieval-fraction > 0). "
+                                       f"{_default('retrieval_loss')}"),
     method: str = typer.Option(None, help="l0 (hard-concrete gates + augmented Lagrangian, ConSA), scalar-l1 (sigmoid "
                                "gates + L1 penalty, ranked to the target: the paper's ablation) or attention-mass "
                                "(training-free: rank units by attention mass beyond the window over steps x "
@@ -168,7 +171,8 @@ def search(
     with user_errors():
         flags = dict(
             model=model, sparsity=sparsity, granularity=granularity, window=window, sink_tokens=sink_tokens,
-            seq_len=seq_len, data=data, steps=steps, batch_size=batch_size, loss=loss, method=method,
+            seq_len=seq_len, data=data, steps=steps, batch_size=batch_size, loss=loss,
+            retrieval_loss=retrieval_loss, method=method,
             l1_weight=l1_weight, retrieval_fraction=retrieval_fraction, seed=seed, gate_lr=gate_lr,
             multiplier_lr=multiplier_lr, target_warmup_steps=target_warmup_steps, penalty_init=penalty_init,
             dtype=dtype, device=device, attention_backend=attention_backend, output=output,
@@ -191,12 +195,13 @@ def search(
         def on_start(info: dict) -> None:
             resumed = f", continuing after step {info['resumed_from']}" if info["resumed_from"] else ""
             retrieval = f" ({info['retrieval_sequences']} retrieval)" if info["retrieval_sequences"] else ""
+            retrieval_loss = f" ({settings.retrieval_loss} on retrieval)" if info["retrieval_sequences"] else ""
             console.print(
                 f"model [bold]{info['model']}[/] on {info['device']} ({info['attention_backend']} attention): "
                 f"{info['units']} {settings.granularity} units, "
                 f"target sparsity {settings.sparsity}, window {settings.window} + {info['sink_tokens']} sinks, "
                 f"{info['calibration_sequences']} x {settings.seq_len}-token calibration sequences"
-                f"{retrieval}, method {settings.method}, {settings.loss} loss{resumed}"
+                f"{retrieval}, method {settings.method}, {settings.loss} loss{retrieval_loss}{resumed}"
             )
             progress.start()
 
@@ -548,7 +553,9 @@ def sweep(
                              f"{_default('data')}"),
     steps: int = typer.Option(None, help=f"Optimisation steps of every search. {_default('steps')}"),
     batch_size: int = typer.Option(None, help=f"Sequences per step (and per evaluation pass). {_default('batch_size')}"),
-    loss: str = typer.Option(None, help=f"kl or lm. {_default('loss')}"),
+    loss: str = typer.Option(None, help=f"kl or lm, on natural text. {_default('loss')}"),
+    retrieval_loss: str = typer.Option(None, help="kl or lm, on the retrieval samples. "
+                                       f"{_default('retrieval_loss')}"),
     retrieval_fraction: float = typer.Option(None, help="Share of synthetic retrieval samples in every search's "
                                              f"calibration data (see search). {_default('retrieval_fraction')}"),
     seed: int = typer.Option(None, help=f"Seed of searches and of the random rule. {_default('seed')}"),
@@ -576,7 +583,8 @@ def sweep(
 
     with user_errors():
         flags = dict(model=model, window=window, sink_tokens=sink_tokens, seq_len=seq_len, data=data, steps=steps,
-                     batch_size=batch_size, loss=loss, retrieval_fraction=retrieval_fraction, seed=seed, dtype=dtype,
+                     batch_size=batch_size, loss=loss, retrieval_loss=retrieval_loss,
+                     retrieval_fraction=retrieval_fraction, seed=seed, dtype=dtype,
                      device=device)
         search_settings = build_settings(SearchSettings, recipe, **flags)
         evaluation = EvalSettings(data=search_settings.data, seq_lens=eval_seq_len or [search_settings.seq_len],

@@ -13,6 +13,7 @@ sequence on its own (a retrieval calibration sample scores its answer tokens onl
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 
@@ -82,28 +83,40 @@ def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tens
     return _ChunkedLoss.apply(logits.flatten(0, 1), targets.flatten(), _next_token_chunk, weights)
 
 
-def search_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor, loss: str,
+def search_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor, losses: str | Sequence[str],
                 teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
     """The search's task loss: each sequence's mean over the logit positions ``loss_mask [B, T]`` selects, then
     the mean over the batch.
 
-    ``kl`` compares with the dense model's ``teacher_logits``; ``lm`` is next-token cross-entropy (the last
-    position has no next token and never counts). Where only some positions count, only their logits rows are
-    used, so a retrieval sample scoring three answer tokens costs three rows, not a thousand.
+    ``losses`` names each sequence's loss (one name: all of them): ``kl`` compares with the dense model's
+    ``teacher_logits``, which hold only the ``kl`` sequences, in batch order (``[count of kl sequences, T,
+    vocab]``); ``lm`` is next-token cross-entropy (the last position has no next token and never counts). A mixed
+    batch adds the per-sequence terms, each weighted 1/B. Where only some positions count, only their logits rows
+    are used, so a retrieval sample scoring three answer tokens costs three rows, not a thousand.
     """
     batch, length = input_ids.shape
-    if loss == "lm":
-        loss_mask = loss_mask.clone()
-        loss_mask[:, -1] = False
-    if loss == "lm" and loss_mask[:, :-1].all():
-        return next_token_loss(logits, input_ids)
-    if loss == "kl" and loss_mask.all():
-        return kl_to_teacher(logits, teacher_logits)
-    weights = (loss_mask / (loss_mask.sum(dim=1, keepdim=True).clamp(min=1) * batch)).flatten()
-    rows = loss_mask.flatten().nonzero().squeeze(1)
-    student = logits.flatten(0, 1).index_select(0, rows)
-    if loss == "kl":
-        teacher = teacher_logits.flatten(0, 1).index_select(0, rows)
-        return kl_to_teacher(student, teacher, weights.index_select(0, rows))
-    targets = torch.nn.functional.pad(input_ids[:, 1:], (0, 1), value=IGNORE).flatten().index_select(0, rows)
-    return _ChunkedLoss.apply(student, targets, _next_token_chunk, weights.index_select(0, rows))
+    losses = [losses] * batch if isinstance(losses, str) else list(losses)
+    scored = loss_mask.clone()
+    scored[[i for i, loss in enumerate(losses) if loss == "lm"], -1] = False
+    weights = scored / (scored.sum(dim=1, keepdim=True).clamp(min=1) * batch)
+    positions = torch.arange(length, device=scored.device)
+    parts = []
+    for loss, chunk_fn in (("kl", _kl_chunk), ("lm", _next_token_chunk)):
+        sequences = [i for i, name in enumerate(losses) if name == loss]
+        if not sequences:
+            continue
+        if loss == "kl":
+            other = teacher_logits.detach().flatten(0, -2)
+        else:
+            other = torch.nn.functional.pad(input_ids[sequences, 1:], (0, 1), value=IGNORE).flatten()
+        every_position = loss_mask[:, :-1].all() and (loss == "lm" or loss_mask[:, -1].all())
+        if len(sequences) == batch and every_position:  # the logits in place, no copy (lm: the last weighs 0)
+            parts.append(_ChunkedLoss.apply(logits.flatten(0, 1), other, chunk_fn, weights.flatten()))
+            continue
+        selected = scored[sequences]
+        student_rows = (torch.tensor(sequences, device=scored.device).unsqueeze(1) * length + positions)[selected]
+        other_rows = (torch.arange(len(sequences), device=scored.device).unsqueeze(1) * length + positions)[selected]
+        parts.append(_ChunkedLoss.apply(logits.flatten(0, 1).index_select(0, student_rows),
+                                        other.index_select(0, other_rows), chunk_fn,
+                                        weights[sequences][selected]))
+    return sum(parts[1:], start=parts[0])

@@ -268,22 +268,24 @@ def run_search(
         with deferred_stop_signals(active=checkpoint_dir is not None) as stop_signals:
             for step in range(first_step, settings.steps):
                 step_started = time.perf_counter()
-                batch_idx = [order[(step * settings.batch_size + i) % len(order)]
-                             for i in range(settings.batch_size)]
-                input_ids = calibration.sequences[torch.stack(batch_idx)].to(device)
-
-                loss_mask = calibration.loss_mask[torch.stack(batch_idx)].to(device)
+                batch_idx = torch.stack([order[(step * settings.batch_size + i) % len(order)]
+                                         for i in range(settings.batch_size)])
+                input_ids = calibration.sequences[batch_idx].to(device)
+                loss_mask = calibration.loss_mask[batch_idx].to(device)
+                losses = [settings.retrieval_loss if retrieval else settings.loss
+                          for retrieval in calibration.is_retrieval[batch_idx].tolist()]
 
                 teacher_logits = None
-                if settings.loss == "kl":  # the dense model's own predictions: the only loss with a teacher
+                kl_rows = [row for row, loss in enumerate(losses) if loss == "kl"]
+                if kl_rows:  # the dense model's own predictions, for the sequences whose loss has a teacher
                     set_fa_weights(model, all_full)
                     with torch.no_grad():
-                        teacher_logits = model(input_ids=input_ids, use_cache=False).logits
+                        teacher_logits = model(input_ids=input_ids[kl_rows], use_cache=False).logits
 
                 z = gates.sample(generator)
                 set_fa_weights(model, layout.to_fa_weights(z))
                 logits = model(input_ids=input_ids, use_cache=False).logits
-                task_loss = search_loss(logits, input_ids, loss_mask, settings.loss, teacher_logits)
+                task_loss = search_loss(logits, input_ids, loss_mask, losses, teacher_logits)
 
                 target = target_at(step, settings)
                 expected = layout.constraint_sparsity(gates.prob_full())
