@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from conftest import tiny_model
 
 import consa_cli.losses
+from consa_cli.attention import hybrid_attention
 from consa_cli.calibration import CalibrationSet
 from consa_cli.losses import kl_to_teacher, next_token_loss, search_loss
 from consa_cli.search import (
@@ -242,3 +243,26 @@ def test_retrieval_loss_changes_only_what_retrieval_rows_learn():
                  for name in LOSSES]
     assert torch.equal(text_runs[0].scores, text_runs[1].scores)  # no retrieval rows: the setting is inert
     assert text_runs[0].metadata["settings"]["retrieval_loss"] == "kl"
+
+
+def test_kl_teacher_is_the_original_model_even_when_it_is_natively_hybrid():
+    """Gemma3-style models are trained with sliding layers: the KL teacher is their own pattern, not all-full."""
+    model = tiny_model("gemma3_text", layer_types=["sliding_attention", "full_attention"] * 2)
+    teacher_calls = []
+
+    def record(module, args, kwargs, output):
+        if not torch.is_grad_enabled():  # the teacher forward is the only one without gradients
+            teacher_calls.append((kwargs["input_ids"], output.logits))
+
+    handle = model.register_forward_hook(record, with_kwargs=True)
+    try:
+        run_search(settings(steps=2, loss="kl", granularity="kv-head"), model, SEQUENCES, sink_tokens=0)
+    finally:
+        handle.remove()
+    assert len(teacher_calls) == 2
+    all_full = torch.ones(4, 2, dtype=torch.bool)
+    for input_ids, teacher_logits in teacher_calls:
+        with torch.no_grad():
+            torch.testing.assert_close(teacher_logits, model(input_ids=input_ids).logits)  # the model as trained
+            with hybrid_attention(model, all_full, 8, 0):  # and not all-full attention, which differs here
+                assert (model(input_ids=input_ids).logits - teacher_logits).abs().max() > 1e-3

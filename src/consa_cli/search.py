@@ -31,7 +31,7 @@ from consa_cli.allocation import (
     full_unit_count,
     write_atomically,
 )
-from consa_cli.attention import install_hybrid, remove_hybrid, set_fa_weights
+from consa_cli.attention import install_hybrid, original_attention, remove_hybrid, set_fa_weights
 from consa_cli.calibration import CalibrationSet, mix_retrieval
 from consa_cli.checkpoint import (
     CHECKPOINT_FILE,
@@ -277,9 +277,9 @@ def run_search(
 
                 teacher_logits = None
                 kl_rows = [row for row, loss in enumerate(losses) if loss == "kl"]
-                if kl_rows:  # the dense model's own predictions, for the sequences whose loss has a teacher
-                    set_fa_weights(model, all_full)
-                    with torch.no_grad():
+                if kl_rows:  # the original model's predictions, for the sequences whose loss has a teacher
+                    # Its own attention, not all-full: for a natively hybrid model (Gemma3) that is its own pattern.
+                    with torch.no_grad(), original_attention(model):
                         teacher_logits = model(input_ids=input_ids[kl_rows], use_cache=False).logits
 
                 z = gates.sample(generator)
