@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 import torch
 
-from consa_cli.allocation import Allocation, AllocationError, full_unit_count
+from consa_cli.allocation import Allocation, AllocationError, full_unit_count, write_atomically
 from consa_cli.baselines import RULES, rule_allocation
 
 
@@ -84,3 +87,14 @@ def test_rules_hit_the_requested_count(rule, granularity):
 def test_interleaved_rule_spaces_full_layers_evenly():
     allocation = rule_allocation("interleaved", 30, 3, 0.75, "layer", 128, 4)
     assert [i for i, full in enumerate(allocation.layer_is_full) if full] == [3, 7, 11, 16, 20, 24, 29]
+
+
+def test_written_files_get_the_umask_mode_not_owner_only(tmp_path):
+    """mkstemp's temp file is 0600; the renamed result must be readable like any other new file."""
+    previous = os.umask(0o022)
+    try:
+        write_atomically(tmp_path / "out.txt", lambda path: path.write_text("x"))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "out.txt").stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]  # no temp file left behind

@@ -213,6 +213,11 @@ def write_atomically(path: Path, write) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        # mkstemp makes the file owner-only (0600); give it the mode any new file gets under the user's umask,
+        # so exports and reports on a shared machine are as readable as files written the ordinary way.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
