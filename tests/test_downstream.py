@@ -142,3 +142,29 @@ def test_eval_command_runs_local_tasks(tmp_path, local_task, tiny_model_dir, tin
     result = runner.invoke(app, ["eval", str(tiny_model_dir), "--tasks-limit", "3"])
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: --tasks-include, --tasks-limit and --tasks-fewshot need --tasks"
+
+
+def test_sweep_command_runs_local_tasks_on_every_allocation(tmp_path, local_task, tiny_model_dir, tiny_text_file):
+    pytest.importorskip("lm_eval")
+    from typer.testing import CliRunner
+
+    from consa_cli.cli import app
+
+    runner = CliRunner()
+    output = tmp_path / "sweep"
+    result = runner.invoke(app, ["sweep", "--sparsities", "0.5", "--model", str(tiny_model_dir), "--data",
+                                 str(tiny_text_file), "--seq-len", "32", "--window", "4", "--steps", "2",
+                                 "--dtype", "float32", "--granularity", "kv-head", "--max-sequences", "2",
+                                 "--no-report", "--tasks", TASK, "--tasks-include", str(local_task),
+                                 "--tasks-limit", "2", "--output", str(output)])
+    assert result.exit_code == 0, result.output
+    assert "lm-evaluation-harness" in result.stdout
+    rows = json.loads((output / "eval.json").read_text())["rows"]
+    assert len(rows) == 3  # dense, the learned allocation, the interleaved rule: each scored on the task
+    assert all(row["tasks"][TASK]["sample_len"] == 2 for row in rows)
+
+    result = runner.invoke(app, ["sweep", "--sparsities", "0.5", "--tasks-fewshot", "1", "--output",
+                                 str(tmp_path / "other")])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: --tasks-include, --tasks-limit and --tasks-fewshot need --tasks"
+    assert not (tmp_path / "other").exists()

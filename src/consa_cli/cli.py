@@ -305,6 +305,12 @@ RETRIEVAL_DEPTHS = typer.Option("0.1,0.5,0.9", "--retrieval-depths", help="Needl
 RETRIEVAL_SAMPLES = typer.Option(4, "--retrieval-samples", help="Prompts per (task, length, depth).")
 RETRIEVAL_HAYSTACK = typer.Option(None, "--retrieval-haystack", help="Text around the needles: noise (the pass-key "
                                   "test's repeated sentences) or prose (held-out Wikipedia, harder) \\[default: noise].")
+LM_EVAL_TASKS = typer.Option(None, "--tasks", help="Also run lm-evaluation-harness tasks on every target in memory, "
+                             "comma-separated (e.g. arc_easy,hellaswag; needs consa-cli\\[lmeval]).")
+LM_EVAL_INCLUDE = typer.Option(None, "--tasks-include", metavar="DIR", help="Directory of lm-eval task YAML files "
+                               "(e.g. over local JSON data: works offline); their names go in --tasks.")
+LM_EVAL_LIMIT = typer.Option(None, "--tasks-limit", help="Documents per task (quick checks only).")
+LM_EVAL_FEWSHOT = typer.Option(None, "--tasks-fewshot", help="Few-shot examples \\[default: each task's own].")
 
 
 @app.command("eval")
@@ -329,12 +335,10 @@ def eval_command(
     retrieval_depths: str = RETRIEVAL_DEPTHS,
     retrieval_samples: int = RETRIEVAL_SAMPLES,
     retrieval_haystack: str = RETRIEVAL_HAYSTACK,
-    tasks: str = typer.Option(None, "--tasks", help="Also run lm-evaluation-harness tasks on every target in memory, "
-                              "comma-separated (e.g. arc_easy,hellaswag; needs consa-cli\\[lmeval])."),
-    tasks_include: Path = typer.Option(None, "--tasks-include", metavar="DIR", help="Directory of lm-eval task YAML "
-                                       "files (e.g. over local JSON data: works offline); their names go in --tasks."),
-    tasks_limit: int = typer.Option(None, "--tasks-limit", help="Documents per task (quick checks only)."),
-    tasks_fewshot: int = typer.Option(None, "--tasks-fewshot", help="Few-shot examples \\[default: each task's own]."),
+    tasks: str = LM_EVAL_TASKS,
+    tasks_include: Path = LM_EVAL_INCLUDE,
+    tasks_limit: int = LM_EVAL_LIMIT,
+    tasks_fewshot: int = LM_EVAL_FEWSHOT,
     efficiency: bool = typer.Option(False, "--efficiency", help="Measure KV-cache bytes, peak memory and prefill / "
                                     "decode speed against the dense model instead of perplexity."),
     context_lengths: str = typer.Option("1024,2048", "--context-lengths",
@@ -359,14 +363,7 @@ def eval_command(
                 setattr(settings, name, value)
         settings.include_dense = dense
         _set_retrieval(settings, retrieval, retrieval_lengths, retrieval_depths, retrieval_samples, retrieval_haystack)
-        if tasks:
-            settings.tasks = _csv(tasks, str, "--tasks")
-            settings.tasks_include = str(tasks_include) if tasks_include else None
-            settings.tasks_limit, settings.tasks_fewshot = tasks_limit, tasks_fewshot
-            if (tasks_limit is not None and tasks_limit < 1) or (tasks_fewshot is not None and tasks_fewshot < 0):
-                raise SettingsError("--tasks-limit must be >= 1 and --tasks-fewshot >= 0")
-        elif tasks_include or tasks_limit is not None or tasks_fewshot is not None:
-            raise SettingsError("--tasks-include, --tasks-limit and --tasks-fewshot need --tasks")
+        _set_tasks(settings, tasks, tasks_include, tasks_limit, tasks_fewshot)
         if settings.dtype not in DTYPES:
             raise SettingsError(f"--dtype must be one of {', '.join(DTYPES)}")
         if any(n < 2 for n in settings.seq_lens) or settings.max_sequences < 1 or settings.batch_size < 1:
@@ -434,6 +431,21 @@ def _set_retrieval(settings, tasks: str | None, lengths: str, depths: str, sampl
             or settings.retrieval_haystack not in HAYSTACKS):
         raise SettingsError(f"--retrieval takes {', '.join(TASKS)}; --retrieval-depths lie in [0, 1]; "
                             f"--retrieval-samples >= 1; --retrieval-haystack is {' or '.join(HAYSTACKS)}")
+
+
+def _set_tasks(settings, tasks: str | None, include: Path | None, limit: int | None, fewshot: int | None) -> None:
+    """Fill an EvalSettings' lm-eval fields from the --tasks* flags."""
+    from consa_cli.settings import SettingsError
+
+    if not tasks:
+        if include or limit is not None or fewshot is not None:
+            raise SettingsError("--tasks-include, --tasks-limit and --tasks-fewshot need --tasks")
+        return
+    if (limit is not None and limit < 1) or (fewshot is not None and fewshot < 0):
+        raise SettingsError("--tasks-limit must be >= 1 and --tasks-fewshot >= 0")
+    settings.tasks = _csv(tasks, str, "--tasks")
+    settings.tasks_include = str(include) if include else None
+    settings.tasks_limit, settings.tasks_fewshot = limit, fewshot
 
 
 def _efficiency_command(targets: list[str], dtype: str, device: str, dense_model: str | None, json_path: Path | None,
@@ -570,6 +582,10 @@ def sweep(
     retrieval_depths: str = RETRIEVAL_DEPTHS,
     retrieval_samples: int = RETRIEVAL_SAMPLES,
     retrieval_haystack: str = RETRIEVAL_HAYSTACK,
+    tasks: str = LM_EVAL_TASKS,
+    tasks_include: Path = LM_EVAL_INCLUDE,
+    tasks_limit: int = LM_EVAL_LIMIT,
+    tasks_fewshot: int = LM_EVAL_FEWSHOT,
     report: bool = typer.Option(True, help="Write OUTPUT/report/report.md with plots (needs matplotlib)."),
     output: Path = typer.Option(..., "--output", "-o", help="Sweep directory: one run dir per allocation, "
                                 "eval.json, report/."),
@@ -594,6 +610,7 @@ def sweep(
             evaluation.max_sequences = max_sequences
         _set_retrieval(evaluation, retrieval, retrieval_lengths, retrieval_depths, retrieval_samples,
                        retrieval_haystack)
+        _set_tasks(evaluation, tasks, tasks_include, tasks_limit, tasks_fewshot)
         command = "consa " + " ".join(shlex.quote(arg) for arg in sys.argv[1:]) if sys.argv[1:] else None
         result = run_sweep(search_settings, evaluation, _csv(sparsities, float, "--sparsities"),
                            _csv(granularity, str, "--granularity"), _csv(rules, str, "--rules"),
@@ -603,6 +620,8 @@ def sweep(
         _print_bucket_tables(result.rows)
         if evaluation.retrieval_tasks:
             _print_retrieval_table(result.rows)
+        if evaluation.tasks:
+            _print_task_table(result.rows)
         console.print(f"wrote {result.json_path}" + (f" and {result.report_path}" if result.report_path else ""))
 
 
