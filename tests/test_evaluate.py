@@ -233,3 +233,20 @@ def test_evaluate_splits_perplexity_by_position(tmp_path, tiny_model_dir, tiny_t
 
     rows = evaluate([resolve_target(str(sliding))], eval_settings(tiny_text_file, bucket_window=8))
     assert [(b["start"], b["end"]) for b in rows[1]["position_buckets"]] == [(0, 8), (8, 16), (16, SEQ_LEN - 1)]
+
+
+def test_a_natively_hybrid_reference_says_what_it_runs(tmp_path, tiny_text_file):
+    """Gemma3's reference row is its own 5:1-style pattern, not all-full attention: labelled and counted so."""
+    path = tmp_path / "gemma"
+    model = save_tiny(path, "gemma3_text", layer_types=["sliding_attention", "sliding_attention",
+                                                         "sliding_attention", "full_attention"], sliding_window=4)
+    run = write_allocation(tmp_path / "run", path, model_fingerprint(model), full=False, window=4)
+    reference, hybrid = evaluate([resolve_target(str(run))], eval_settings(tiny_text_file))
+    assert reference["label"] == f"original ({path})" and reference["is_reference"]
+    assert (reference["full_units"], reference["units"], reference["sliding_window"]) == (1, 4, 4)  # layers
+    assert reference["sparsity"] == 0.75 and reference["native_pattern"] is True and reference["method"] == "dense"
+    assert hybrid["label"] == "run" and "native_pattern" not in hybrid and hybrid["delta_nll_vs_dense"] > 0
+
+    (dense,) = evaluate([resolve_target(str(path.parent / "qwen"))] if save_tiny(path.parent / "qwen") else [],
+                        eval_settings(tiny_text_file))
+    assert "native_pattern" not in dense and dense["sparsity"] == 0.0 and dense["full_units"] is None

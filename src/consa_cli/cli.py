@@ -492,7 +492,8 @@ def _print_eval_table(rows: list[dict]) -> None:
         delta = f"{row['delta_nll_vs_dense']:+.4f}" if "delta_nll_vs_dense" in row else "ref" if row.get(
             "is_reference") else "-"
         t_stat = f"{row['paired_t_vs_dense']:.1f}" if "paired_t_vs_dense" in row else "-"
-        table.add_row(row["label"], row["method"], row["granularity"] or "-", units, f"{row['sparsity']:.3f}",
+        method = "original" if row.get("native_pattern") else row["method"]  # a natively hybrid model (Gemma3)
+        table.add_row(row["label"], method, row["granularity"] or "-", units, f"{row['sparsity']:.3f}",
                       window, str(row["seq_len"]), f"{row['ppl']:.3f}", delta, t_stat)
     console.print(table)
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from consa_cli.allocation import ALLOCATION_FILE, Allocation, write_atomically
 from consa_cli.attention import hybrid_attention
+from consa_cli.baselines import native_allocation
 from consa_cli.data import EMBEDDED_CORPUS, load_token_sequences
 from consa_cli.downstream import load_tasks, run_tasks
 from consa_cli.export import MASK_FILE, load_hybrid, read_export_config
@@ -193,6 +194,8 @@ def evaluate(targets: list[Target], settings: EvalSettings,
                 per_token = token_nll(model, batch, settings.batch_size, progress)
             nll = per_token.mean(dim=1)
             row = _row(target, seq_len, nll)
+            if target.kind == "model" and target.allocation is None:
+                _describe_own_pattern(row, model.config)
             fingerprint = model_fingerprint(model)
             reference = None
             if target.kind == "model" and target.allocation is None and seq_len not in dense_nll:
@@ -253,6 +256,19 @@ def _finite(value):
     if isinstance(value, list):
         return [_finite(item) for item in value]
     return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _describe_own_pattern(row: dict, config) -> None:
+    """A model trained with sliding layers (Gemma3's 5:1) is its own hybrid, not all-full attention: the row says
+    what the reference really runs (its full / sliding layers and window) and is labelled ``original``."""
+    layer_types = getattr(config, "layer_types", None) or []
+    if not getattr(config, "sliding_window", None) or "sliding_attention" not in layer_types:
+        return
+    native = native_allocation(config)
+    row.update(granularity="layer", full_units=native.num_full_units, units=native.num_units,
+               sparsity=native.sparsity, sliding_window=native.sliding_window, sink_tokens=0, native_pattern=True)
+    if row["label"].startswith("dense ("):
+        row["label"] = "original" + row["label"][len("dense"):]
 
 
 def _row(target: Target, seq_len: int, nll: torch.Tensor) -> dict:
