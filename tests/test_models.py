@@ -303,6 +303,25 @@ def test_embedded_conversion_is_atomic_and_done_once(tmp_path, monkeypatch):
     assert [path.name for path in (tmp_path / "models").iterdir()] == [target.name]
 
 
+def test_a_gguf_file_is_converted_once_and_again_when_it_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONSA_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "model.Q4.gguf"
+    gguf.write_bytes(b"v1")
+    calls = []
+
+    def converted(gguf_path, out_dir):
+        calls.append(gguf_path.read_bytes())
+        (out_dir / "config.json").write_text("{}")
+
+    monkeypatch.setattr(consa_models, "_convert_gguf", converted)
+    first = consa_models.converted_gguf_dir(gguf)
+    assert first.parent == tmp_path / "cache" / "models" / "gguf" and first.name.startswith("model.Q4-")
+    assert consa_models.converted_gguf_dir(gguf) == first and calls == [b"v1"]  # cached
+    gguf.write_bytes(b"v2, longer")  # a new file under the same name is not mistaken for the old one
+    second = consa_models.converted_gguf_dir(gguf)
+    assert second != first and calls == [b"v1", b"v2, longer"]
+
+
 def test_missing_embedded_package_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setenv("CONSA_CACHE", str(tmp_path))
 
@@ -319,8 +338,8 @@ def test_missing_embedded_package_says_how_to_install(tmp_path, monkeypatch):
 def test_embedded_model_is_exact_and_sane():
     gguf_path = consa_models._embedded_gguf_path()
     model, tokenizer = load_model_and_tokenizer(None, dtype=torch.float32)
-    # The same GGUF loaded directly (the --model FILE.gguf path) must match the cached conversion bit for bit.
-    direct, direct_tokenizer = load_model_and_tokenizer(str(gguf_path), dtype=torch.float32)
+    # The same GGUF dequantised on load, without the cache, must match the cached conversion bit for bit.
+    direct, direct_tokenizer = consa_models._load(gguf_path, torch.float32, "cpu", trust_remote_code=False)
     reference = direct.state_dict()
     assert all(torch.equal(tensor, reference[name]) for name, tensor in model.state_dict().items())
     assert model_fingerprint(model) == model_fingerprint(direct)
