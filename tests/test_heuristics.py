@@ -103,3 +103,16 @@ def test_cli_rejects_an_unknown_method_in_one_line(tmp_path, tiny_model_dir):
     result = invoke("search", "--model", tiny_model_dir, "--method", "magic", "--output", tmp_path / "run")
     assert result.exit_code == 2
     assert result.stderr == "error: --method must be one of l0, scalar-l1, attention-mass, got 'magic'\n"
+
+
+def test_attention_mass_of_a_natively_hybrid_model_follows_its_own_sliding_layers():
+    """Gemma3's sliding layers see only their window: the statistic comes from the model as trained, so those
+    layers have no mass beyond a larger window, and the result equals transformers' own eager probabilities."""
+    model = tiny_model("gemma3_text", layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=16)
+    mask = torch.ones_like(SEQUENCES, dtype=torch.bool)
+    scores = attention_mass_scores(model, CalibrationSet(SEQUENCES, mask), torch.arange(4), 4, WINDOW, SINKS)
+    query_mask = mask.clone()
+    query_mask[:, :WINDOW] = False
+    torch.testing.assert_close(scores, reference_mass(model, SEQUENCES, WINDOW, SINKS, query_mask), rtol=1e-4,
+                               atol=1e-6)
+    assert (scores[0::2] == 0).all() and (scores[1::2] > 0).all()  # sliding layers 0, 2; full layers 1, 3

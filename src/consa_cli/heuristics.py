@@ -51,7 +51,8 @@ class _MassRecorder:
 
 def attention_with_mass(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0,
                         scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """Plain causal attention that also adds each KV head's beyond-window mass to ``module.consa_mass``."""
+    """The model's own attention (causal; a natively sliding layer keeps its window: Gemma3) that also adds each
+    KV head's beyond-window mass to ``module.consa_mass``."""
     recorder: _MassRecorder = module.consa_mass
     batch, q_heads, length, dim = query.shape
     kv_heads = key.shape[1]
@@ -64,7 +65,10 @@ def attention_with_mass(module: nn.Module, query, key, value, attention_mask, dr
     for start in range(0, length, QUERY_CHUNK):
         q_pos = torch.arange(start, min(start + QUERY_CHUNK, length), device=query.device).unsqueeze(1)
         scores = torch.matmul(query[:, :, q_pos.squeeze(1)].float(), key.float().transpose(-1, -2)) * scaling
-        scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+        hidden = k_pos > q_pos
+        if kwargs.get("sliding_window"):  # what the model computes there: all-full would be another model
+            hidden = hidden | (k_pos <= q_pos - kwargs["sliding_window"])
+        scores = scores.masked_fill(hidden, float("-inf"))
         probs = scores.softmax(dim=-1)
         out[:, :, q_pos.squeeze(1)] = torch.matmul(probs, value.float()).to(query.dtype)
         beyond = (k_pos <= q_pos - recorder.window) & (k_pos >= recorder.sink_tokens)  # [chunk, T]
