@@ -100,6 +100,9 @@ def search_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.
     scored[[i for i, loss in enumerate(losses) if loss == "lm"], -1] = False
     weights = scored / (scored.sum(dim=1, keepdim=True).clamp(min=1) * batch)
     positions = torch.arange(length, device=scored.device)
+    # Read once per call (each bool() of a device tensor is a host sync): are all positions before the last scored,
+    # and is the last one (which only kl scores)?
+    all_but_last, last = bool(loss_mask[:, :-1].all()), bool(loss_mask[:, -1].all())
     parts = []
     for loss, chunk_fn in (("kl", _kl_chunk), ("lm", _next_token_chunk)):
         sequences = [i for i, name in enumerate(losses) if name == loss]
@@ -109,7 +112,7 @@ def search_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.
             other = teacher_logits.detach().flatten(0, -2)
         else:
             other = torch.nn.functional.pad(input_ids[sequences, 1:], (0, 1), value=IGNORE).flatten()
-        every_position = loss_mask[:, :-1].all() and (loss == "lm" or loss_mask[:, -1].all())
+        every_position = all_but_last and (loss == "lm" or last)
         if len(sequences) == batch and every_position:  # the logits in place, no copy (lm: the last weighs 0)
             parts.append(_ChunkedLoss.apply(logits.flatten(0, 1), other, chunk_fn, weights.flatten()))
             continue
