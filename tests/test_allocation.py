@@ -66,7 +66,8 @@ def test_check_fits_names_the_difference():
 
 
 @pytest.mark.parametrize(("units", "sparsity", "expected"), [(90, 0.75, 22), (30, 0.75, 7), (4, 0.74, 1), (8, 0.5, 4), (8, 1.0, 0),
-                                                           (8, 0.0, 8)])
+                                                           (8, 0.0, 8), (18, 0.8888889, 2), (18, 0.8333333, 3),
+                                                           (18, 0.8889, 2), (18, 0.889, 1), (18, 0.9444444, 1)])
 def test_full_unit_count(units, sparsity, expected):
     assert full_unit_count(units, sparsity) == expected
 

@@ -196,14 +196,20 @@ class Allocation:
             )
 
 
+_TYPED_FRACTION_SLACK = 1e-3  # of one unit; see full_unit_count
+
+
 def full_unit_count(num_units: int, sparsity: float) -> int:
     """How many units keep full attention at ``sparsity`` (fraction sliding).
 
-    Rounded down: the target is a budget, so the sliding fraction is never below what was asked for.
+    Rounded down: the target is a budget, so the sliding fraction is never below what was asked for -- up to
+    a thousandth of a unit, because a fraction typed as a decimal is never exact: 8/9 typed as 0.8888889 leaves
+    1.9999998 full units of 18 and means 2, not 1 (the achieved sparsity then differs from the typed one only in
+    digits the user did not type).
     """
     if not 0.0 <= sparsity <= 1.0:
         raise AllocationError(f"sparsity must be in [0, 1], got {sparsity}")
-    return int(math.floor((1.0 - sparsity) * num_units + 1e-9))
+    return int(math.floor((1.0 - sparsity) * num_units + _TYPED_FRACTION_SLACK))
 
 
 def write_atomically(path: Path, write) -> None:
