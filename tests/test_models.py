@@ -156,6 +156,34 @@ def test_checkpoint_without_tokenizer_is_rejected(tmp_path):
     assert "are its tokenizer files missing?" in one_line(err)
 
 
+def _large_vocab_tokenizer(per_character: bool) -> PreTrainedTokenizerFast:
+    """A 2048-entry tokenizer that splits text into words, or (like transformers 5.17's reading of Gemma3's
+    GGUF tokenizer) into single characters although its vocabulary is that of a subword tokenizer."""
+    probe = consa_models._TOKENIZER_PROBE
+    units = sorted(set(probe)) if per_character else sorted(set(probe.replace(".", " .").split()))
+    vocab = {"<unk>": 0, "<eos>": 1, **{unit: i + 2 for i, unit in enumerate(units)}}
+    vocab.update({f"filler{i}": i for i in range(len(vocab), 2048)})
+    if per_character:
+        backend = Tokenizer(models.BPE(vocab, merges=[], unk_token="<unk>"))
+    else:
+        backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
+
+
+@pytest.mark.parametrize("per_character", [False, True])
+def test_a_subword_vocabulary_that_splits_characters_is_rejected(tmp_path, per_character):
+    save_tiny(tmp_path, vocab_size=2048)
+    _large_vocab_tokenizer(per_character).save_pretrained(tmp_path)
+    if not per_character:
+        load_model_and_tokenizer(str(tmp_path))  # the same vocabulary with word splits loads
+        return
+    with pytest.raises(ModelError) as err:
+        load_model_and_tokenizer(str(tmp_path))
+    assert "splits plain English into 1.0 characters per token" in one_line(err)
+    assert "are its merges missing?" in one_line(err)
+
+
 def test_unsupported_family_fails_before_weights(tmp_path):
     GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64).save_pretrained(tmp_path)
     with pytest.raises(ModelError) as err:

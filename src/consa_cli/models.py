@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+import transformers
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import get_session, is_offline_mode
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
@@ -103,6 +104,11 @@ _GEMMA3_TEXT_KEYS = {
 }
 
 _Loaded = TypeVar("_Loaded")
+
+# The tokenizer sanity check (_check_tokenizer): subword tokenizers split this into words, not characters.
+_TOKENIZER_PROBE = "The committee approved the new railway station after a long public debate about its cost."
+_SUBWORD_VOCAB_MIN = 1000
+_MIN_CHARS_PER_TOKEN = 2.0
 
 
 class ModelError(ValueError):
@@ -216,6 +222,20 @@ def _check_tokenizer(
             f"the tokenizer of {source} has {len(tokenizer)} tokens for a model vocabulary of {vocab_size}; "
             "are its tokenizer files missing?"
         )
+    # A tokenizer can also be complete but lose its merges: transformers 5.17 reads Gemma3's GGUF tokenizer
+    # that way and every text becomes one token per character (the model then scores a perplexity in the
+    # thousands, with no error anywhere). A subword vocabulary of this size splits plain English into words.
+    if len(tokenizer) >= _SUBWORD_VOCAB_MIN:
+        tokens = tokenizer(_TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+        chars_per_token = len(_TOKENIZER_PROBE) / max(1, len(tokens))
+        if chars_per_token < _MIN_CHARS_PER_TOKEN:
+            fix = (f"this transformers ({transformers.__version__}) cannot read this GGUF's tokenizer; upgrade "
+                   "transformers (5.24 reads Gemma3's right)" if str(source).lower().endswith(".gguf")
+                   else "are its merges missing?")
+            raise ModelError(
+                f"the tokenizer of {source} splits plain English into {chars_per_token:.1f} characters per token "
+                f"(a {len(tokenizer)}-token vocabulary gives about 4): {fix}"
+            )
 
 
 def _location(source: Path | str) -> tuple[str, dict[str, str]]:
