@@ -119,19 +119,24 @@ def sliding_blocked(query, key, value, scaling, backend, window, sink_tokens):
     sinks, the previous and its own block, always in the same relative pattern, so one ``window x (sinks + 2 *
     window)`` mask serves them all: about ``T / (2 * window)`` times less work than a ``T x T`` masked call,
     and no mask bigger than one tile. Exactly the same result as the masked path.
+
+    Grouped-query attention is folded into the query blocks (a KV head's ``groups`` query heads become one block
+    of ``groups * window`` queries) instead of repeating the keys: masked kernels want as many key heads as query
+    heads, and the keys are the tensors this layout copies (each key lands in two blocks).
     """
     batch, heads, length, dim = query.shape
     device = query.device
     head = min(length, 2 * window)
-    out = torch.empty_like(query)
-    out[:, :, :head] = backend(query[:, :, :head], key[:, :, :head], value[:, :, :head],
-                               causal_window_mask(head, head, window, sink_tokens, device), False, scaling)
     if length == head:
-        return out
-    groups = heads // key.shape[1]
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # masked kernels want aligned heads
+        return backend(query, key, value, causal_window_mask(head, head, window, sink_tokens, device), False,
+                       scaling)
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
     blocks = -(-(length - head) // window)  # query blocks after the first two
     padding = head + blocks * window - length
+    out = query.new_empty(batch, heads, length + padding, dim)
+    out[:, :, :head] = backend(query[:, :, :head], key[:, :, :head], value[:, :, :head],
+                               causal_window_mask(head, head, window, sink_tokens, device), False, scaling)
     if padding:
         query = F.pad(query, (0, 0, 0, padding))
         key, value = F.pad(key, (0, 0, 0, padding)), F.pad(value, (0, 0, 0, padding))
@@ -140,8 +145,9 @@ def sliding_blocked(query, key, value, scaling, backend, window, sink_tokens):
     offset = torch.arange(window, device=device).view(-1, 1)
     key_offset = torch.arange(2 * window, device=device).view(1, -1)
     mask = torch.cat([torch.arange(sink_slots, device=device).view(1, -1).expand(window, -1) < sink_tokens,
-                      (key_offset > offset) & (key_offset <= offset + window)], dim=1).view(1, 1, window, -1)
-    per_block = batch * heads * (sink_slots + 2 * window) * dim
+                      (key_offset > offset) & (key_offset <= offset + window)], dim=1)
+    mask = mask.repeat(groups, 1).view(1, 1, groups * window, -1)  # query rows ordered (group, offset)
+    per_block = batch * kv_heads * (sink_slots + 2 * window) * dim
     chunk = max(1, _BLOCKED_CALL_ELEMENTS // per_block)
     for first in range(0, blocks, chunk):
         count = min(chunk, blocks - first)
@@ -149,18 +155,19 @@ def sliding_blocked(query, key, value, scaling, backend, window, sink_tokens):
 
         def key_blocks(states, q_start=q_start, count=count):
             windows = states[:, :, q_start - window : q_start + count * window].unfold(2, 2 * window, window)
-            windows = windows.transpose(-1, -2)  # [B, H, count, 2W, D]
+            windows = windows.transpose(-1, -2)  # [B, H_kv, count, 2W, D]
             if sink_slots:
                 sinks = F.pad(states[:, :, :sink_tokens], (0, 0, 0, sink_slots - sink_tokens))
                 windows = torch.cat([sinks.unsqueeze(2).expand(-1, -1, count, -1, -1), windows], dim=3)
-            return windows.reshape(batch, heads * count, -1, dim)
+            return windows.reshape(batch, kv_heads * count, -1, dim)
 
-        q_blocks = query[:, :, q_start : q_start + count * window].reshape(batch, heads * count, window, dim)
+        span = query[:, :, q_start : q_start + count * window].view(batch, kv_heads, groups, count, window, dim)
+        q_blocks = span.transpose(2, 3).reshape(batch, kv_heads * count, groups * window, dim)
         part = backend(q_blocks, key_blocks(key), key_blocks(value), mask, False, scaling)
-        end = min(length, q_start + count * window)
         # reshape, not view: some kernels (CUDA memory-efficient SDPA) return another memory layout.
-        out[:, :, q_start:end] = part.reshape(batch, heads, count * window, dim)[:, :, : end - q_start]
-    return out
+        part = part.reshape(batch, kv_heads, count, groups, window, dim).transpose(2, 3)
+        out[:, :, q_start : q_start + count * window].view(batch, kv_heads, groups, count, window, dim).copy_(part)
+    return out[:, :, :length]
 
 
 # --- the cache: full history for FA heads, window + sinks for SWA heads -----------------------------------
@@ -367,7 +374,16 @@ def split_head_attention(query, key, value, attention_mask, scaling, full_heads,
                     padding = attention_mask[..., k_pos]
                     mask = padding if mask is None else mask & padding
             parts.append(backend(sliding_query, key.sliding, value.sliding, mask, False, scaling))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    if len(parts) == 1:
+        return parts[0]
+    if query.shape[2] == 1:  # decode: one concatenation is one launch, and its transpose is already contiguous
+        return torch.cat(parts, dim=1)
+    # Prefill: both parts written into one buffer in the layout the caller returns ([B, T, H, D]), so its
+    # transpose back is free: one copy of the output instead of a concatenation and a transpose.
+    out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3]).transpose(1, 2)
+    out[:, :split_at] = parts[0]
+    out[:, split_at:] = parts[1]
+    return out
 
 
 def _split_heads(states: torch.Tensor, full_heads: int) -> HybridKV:
