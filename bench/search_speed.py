@@ -174,6 +174,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
     flex_configs = json.loads(args.flex_configs)
+    if flex_configs:
+        # Every candidate is another compiled graph of the same function, and dynamo's default recompile limit
+        # (8 per code object) stopped the first sweep after the defaults: raise it for this process only.
+        torch._dynamo.config.recompile_limit = 16 + 4 * len(flex_configs)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shape = TINY if args.tiny else QWEN3_0_6B
