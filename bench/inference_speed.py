@@ -128,6 +128,8 @@ def main() -> None:
     parser.add_argument("--sink-tokens", type=int, default=None, help="consa hybrids' sinks [default: family's]")
     parser.add_argument("--full-fraction", type=float, default=0.25, help="share of layers / KV heads kept full")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--compiled-decode", action="store_true",
+                        help="static caches and decode steps compiled into CUDA graphs, for every variant")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
     started = time.perf_counter()
@@ -140,7 +142,8 @@ def main() -> None:
     variants = [available[name] for name in args.variants.split(",")]
     settings = EfficiencySettings(context_lengths=[int(n) for n in args.lengths.split(",")],
                                   batch_sizes=[int(n) for n in args.batches.split(",")],
-                                  decode_steps=args.decode_steps, repeats=args.repeats)
+                                  decode_steps=args.decode_steps, repeats=args.repeats,
+                                  compiled_decode=args.compiled_decode)
     report = {
         "command": "python bench/inference_speed.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
                                                                  vars(args).items() if v is not None),

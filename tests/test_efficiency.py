@@ -50,6 +50,39 @@ def test_hybrid_cache_is_within_5_percent_of_analytic_and_smaller_than_dense():
     assert model.config._attn_implementation == "sdpa"  # each variant restored the model
 
 
+def test_compiled_decode_runs_every_variant_on_a_static_cache_through_the_compiled_step(monkeypatch):
+    """--compiled-decode: static caches (consa's and transformers'), the decode steps through the compiled
+    forward (traced whole by the eager backend here; CUDA graphs on a GPU), the same analytic KV size."""
+    from transformers import StaticCache
+
+    import consa_cli.efficiency as efficiency
+    from consa_cli.hybrid_runtime import StaticHybridCacheLayer
+
+    model = tiny_model("qwen3")
+    allocation = Allocation(MIXED, "kv-head", sliding_window=8, sink_tokens=2)
+    calls, caches = [], []
+
+    def traced(module):
+        step = torch.compile(module, backend="eager", fullgraph=True, dynamic=False)
+
+        def counted(**kwargs):
+            calls.append(kwargs["input_ids"].shape)
+            caches.append(kwargs[efficiency.cache_argument(module)])
+            return step(**kwargs)
+        return counted
+
+    monkeypatch.setattr(efficiency, "compile_decode", traced)
+    variants = [("dense", None, lambda: nullcontext(model)), ("hybrid", allocation, lambda: hybrid_inference(model, allocation))]
+    rows = compare_efficiency(variants, EfficiencySettings([40], [2], decode_steps=4, repeats=2, compiled_decode=True))
+    assert len(calls) == 2 * 2 * (efficiency.COMPILED_WARMUP_STEPS + 4)  # variants x repeats x steps, one token each
+    assert all(shape == (2, 1) for shape in calls)
+    assert isinstance(caches[0], StaticCache)
+    assert all(isinstance(layer, StaticHybridCacheLayer) for layer in caches[-1].layers)
+    for row in rows:
+        assert row["cache_length"] == 40 + efficiency.COMPILED_WARMUP_STEPS + 4
+        assert 1.0 <= row["kv_vs_analytic"] <= 1.05
+
+
 def test_measure_generation_counts_tokens():
     row = measure_generation(tiny_model("qwen3"), 50, 3, 4)
     assert row["prefill_tokens_per_s"] == pytest.approx(150 / row["prefill_s"])

@@ -12,7 +12,7 @@ from consa_cli.allocation import Allocation
 from consa_cli.attention import hybrid_attention
 from consa_cli.efficiency import OpCounter, cache_argument, decode_step_ops, new_cache
 from consa_cli.export import native_config
-from consa_cli.hybrid_runtime import HybridCacheLayer, hybrid_cache
+from consa_cli.hybrid_runtime import HybridCacheLayer, StaticHybridCacheLayer, hybrid_cache
 from consa_cli.inference import hybrid_inference, kv_head_order, permute_kv_heads
 from consa_cli.models import model_fingerprint
 
@@ -112,6 +112,74 @@ def test_sliding_ring_returns_every_key_the_newest_query_sees_at_its_position(si
         if chunk == 1:  # a decode step attends to the whole ring, unmasked: it must hold nothing else
             assert sorted(positions.tolist()) == sorted(newest_sees)
     assert layer.sliding_keys.shape[2] == sinks + WINDOW
+
+
+@pytest.mark.parametrize("granularity", ["layer", "kv-head"])
+def test_static_cache_gives_the_dynamic_caches_logits_in_prefill_decode_and_chunks(granularity):
+    """The compile-ready cache: fixed buffers, positions as tensors, the same logits as the dynamic cache through a
+    prompt, decode steps past the window's wrap-around, and a chunk of several tokens on a filled cache."""
+    model = tiny_model("qwen3")
+    mask = MIXED[:, :1].expand(-1, 2) if granularity == "layer" else MIXED
+    with hybrid_inference(model, _allocation(mask, granularity=granularity)):
+        logits = {}
+        for name, cache in (("dynamic", hybrid_cache(model)), ("static", hybrid_cache(model, max_cache_len=64))):
+            parts = [model(PROMPT[:, :20], past_key_values=cache).logits]
+            parts += [model(PROMPT[:, i : i + 1], past_key_values=cache).logits for i in range(20, 33)]
+            parts.append(model(PROMPT[:, 33:], past_key_values=cache).logits)
+            parts += [model(PROMPT[:, i : i + 1], past_key_values=cache).logits for i in range(33, 37)]
+            logits[name] = torch.cat(parts, dim=1)
+        assert all(isinstance(layer, StaticHybridCacheLayer) for layer in cache.layers)
+        assert int(cache.get_seq_length()) == 41
+    torch.testing.assert_close(logits["static"], logits["dynamic"], rtol=1e-5, atol=1e-5)
+
+
+def test_static_cache_ring_holds_each_slots_position():
+    layer = StaticHybridCacheLayer(full_heads=1, sliding_window=WINDOW, sink_tokens=3, max_cache_len=64)
+    length = 0
+    for chunk in [5, *[1] * 11, 4, *[1] * 9]:
+        keys = torch.arange(length, length + chunk, dtype=torch.float32).view(1, 1, -1, 1).expand(1, 3, -1, 2)
+        length += chunk
+        layer.update(keys, keys)
+        held = layer.slot_positions
+        assert torch.equal(layer.sliding_keys[0, 0, :, 0], held.clamp(min=0).float() * (held >= 0))
+        assert set(held[held >= 0].tolist()) == {p for p in range(length) if p < 3 or p > length - 1 - WINDOW}
+        assert torch.equal(layer.full_keys[0, 0, :length, 0], torch.arange(length, dtype=torch.float32))
+    with pytest.raises(ValueError, match="holds 64 tokens; this input needs 65"):
+        layer.update(torch.zeros(1, 3, 65 - length, 2), torch.zeros(1, 3, 65 - length, 2))
+
+
+def test_static_generate_matches_dynamic_token_for_token():
+    """``generate(cache_implementation="static")`` builds the static hybrid cache (compiled on CUDA by
+    transformers; eager here) and decodes what the dynamic cache decodes, left padding included."""
+    model = tiny_model("llama")
+    prompt = PROMPT.clone()
+    attention_mask = torch.ones_like(prompt)
+    prompt[1, :5], attention_mask[1, :5] = 0, 0
+    settings = dict(attention_mask=attention_mask, max_new_tokens=14, do_sample=False, pad_token_id=0)
+    with hybrid_inference(model, _allocation(MIXED)):
+        dynamic = model.generate(prompt, **settings)
+        static = model.generate(prompt, cache_implementation="static", return_dict_in_generate=True, **settings)
+    assert torch.equal(static.sequences, dynamic)
+    assert all(isinstance(layer, StaticHybridCacheLayer) for layer in _cache(static).layers)
+
+
+def test_static_decode_step_compiles_into_one_graph_that_never_recompiles():
+    """What CUDA graphs need: a decode step traces into one graph (fullgraph) and the next steps, past the ring's
+    wrap-around, reuse it (error_on_recompile). The eager backend checks the tracing only, on any device."""
+    import torch._dynamo
+
+    model = tiny_model("qwen3")
+    with hybrid_inference(model, _allocation(MIXED)):
+        cache = hybrid_cache(model, max_cache_len=64)
+        name = cache_argument(model)
+        logits = model(PROMPT[:1, :12], **{name: cache}).logits
+        step = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)
+        torch._dynamo.reset()
+        next_token = logits[:, -1:].argmax(dim=-1)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for _ in range(2 * WINDOW):
+                next_token = step(input_ids=next_token, **{name: cache}).logits[:, -1:].argmax(dim=-1)
+    assert int(cache.get_seq_length()) == 12 + 2 * WINDOW
 
 
 def test_padded_batch_generation_matches_reference():
@@ -232,6 +300,20 @@ def test_cuda_bf16_blocked_sliding_attention_matches_float32_masked_reference():
         blocked = runtime.sliding_blocked(query.bfloat16(), key.bfloat16(), value.bfloat16(), 128**-0.5,
                                           runtime.sdpa_backend, 256, sinks)
         torch.testing.assert_close(blocked.float(), reference, rtol=0, atol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_compiled_static_generate_matches_dynamic_token_for_token():
+    """On CUDA, generate(cache_implementation="static") compiles the decode step (CUDA graphs) and gives the
+    tokens of the eager dynamic cache, for both granularities."""
+    model = tiny_model("qwen3").cuda()
+    prompt = PROMPT.cuda()
+    settings = dict(max_new_tokens=2 * WINDOW, do_sample=False, pad_token_id=0)
+    for mask, granularity in ((MIXED[:, :1].expand(-1, 2), "layer"), (MIXED, "kv-head")):
+        with hybrid_inference(model, _allocation(mask, granularity=granularity)):
+            dynamic = model.generate(prompt, **settings)
+            static = model.generate(prompt, cache_implementation="static", **settings)
+        assert torch.equal(static, dynamic), granularity
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -345,6 +345,9 @@ def eval_command(
                                         help="--efficiency prompt lengths in tokens, comma-separated."),
     batch_sizes: str = typer.Option("1", "--batch-sizes", help="--efficiency batch sizes, comma-separated."),
     decode_steps: int = typer.Option(16, "--decode-steps", help="--efficiency greedy decode steps after prefill."),
+    compiled_decode: bool = typer.Option(False, "--compiled-decode", help="--efficiency: every model on a static "
+                                         "cache with decode steps compiled into CUDA graphs (torch.compile, "
+                                         "reduce-overhead; CUDA)."),
 ):
     """Held-out perplexity of hybrids next to the dense original (paired per-sequence statistics)."""
     from consa_cli.evaluate import DTYPES, EvalSettings, evaluate, resolve_target, write_eval_json
@@ -352,7 +355,7 @@ def eval_command(
 
     if efficiency:
         _efficiency_command(targets, dtype or "bfloat16", device or "cpu", dense_model, json_path,
-                            context_lengths, batch_sizes, decode_steps)
+                            context_lengths, batch_sizes, decode_steps, compiled_decode)
         return
     with user_errors():
         settings = EvalSettings()
@@ -449,14 +452,15 @@ def _set_tasks(settings, tasks: str | None, include: Path | None, limit: int | N
 
 
 def _efficiency_command(targets: list[str], dtype: str, device: str, dense_model: str | None, json_path: Path | None,
-                        context_lengths: str, batch_sizes: str, decode_steps: int) -> None:
+                        context_lengths: str, batch_sizes: str, decode_steps: int, compiled_decode: bool) -> None:
     from consa_cli.efficiency import EfficiencySettings, evaluate_efficiency
     from consa_cli.evaluate import DTYPES, resolve_target
     from consa_cli.settings import SettingsError
 
     with user_errors():
         settings = EfficiencySettings(_csv(context_lengths, int, "--context-lengths"),
-                                      _csv(batch_sizes, int, "--batch-sizes"), decode_steps)
+                                      _csv(batch_sizes, int, "--batch-sizes"), decode_steps,
+                                      compiled_decode=compiled_decode)
         if dtype not in DTYPES:
             raise SettingsError(f"--dtype must be one of {', '.join(DTYPES)}")
         if (not settings.context_lengths or min(settings.context_lengths) < 2 or not settings.batch_sizes

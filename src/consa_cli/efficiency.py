@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from consa_cli.allocation import Allocation
 from consa_cli.hybrid_runtime import PREFIX_ATTENTION_NAME, cache_argument, hybrid_cache
@@ -34,6 +34,15 @@ class EfficiencySettings:
     decode_steps: int = 16
     seed: int = 0
     repeats: int = 1  # best of N timings: on a shared machine the minimum is the least disturbed run
+    # Decode steps as CUDA graphs: every variant on a static cache (consa's static hybrid cache, transformers'
+    # StaticCache for the others) with its forward compiled (torch.compile, mode "reduce-overhead"). The
+    # measure of what a step costs the GPU once the host's launch overhead is gone; prompts stay eager.
+    compiled_decode: bool = False
+
+
+# Untimed decode steps before the timed ones when decoding is compiled: the first calls compile, then record
+# the CUDA graph, which later calls replay.
+COMPILED_WARMUP_STEPS = 3
 
 
 def analytic_kv_bytes(config, allocation: Allocation | None, length: int, batch_size: int,
@@ -62,12 +71,20 @@ def cache_bytes(cache) -> int:
     return sum(storages.values())
 
 
-def new_cache(model):
+def new_cache(model, max_cache_len: int | None = None):
     """The cache ``generate()`` would use: consa's hybrid cache, or transformers' DynamicCache for the config
-    (which holds only the window for native sliding layers)."""
+    (which holds only the window for native sliding layers); with ``max_cache_len``, their static forms (what
+    ``generate(cache_implementation="static")`` uses)."""
     if model.config._attn_implementation == PREFIX_ATTENTION_NAME:
-        return hybrid_cache(model)
+        return hybrid_cache(model, max_cache_len)
+    if max_cache_len is not None:
+        return StaticCache(config=model.config, max_cache_len=max_cache_len)
     return DynamicCache(config=model.config)
+
+
+def compile_decode(model):
+    """``model``'s forward compiled for decode steps: one CUDA graph per step shape (``reduce-overhead``)."""
+    return torch.compile(model, mode="reduce-overhead", fullgraph=True, dynamic=False)
 
 
 # aten ops that copy a device value to the host (``.item()``, ``bool(t)``, ``int(t)``, data-dependent shapes):
@@ -171,13 +188,22 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def measure_generation(model, context_length: int, batch_size: int, decode_steps: int, seed: int = 0) -> dict:
-    """Prefill ``batch_size x context_length`` random tokens, then ``decode_steps`` greedy steps; time and memory."""
+def measure_generation(model, context_length: int, batch_size: int, decode_steps: int, seed: int = 0,
+                       cache=None, decode=None, warmup_steps: int = 0) -> dict:
+    """Prefill ``batch_size x context_length`` random tokens, then ``decode_steps`` greedy steps; time and memory.
+
+    ``cache``: a static cache to reuse (reset here), else a fresh dynamic one; ``decode``: what runs a decode
+    step (a compiled forward), else ``model``; ``warmup_steps`` untimed decode steps come before the timed ones.
+    """
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, model.config.get_text_config().vocab_size, (batch_size, context_length),
                            generator=generator).to(device)
-    cache = new_cache(model)
+    if cache is None:
+        cache = new_cache(model)
+    else:
+        cache.reset()
+    decode = model if decode is None else decode
     with_cache = {cache_argument(model): cache, "use_cache": True}
     on_cuda = device.type == "cuda"
     _sync(device)
@@ -191,9 +217,12 @@ def measure_generation(model, context_length: int, batch_size: int, decode_steps
     _sync(device)
     prefill_s = time.perf_counter() - start
     del logits, tokens
+    for _ in range(warmup_steps):
+        next_tokens = decode(input_ids=next_tokens, **with_cache).logits[:, -1].argmax(dim=-1, keepdim=True)
+    _sync(device)
     start = time.perf_counter()
     for _ in range(decode_steps):
-        logits = model(input_ids=next_tokens, **with_cache).logits
+        logits = decode(input_ids=next_tokens, **with_cache).logits
         next_tokens = logits[:, -1].argmax(dim=-1, keepdim=True)
     _sync(device)
     decode_s = time.perf_counter() - start
@@ -202,7 +231,7 @@ def measure_generation(model, context_length: int, batch_size: int, decode_steps
         "context_length": context_length,
         "batch_size": batch_size,
         "decode_steps": decode_steps,
-        "cache_length": cache.get_seq_length(),
+        "cache_length": int(cache.get_seq_length()),
         "kv_bytes": cache_bytes(cache),
         "prefill_s": prefill_s,
         "prefill_tokens_per_s": batch_size * context_length / prefill_s,
@@ -248,8 +277,16 @@ def compare_efficiency(variants: list[tuple[str, Allocation | None, Callable]], 
 
 
 def _best_of(model, length: int, batch: int, settings: EfficiencySettings) -> dict:
-    runs = [measure_generation(model, length, batch, settings.decode_steps, settings.seed)
-            for _ in range(settings.repeats)]
+    if settings.compiled_decode:
+        # One static cache for every repeat (reset in place): compiled graphs keep its buffers' addresses.
+        capacity = length + COMPILED_WARMUP_STEPS + settings.decode_steps
+        cache, decode, warmup = new_cache(model, capacity), compile_decode(model), COMPILED_WARMUP_STEPS
+    else:
+        cache, decode, warmup = None, None, 0
+    # Each (variant, length, batch) is another graph of the same forward: more than dynamo's default 8 per function.
+    with torch._dynamo.config.patch(recompile_limit=64):
+        runs = [measure_generation(model, length, batch, settings.decode_steps, settings.seed, cache, decode,
+                                   warmup) for _ in range(settings.repeats)]
     best = min(runs, key=lambda run: run["prefill_s"])
     fastest_decode = max(runs, key=lambda run: run["decode_tokens_per_s"] or 0)["decode_tokens_per_s"]
     return {**best, "decode_tokens_per_s": fastest_decode, "repeats": settings.repeats}

@@ -15,6 +15,7 @@ Window semantics match transformers': a sliding-window query at position q sees 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import types
 from dataclasses import dataclass
@@ -46,15 +47,23 @@ def repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
 
 def sdpa_backend(query, key, value, mask, is_causal, scaling):
     """SDPA; ``key``/``value`` may have fewer heads than ``query`` (grouped-query attention)."""
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1 and mask is not None:  # masked kernels fall back to the slow path with enable_gqa
+    batch, heads, q_len, dim = query.shape
+    groups = heads // key.shape[1]
+    folded = groups > 1 and mask is not None and q_len == 1 and mask.shape[1] == 1
+    if folded:
+        # One query per head under a mask shared by the heads: a KV head's query heads become that many query
+        # rows of one head, so the keys are read once and never repeated (a static cache's decode step masks
+        # its whole buffer: repeating it would copy the cache every step).
+        query, groups = query.reshape(batch, key.shape[1], groups, dim), 1
+    elif groups > 1 and mask is not None:  # masked kernels fall back to the slow path with enable_gqa
         key, value, groups = repeat_kv(key, groups), repeat_kv(value, groups), 1
-    if query.shape[-2] == 1 and query.is_cuda:
-        with sdpa_kernel(_DECODE_SDPA_BACKENDS):
-            return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal,
-                                                  scale=scaling, enable_gqa=groups > 1)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling,
-                                          enable_gqa=groups > 1)
+    # (Not while compiling: a compiled step has static shapes, so cuDNN's plan cache holds, and the compiler
+    # picks the kernel itself.)
+    eager_decode = q_len == 1 and query.is_cuda and not torch.compiler.is_compiling()
+    with sdpa_kernel(_DECODE_SDPA_BACKENDS) if eager_decode else contextlib.nullcontext():
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling,
+                                             enable_gqa=groups > 1)
+    return out.reshape(batch, heads, 1, dim) if folded else out
 
 
 def eager_backend(query, key, value, mask, is_causal, scaling):
@@ -188,8 +197,13 @@ class HybridKV:
     sliding_span: tuple[int, int] | None
     length: int
     ring_start: int = 0
+    # Static cache, decode step: the position each sliding slot holds (-1: empty), a device tensor, so the
+    # step needs no Python integer that changes from step to step. ``sliding_span`` and ``length`` are unused then.
+    slot_positions: torch.Tensor | None = None
 
     def sliding_positions(self, device) -> torch.Tensor:
+        if self.slot_positions is not None:
+            return self.slot_positions.clamp(min=0)
         if self.sliding_span is None:
             return torch.arange(self.length, device=device)
         sinks, recent = self.sliding_span
@@ -330,6 +344,130 @@ class HybridCacheLayer(DynamicLayer):
         raise NotImplementedError("the hybrid cache drops old sliding-window tokens and cannot be cropped")
 
 
+class StaticHybridCacheLayer(HybridCacheLayer):
+    """:class:`HybridCacheLayer` with fixed-capacity buffers and its length as a device tensor: a decode step
+    writes one token at a tensor index and attends to whole buffers under a mask, with no Python state that
+    changes between steps. That is what ``torch.compile(mode="reduce-overhead")`` needs to replay a decode step
+    as one CUDA graph (``generate(cache_implementation="static")`` compiles it on CUDA), the same contract as
+    transformers' ``StaticLayer``.
+
+    Full-attention heads hold ``max_cache_len`` tokens (transformers' mask hides the slots not written yet);
+    sliding heads the same ``sink_tokens + window`` slots as the dynamic layer, plus the position in each slot.
+    Prompts (several tokens) go through the dynamic layer's eager path, which may read the length on the host.
+    """
+
+    is_compileable = True
+
+    def __init__(self, full_heads: int, sliding_window: int, sink_tokens: int, max_cache_len: int):
+        super().__init__(full_heads, sliding_window, sink_tokens)
+        self.max_cache_len = max_cache_len
+        self.position = None  # 0-d int64 device tensor: tokens cached so far
+        self.slot_positions = None  # [sink_tokens + window] int64: position held by each sliding slot, -1 if none
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        batch, heads, _, dim = key_states.shape
+        if self.full_heads:
+            shape = (batch, self.full_heads, self.max_cache_len, dim)
+            self.full_keys, self.full_values = key_states.new_zeros(shape), value_states.new_zeros(shape)
+        if heads > self.full_heads:
+            shape = (batch, heads - self.full_heads, self.sink_tokens + self.sliding_window, dim)
+            self.sliding_keys, self.sliding_values = key_states.new_zeros(shape), value_states.new_zeros(shape)
+        slots = self.sink_tokens + self.sliding_window
+        self.slot_positions = torch.full((slots,), -1, dtype=torch.long, device=key_states.device)
+        self.position = torch.zeros((), dtype=torch.long, device=key_states.device)
+        # CUDA graphs replay fixed addresses: tell the compiler these buffers are mutated in place, not inputs
+        # that change (transformers' StaticLayer does the same; not allowed while tracing).
+        if not torch.compiler.is_compiling():
+            for tensor in (*self.tensors(), self.slot_positions, self.position):
+                torch._dynamo.mark_static_address(tensor)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if key_states.shape[-2] == 1:
+            return self._decode(key_states, value_states)
+        return self._extend(key_states, value_states)
+
+    def _decode(self, keys, values):
+        index = self.position.view(1)
+        heads = self.full_heads
+        full_keys = full_values = sliding_keys = sliding_values = None
+        if heads:
+            self.full_keys.index_copy_(2, index, keys[:, :heads])
+            self.full_values.index_copy_(2, index, values[:, :heads])
+            full_keys, full_values = self.full_keys, self.full_values
+        if keys.shape[1] > heads:
+            sinks = self.sink_tokens
+            slot = torch.where(index < sinks, index, sinks + (index - sinks) % self.sliding_window)
+            self.sliding_keys.index_copy_(2, slot, keys[:, heads:])
+            self.sliding_values.index_copy_(2, slot, values[:, heads:])
+            self.slot_positions.index_copy_(0, slot, index)
+            sliding_keys, sliding_values = self.sliding_keys, self.sliding_values
+        self.position.add_(1)
+        return (HybridKV(full_keys, sliding_keys, (0, 0), -1, slot_positions=self.slot_positions),
+                HybridKV(full_values, sliding_values, (0, 0), -1, slot_positions=self.slot_positions))
+
+    def _extend(self, keys, values):
+        start = int(self.position)  # a prompt is eager: one host read per layer
+        end = start + keys.shape[-2]
+        if end > self.max_cache_len:
+            raise ValueError(f"the static hybrid cache holds {self.max_cache_len} tokens; this input needs {end}")
+        heads = self.full_heads
+        self.length = end
+        full_keys = full_values = None
+        if heads:
+            self.full_keys[:, :, start:end] = keys[:, :heads]
+            self.full_values[:, :, start:end] = values[:, :heads]
+            full_keys, full_values = self.full_keys[:, :, :end], self.full_values[:, :, :end]
+        self.position.fill_(end)
+        if keys.shape[1] == heads:
+            return HybridKV(full_keys, None, None, end), HybridKV(full_values, None, None, end)
+        new_keys, new_values = keys[:, heads:], values[:, heads:]
+        if start == 0:  # into an empty cache: the prompt attends over itself, windowed in the attention
+            sliding_keys, sliding_values, span = new_keys, new_values, None
+        else:  # the kept keys in position order, then the new ones (masked by position in the attention)
+            order = self._slots_in_position_order(start)
+            sliding_keys = torch.cat([self.sliding_keys[:, :, order], new_keys], dim=2)
+            sliding_values = torch.cat([self.sliding_values[:, :, order], new_values], dim=2)
+            sink_count = min(self.sink_tokens, start)
+            span = (sink_count, max(sink_count, start - self.sliding_window))
+        self._store(new_keys, new_values, start)
+        kept = [p for p in range(start, end) if p < self.sink_tokens or p >= end - self.sliding_window]
+        if kept:
+            positions = torch.tensor(kept, dtype=torch.long, device=keys.device)
+            self.slot_positions.index_copy_(0, self._slot(positions), positions)
+        return (HybridKV(full_keys, sliding_keys, span, end), HybridKV(full_values, sliding_values, span, end))
+
+    def _slot(self, positions: torch.Tensor) -> torch.Tensor:
+        sinks = self.sink_tokens
+        return torch.where(positions < sinks, positions, sinks + (positions - sinks) % self.sliding_window)
+
+    def _slots_in_position_order(self, length: int) -> list[int]:
+        """The slots holding the positions a query after ``length`` tokens can see, oldest first."""
+        positions = list(range(min(self.sink_tokens, length))) + list(
+            range(max(self.sink_tokens, length - self.sliding_window), length))
+        return self._slot(torch.tensor(positions, dtype=torch.long)).tolist()
+
+    def get_seq_length(self):
+        return self.position if self.is_initialized else 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if query_length == 1:  # decode: the whole buffer, a fixed shape
+            return self.max_cache_len, 0
+        return (int(self.position) if self.is_initialized else 0) + query_length, 0
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len
+
+    def reset(self) -> None:
+        if self.is_initialized:  # in place: compiled graphs keep these addresses
+            for tensor in self.tensors():
+                tensor.zero_()
+            self.slot_positions.fill_(-1)
+            self.position.zero_()
+
+
 # --- attention over contiguous head slices -------------------------------------------------------------------
 
 
@@ -363,6 +501,11 @@ def split_head_attention(query, key, value, attention_mask, scaling, full_heads,
         if key.sliding_span is None:
             parts.append(attend(sliding_query, key.sliding, value.sliding, attention_mask, scaling, backend, window,
                                 sink_tokens))
+        elif key.slot_positions is not None:  # static cache, one new query: every filled slot is in its window
+            mask = (key.slot_positions >= 0).view(1, 1, 1, -1)
+            if attention_mask is not None:
+                mask = mask & attention_mask[..., key.slot_positions.clamp(min=0)]
+            parts.append(backend(sliding_query, key.sliding, value.sliding, mask, False, scaling))
         else:  # the cache kept only sinks + recent keys: a single new query sees them all, else mask by position
             mask = None
             if query.shape[2] > 1 or attention_mask is not None:
@@ -430,11 +573,15 @@ def decoder_attention_modules(model) -> list:
     return [layer.self_attn for layer in layers]
 
 
-def hybrid_cache(model) -> Cache:
+def hybrid_cache(model, max_cache_len: int | None = None) -> Cache:
     """A fresh cache for a model carrying :class:`PrefixHybrid` settings (pass it to a forward as
-    :func:`cache_argument`)."""
-    return Cache(layers=[HybridCacheLayer(m.consa_prefix.full_heads, m.consa_prefix.sliding_window,
-                                          m.consa_prefix.sink_tokens) for m in decoder_attention_modules(model)])
+    :func:`cache_argument`); with ``max_cache_len``, the static form (:class:`StaticHybridCacheLayer`) that
+    compiled decoding needs."""
+    settings = [m.consa_prefix for m in decoder_attention_modules(model)]
+    if max_cache_len is None:
+        return Cache(layers=[HybridCacheLayer(s.full_heads, s.sliding_window, s.sink_tokens) for s in settings])
+    return Cache(layers=[StaticHybridCacheLayer(s.full_heads, s.sliding_window, s.sink_tokens, max_cache_len)
+                         for s in settings])
 
 
 def cache_argument(model) -> str:
@@ -444,11 +591,18 @@ def cache_argument(model) -> str:
 
 
 def prepare_hybrid_cache(model, generation_config, model_kwargs, *args, **kwargs):
-    """``generate()`` hook: use :func:`hybrid_cache` unless the caller chose a cache or cache implementation."""
+    """``generate()`` hook: the hybrid cache unless the caller passed a cache; ``cache_implementation="static"``
+    gives the static hybrid cache (transformers then compiles decoding on CUDA), any other implementation is
+    transformers' own."""
     name = cache_argument(model)
-    if (model_kwargs.get(name) is None and generation_config.use_cache is not False
-            and generation_config.cache_implementation in (None, "dynamic")):
-        model_kwargs[name] = hybrid_cache(model)
+    implementation = generation_config.cache_implementation
+    if model_kwargs.get(name) is None and generation_config.use_cache is not False and implementation in (
+            None, "dynamic", "static"):
+        if implementation == "static":  # _prepare_cache_for_generation(config, kwargs, mode, batch, max_length)
+            max_cache_len = kwargs.get("max_cache_length", args[2] if len(args) > 2 else generation_config.max_length)
+            model_kwargs[name] = hybrid_cache(model, max_cache_len)
+        else:
+            model_kwargs[name] = hybrid_cache(model)
         return None
     return type(model)._prepare_cache_for_generation(model, generation_config, model_kwargs, *args, **kwargs)
 
