@@ -30,7 +30,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoConfig, AutoModelForCausalLM, Qwen3Config
 
-from consa_cli.allocation import full_unit_count
+from consa_cli.allocation import Allocation, full_unit_count
 from consa_cli.baselines import rule_allocation
 from consa_cli.efficiency import EfficiencySettings, compare_efficiency
 from consa_cli.export import native_config
@@ -106,8 +106,15 @@ def build_variants(model, name: str, device: str, dtype: torch.dtype, window: in
         with hybrid_inference(model, allocation):
             yield model
 
+    # The dense model on consa's runtime: every KV head full, consa's cache and kernels. Under --compiled-decode
+    # the fair dense reference: transformers' own SDPA path repeats the KV heads whenever a mask is passed, which
+    # a static cache's decode step always does, so "dense" then copies its whole cache every step.
+    all_full = Allocation(torch.ones(layers, heads, dtype=torch.bool), "kv-head", sliding_window=window,
+                          sink_tokens=0)
+
     return {
         "dense": (f"dense ({name})", None, dense),
+        "dense-runtime": ("dense on consa's runtime (all heads full)", None, lambda: consa(all_full)),
         "dense-no-cudnn": ("dense, SDPA without cuDNN", None, dense_without_cudnn),
         "native": ("transformers native layer hybrid", native_allocation, native),
         "consa-layer": ("consa layer hybrid", layer_allocation, lambda: consa(layer_allocation)),
@@ -145,8 +152,9 @@ def main() -> None:
                                   decode_steps=args.decode_steps, repeats=args.repeats,
                                   compiled_decode=args.compiled_decode)
     report = {
-        "command": "python bench/inference_speed.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
-                                                                 vars(args).items() if v is not None),
+        "command": "python bench/inference_speed.py " + " ".join(
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()
+            if v is not None and v is not False),
         "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
         "torch": torch.__version__,
