@@ -252,7 +252,8 @@ with torch.no_grad():
 out = model.generate(tokens, max_new_tokens=10, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
 cache = getattr(out, "cache", None) or out.past_key_values  # renamed in transformers 5.2x
 kept = [layer.sliding_keys.shape[2] for layer in cache.layers if layer.sliding_keys is not None]
-save_file({"logits": logits, "generated": out.sequences, "kept": torch.tensor(kept)}, sys.argv[3])
+static = model.generate(tokens, max_new_tokens=10, do_sample=False, pad_token_id=0, cache_implementation="static")
+save_file({"logits": logits, "generated": out.sequences, "static": static, "kept": torch.tensor(kept)}, sys.argv[3])
 """
 
 
@@ -285,6 +286,7 @@ def test_kv_head_export_loads_without_consa_via_remote_code(tmp_path, family):
         expected = model.generate(PROMPT, past_key_values=DynamicCache(), max_new_tokens=10, do_sample=False, pad_token_id=0)
     torch.testing.assert_close(remote["logits"], reference, rtol=1e-5, atol=1e-5)
     assert torch.equal(remote["generated"], expected)
+    assert torch.equal(remote["static"], expected)  # the static cache of the export's own runtime, too
     assert remote["kept"].tolist() == [2 + WINDOW] * 3  # three layers have sliding heads: window + sinks only
 
 
