@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from consa_cli.allocation import Allocation
 from consa_cli.cli import app
+from consa_cli.settings import fraction
 
 SEARCH = ["--seq-len", "32", "--window", "8", "--steps", "1"]
 runner = CliRunner()  # click >= 8.2 keeps stderr apart: result.stdout, result.stderr
@@ -100,9 +101,9 @@ def test_eval_of_a_run_dir_adds_the_dense_reference(tmp_path, tiny_model_dir, ti
 
 def test_eval_report_compares_several_allocations(tmp_path, tiny_model_dir, tiny_text_file):
     pytest.importorskip("matplotlib")
-    for rule, sparsity in (("bottom", "0.5"), ("top", "0.5"), ("top", "0.75")):
+    for rule, sparsity in (("bottom", "0.5"), ("top", "1/2"), ("top", "0.75")):  # a ratio works as well
         result = invoke("baseline", "--rule", rule, "--model", tiny_model_dir, "--sparsity", sparsity, "--window",
-                        "4", "--output", tmp_path / f"{rule}-{sparsity}")
+                        "4", "--output", tmp_path / f"{rule}-{fraction(sparsity):g}")
         assert result.exit_code == 0, result.output
     result = invoke("eval", tmp_path / "bottom-0.5", tmp_path / "top-0.5", tmp_path / "top-0.75", "--data",
                     tiny_text_file, "--seq-len", "32", "--max-sequences", "2", "--dtype", "float32", "--report",
@@ -219,6 +220,9 @@ def _bad_inputs() -> dict[str, tuple]:
         "eval-tasks-limit-without-tasks": (eval_("--tasks-limit", "2"), "--tasks-limit and --tasks-fewshot need"),
         "sweep-unknown-rule": (lambda tmp, m, d: ["sweep", "--model", m, "--sparsities", "0.5", "--rules", "nope",
                                                   "--output", tmp / "sweep"], "unknown rule 'nope'"),
+        "baseline-sparsity-not-a-number": (lambda tmp, m, d: ["baseline", "--model", m, "--sparsity", "2/x",
+                                                              "--output", tmp / "rule"],
+                                           "expected a number like 0.75 or a ratio like 5/6, got '2/x'"),
         "sweep-sparsity-above-1": (lambda tmp, m, d: ["sweep", "--model", m, "--sparsities", "0.5,1.5",
                                                       "--output", tmp / "sweep"], "--sparsities must lie between 0 and 1, got 1.5"),
         "show-not-safetensors": (lambda tmp, m, d: ["show", write("notes.txt", "hello")(tmp)],
@@ -352,7 +356,7 @@ def test_sweep_command(tmp_path, tiny_model_dir, tiny_text_file):
 
     result = invoke("sweep", "--model", tiny_model_dir, "--sparsities", "0.5,half", "--output", tmp_path / "bad")
     assert result.exit_code == 2 and result.stdout == ""
-    assert result.stderr.strip() == "error: --sparsities must be a comma-separated list of float, got '0.5,half'"
+    assert result.stderr.strip() == "error: --sparsities must be a comma-separated list of numbers or ratios (0.5,5/6), got '0.5,half'"
     assert not (tmp_path / "bad").exists()
 
     result = invoke("sweep", "--model", tiny_model_dir, "--sparsities", "0.5", "--retrieval-fraction", "1.5",

@@ -71,3 +71,19 @@ def test_bad_retrieval_loss_is_a_one_line_error(tmp_path):
     assert result.exit_code == 2, result.output
     assert result.stderr == "error: --retrieval-loss must be one of kl, lm, got 'bad'\n"
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("text", "value"), [("0.75", 0.75), ("5/6", 5 / 6), (" 1/2 ", 0.5), ("1", 1.0)])
+def test_a_sparsity_is_a_decimal_or_a_ratio(text, value):
+    from consa_cli.settings import fraction
+
+    assert fraction(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "a", "1/0", "1/2/3", "x/2"])
+def test_a_sparsity_that_is_neither_is_refused(text):
+    from consa_cli.settings import fraction
+
+    with pytest.raises(ValueError, match="a number like 0.75 or a ratio like 5/6"):
+        fraction(text)
+

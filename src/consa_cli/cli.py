@@ -24,7 +24,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from consa_cli.settings import SearchSettings
+from consa_cli.settings import SearchSettings, fraction
 
 app = typer.Typer(
     help="Learn which layers or KV heads of a causal LM keep full attention (ConSA): search -> export -> eval.",
@@ -109,7 +109,8 @@ def _default(name: str) -> str:
 def search(
     model: str = typer.Option(None, "--model", "-m", help="Hub id, alias (Qwen3-0.6B), local checkpoint dir or .gguf "
                               "file. \\[default: the embedded SmolLM2-135M-Instruct]"),
-    sparsity: float = typer.Option(None, help=f"Fraction of units that become sliding-window. {_default('sparsity')}"),
+    sparsity: str = typer.Option(None, metavar="FRACTION", help="Fraction of units that become sliding-window: "
+                                 f"0.75, or a ratio such as 5/6. {_default('sparsity')}"),
     granularity: str = typer.Option(None, help="Unit: layer, kv-head (one global constraint) or kv-head-per-layer "
                                     f"(same ratio in every layer). {_default('granularity')}"),
     window: int = typer.Option(None, help=f"Sliding window in tokens, the query included. {_default('window')}"),
@@ -170,7 +171,7 @@ def search(
 
     with user_errors():
         flags = dict(
-            model=model, sparsity=sparsity, granularity=granularity, window=window, sink_tokens=sink_tokens,
+            model=model, sparsity=_sparsity(sparsity), granularity=granularity, window=window, sink_tokens=sink_tokens,
             seq_len=seq_len, data=data, steps=steps, batch_size=batch_size, loss=loss,
             retrieval_loss=retrieval_loss, method=method,
             l1_weight=l1_weight, retrieval_fraction=retrieval_fraction, seed=seed, gate_lr=gate_lr,
@@ -245,7 +246,8 @@ def baseline(
     rule: str = typer.Option("interleaved", help="interleaved, bottom, top, middle, uniform-heads, random, or "
                              "native (the model's own sliding pattern, e.g. Gemma3's; ignores --sparsity)."),
     model: str = typer.Option(None, "--model", "-m", help="Model the allocation is for \\[default: embedded model]."),
-    sparsity: float = typer.Option(DEFAULTS.sparsity, help="Fraction of units that become sliding-window."),
+    sparsity: str = typer.Option(str(DEFAULTS.sparsity), metavar="FRACTION",
+                                 help="Fraction of units that become sliding-window: 0.75, or a ratio such as 5/6."),
     granularity: str = typer.Option("layer", help="layer, kv-head or kv-head-per-layer."),
     window: int = typer.Option(DEFAULTS.window, help="Sliding window in tokens."),
     sink_tokens: int = typer.Option(None, help="Sink tokens \\[default: the family's default]."),
@@ -261,6 +263,7 @@ def baseline(
     from consa_cli.search import check_run_dir, prepare_run_dir
 
     with user_errors():
+        sparsity = _sparsity(sparsity)
         check_baseline(rule, sparsity, window)
         check_run_dir(output, force)
         loaded, _ = load_model_and_tokenizer(model)
@@ -526,6 +529,18 @@ def _print_bucket_tables(rows: list[dict]) -> None:
         console.print(table)
 
 
+def _sparsity(text: str | None, option: str = "--sparsity") -> float | None:
+    """``--sparsity`` as typed (0.75 or 5/6); None stays None (the recipe's or the default)."""
+    from consa_cli.settings import SettingsError
+
+    if text is None:
+        return None
+    try:
+        return fraction(text)
+    except ValueError as error:
+        raise SettingsError(f"{option}: {error}") from None
+
+
 def _csv(text: str, kind: type, option: str) -> list:
     """A comma-separated option as a list of ``kind``."""
     from consa_cli.settings import SettingsError
@@ -533,7 +548,8 @@ def _csv(text: str, kind: type, option: str) -> list:
     try:
         return [kind(item.strip()) for item in text.split(",") if item.strip()]
     except ValueError:
-        raise SettingsError(f"{option} must be a comma-separated list of {kind.__name__}, got '{text}'") from None
+        what = "numbers or ratios (0.5,5/6)" if kind is fraction else kind.__name__
+        raise SettingsError(f"{option} must be a comma-separated list of {what}, got '{text}'") from None
 
 
 def _print_retrieval_table(rows: list[dict]) -> None:
@@ -555,7 +571,7 @@ def _print_retrieval_table(rows: list[dict]) -> None:
 
 @app.command()
 def sweep(
-    sparsities: str = typer.Option(..., help="Target sparsities, comma-separated, e.g. 0.5,0.75."),
+    sparsities: str = typer.Option(..., help="Target sparsities, comma-separated, e.g. 0.5,0.75,5/6."),
     model: str = typer.Option(None, "--model", "-m", help="Model to convert \\[default: the embedded SmolLM2-135M-Instruct]."),
     granularity: str = typer.Option(DEFAULTS.granularity, help="Unit(s), comma-separated: layer, kv-head, "
                                     "kv-head-per-layer."),
@@ -617,7 +633,7 @@ def sweep(
                        retrieval_haystack)
         _set_tasks(evaluation, tasks, tasks_include, tasks_limit, tasks_fewshot)
         command = "consa " + " ".join(shlex.quote(arg) for arg in sys.argv[1:]) if sys.argv[1:] else None
-        result = run_sweep(search_settings, evaluation, _csv(sparsities, float, "--sparsities"),
+        result = run_sweep(search_settings, evaluation, _csv(sparsities, fraction, "--sparsities"),
                            _csv(granularity, str, "--granularity"), _csv(rules, str, "--rules"),
                            _csv(methods or "", str, "--methods"), output, force=force, report=report,
                            on_event=lambda message: console.print(message, highlight=False), command=command)

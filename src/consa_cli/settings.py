@@ -23,6 +23,16 @@ DTYPES = ("bfloat16", "float32", "float16")
 ATTENTION_BACKENDS = ("auto", "sdpa", "eager", "flex")  # auto: flex on a CUDA device that has it, else sdpa
 
 
+def fraction(text: str) -> float:
+    """A sparsity as typed: a decimal (``0.75``) or a ratio (``5/6``, Gemma3's own 5 sliding layers in 6)."""
+    numerator, slash, denominator = str(text).strip().partition("/")
+    try:
+        value = float(numerator) / float(denominator) if slash else float(numerator)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"expected a number like 0.75 or a ratio like 5/6, got '{text}'") from None
+    return value
+
+
 class SettingsError(ValueError):
     """A setting or recipe is invalid."""
 
