@@ -5,8 +5,9 @@ per-sequence NLL difference to dense and its paired t statistic, plus each learn
 (expected sparsity at the end, how many units a log_alpha > 0 threshold would keep, seconds per step).
 
 Searches and rules run at every ``--sparsities`` value unless a search names its own ``sparsity``. A search's
-overrides may set ``method`` (l0, scalar-l1, attention-mass) and ``retrieval_fraction`` (synthetic retrieval
-calibration). ``--retrieval`` adds long-range retrieval accuracy per allocation (paired prompts for all rows).
+overrides may set ``method`` (l0, scalar-l1, attention-mass), ``retrieval_fraction`` (synthetic retrieval
+calibration) and ``seq_len`` (the length of its calibration sequences; every row is still evaluated at
+``--seq-len``). ``--retrieval`` adds long-range retrieval accuracy per allocation (paired prompts for all rows).
 
 Example (the evidence in docs/results.md):
 
@@ -74,7 +75,6 @@ def main() -> None:
     sinks = args.sink_tokens if args.sink_tokens is not None else adapter_for(
         model.config.model_type).default_sink_tokens
     fingerprint = model_fingerprint(model)
-    text = load_token_sequences(args.data, tokenizer, args.seq_len, "calibration")
     evaluation = load_token_sequences(args.data, tokenizer, args.seq_len, "evaluation", args.eval_sequences)
     tasks = [task for task in args.retrieval.split(",") if task]
 
@@ -112,7 +112,7 @@ def main() -> None:
               f"{allocation.num_full_units}/{allocation.num_units} FA  retrieval {row.get('retrieval')}  "
               f"{ {k: v for k, v in extra.items() if k in ('final_expected_sparsity', 'seconds_per_step')} }", flush=True)
 
-    calibrations: dict[tuple[float, int], CalibrationSet] = {}
+    calibrations: dict[tuple[int, float, int], CalibrationSet] = {}
     for sparsity in [float(value) for value in args.sparsities.split(",")]:
         for spec in filter(None, args.rules.split(",")):
             rule, _, granularity = spec.partition(":")
@@ -130,8 +130,9 @@ def main() -> None:
                                          "data": args.data, "attention_backend": args.attention_backend,
                                          **overrides})
             settings.validate()
-            key = (settings.retrieval_fraction, settings.seed)
-            if key not in calibrations:
+            key = (settings.seq_len, settings.retrieval_fraction, settings.seed)
+            if key not in calibrations:  # a search may set its own seq_len: calibrate at it, evaluate at --seq-len
+                text = load_token_sequences(args.data, tokenizer, settings.seq_len, "calibration")
                 calibrations[key] = mix_retrieval(text, tokenizer, settings.retrieval_fraction, settings.window,
                                                   settings.seed)
             if settings.method == "attention-mass":
