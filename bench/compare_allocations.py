@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--retrieval-depths", default="0.1,0.5,0.9")
     parser.add_argument("--retrieval-samples", type=int, default=8)
     parser.add_argument("--retrieval-haystack", default="noise", help="noise or prose (see consa eval)")
+    parser.add_argument("--searches-first", action="store_true",
+                        help="run each sparsity's searches before its rules (a slow machine keeps the learned rows)")
     parser.add_argument("--save-dir", type=Path, default=None, help="write every allocation here (safetensors)")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
@@ -113,13 +115,15 @@ def main() -> None:
               f"{ {k: v for k, v in extra.items() if k in ('final_expected_sparsity', 'seconds_per_step')} }", flush=True)
 
     calibrations: dict[tuple[int, float, int], CalibrationSet] = {}
-    for sparsity in [float(value) for value in args.sparsities.split(",")]:
+
+    def score_rules(sparsity: float) -> None:
         for spec in filter(None, args.rules.split(",")):
             rule, _, granularity = spec.partition(":")
             allocation = baseline_allocation(rule, model.config, sparsity, granularity or args.rule_granularity,
                                              args.window, sinks)  # "native": the model's own pattern (Gemma3)
             score(f"rule:{rule} {allocation.granularity} s={sparsity:g}", allocation, {})
 
+    def score_searches(sparsity: float) -> None:
         for overrides in json.loads(args.searches):
             overrides = dict(overrides)
             if "sparsity" in overrides and overrides["sparsity"] != sparsity:
@@ -151,6 +155,10 @@ def main() -> None:
                 "scores": result.allocation.scores.tolist(),
             })
 
+    stages = (score_searches, score_rules) if args.searches_first else (score_rules, score_searches)
+    for sparsity in [float(value) for value in args.sparsities.split(",")]:
+        for stage in stages:
+            stage(sparsity)
     write_report(args, device, sinks, evaluation.shape[0], rows, started)
 
 
