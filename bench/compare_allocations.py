@@ -5,8 +5,9 @@ per-sequence NLL difference to dense and its paired t statistic, plus each learn
 (expected sparsity at the end, how many units a log_alpha > 0 threshold would keep, seconds per step).
 
 Searches and rules run at every ``--sparsities`` value unless a search names its own ``sparsity``. A search's
-overrides may set ``method`` (l0, scalar-l1, attention-mass) and ``retrieval_fraction`` (synthetic retrieval
-calibration). ``--retrieval`` adds long-range retrieval accuracy per allocation (paired prompts for all rows).
+overrides may set ``method`` (l0, scalar-l1, attention-mass), ``retrieval_fraction`` (synthetic retrieval
+calibration) and ``seq_len`` (the length of its calibration sequences; every row is still evaluated at
+``--seq-len``). ``--retrieval`` adds long-range retrieval accuracy per allocation (paired prompts for all rows).
 
 Example (the evidence in docs/results.md):
 
@@ -64,6 +65,8 @@ def main() -> None:
     parser.add_argument("--retrieval-depths", default="0.1,0.5,0.9")
     parser.add_argument("--retrieval-samples", type=int, default=8)
     parser.add_argument("--retrieval-haystack", default="noise", help="noise or prose (see consa eval)")
+    parser.add_argument("--searches-first", action="store_true",
+                        help="run each sparsity's searches before its rules (a slow machine keeps the learned rows)")
     parser.add_argument("--save-dir", type=Path, default=None, help="write every allocation here (safetensors)")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
@@ -74,7 +77,6 @@ def main() -> None:
     sinks = args.sink_tokens if args.sink_tokens is not None else adapter_for(
         model.config.model_type).default_sink_tokens
     fingerprint = model_fingerprint(model)
-    text = load_token_sequences(args.data, tokenizer, args.seq_len, "calibration")
     evaluation = load_token_sequences(args.data, tokenizer, args.seq_len, "evaluation", args.eval_sequences)
     tasks = [task for task in args.retrieval.split(",") if task]
 
@@ -112,14 +114,16 @@ def main() -> None:
               f"{allocation.num_full_units}/{allocation.num_units} FA  retrieval {row.get('retrieval')}  "
               f"{ {k: v for k, v in extra.items() if k in ('final_expected_sparsity', 'seconds_per_step')} }", flush=True)
 
-    calibrations: dict[tuple[float, int], CalibrationSet] = {}
-    for sparsity in [float(value) for value in args.sparsities.split(",")]:
+    calibrations: dict[tuple[int, float, int], CalibrationSet] = {}
+
+    def score_rules(sparsity: float) -> None:
         for spec in filter(None, args.rules.split(",")):
             rule, _, granularity = spec.partition(":")
             allocation = baseline_allocation(rule, model.config, sparsity, granularity or args.rule_granularity,
                                              args.window, sinks)  # "native": the model's own pattern (Gemma3)
             score(f"rule:{rule} {allocation.granularity} s={sparsity:g}", allocation, {})
 
+    def score_searches(sparsity: float) -> None:
         for overrides in json.loads(args.searches):
             overrides = dict(overrides)
             if "sparsity" in overrides and overrides["sparsity"] != sparsity:
@@ -130,8 +134,9 @@ def main() -> None:
                                          "data": args.data, "attention_backend": args.attention_backend,
                                          **overrides})
             settings.validate()
-            key = (settings.retrieval_fraction, settings.seed)
-            if key not in calibrations:
+            key = (settings.seq_len, settings.retrieval_fraction, settings.seed)
+            if key not in calibrations:  # a search may set its own seq_len: calibrate at it, evaluate at --seq-len
+                text = load_token_sequences(args.data, tokenizer, settings.seq_len, "calibration")
                 calibrations[key] = mix_retrieval(text, tokenizer, settings.retrieval_fraction, settings.window,
                                                   settings.seed)
             if settings.method == "attention-mass":
@@ -150,6 +155,10 @@ def main() -> None:
                 "scores": result.allocation.scores.tolist(),
             })
 
+    stages = (score_searches, score_rules) if args.searches_first else (score_rules, score_searches)
+    for sparsity in [float(value) for value in args.sparsities.split(",")]:
+        for stage in stages:
+            stage(sparsity)
     write_report(args, device, sinks, evaluation.shape[0], rows, started)
 
 
