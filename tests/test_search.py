@@ -266,3 +266,17 @@ def test_kl_teacher_is_the_original_model_even_when_it_is_natively_hybrid():
             torch.testing.assert_close(teacher_logits, model(input_ids=input_ids).logits)  # the model as trained
             with hybrid_attention(model, all_full, 8, 0):  # and not all-full attention, which differs here
                 assert (model(input_ids=input_ids).logits - teacher_logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("granularity", ["layer", "kv-head"])
+def test_a_natively_hybrid_model_starts_the_search_from_its_own_pattern(granularity):
+    """Gemma3-style models: gates of natively sliding layers start closed, the native full layers open, so step 0
+    is the model as trained (all-full attention is another model for them)."""
+    model = tiny_model("gemma3_text", layer_types=["sliding_attention", "full_attention"] * 2)
+    result = run_search(settings(steps=1, granularity=granularity, sparsity=0.5), model, SEQUENCES, sink_tokens=0)
+    start = result.metrics[0]
+    assert start["expected_sparsity"] == pytest.approx(0.5, abs=0.05)  # half the units start sliding, not none
+    log_alpha = result.allocation.scores.view(4, -1)
+    assert (log_alpha[[0, 2]] < 0).all() and (log_alpha[[1, 3]] > 0).all()
+    dense = run_search(settings(steps=1, granularity=granularity, sparsity=0.5), tiny_model("llama"), SEQUENCES, 2)
+    assert dense.metrics[0]["expected_sparsity"] < 0.05  # a plain model still starts all-full

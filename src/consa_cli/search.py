@@ -32,6 +32,7 @@ from consa_cli.allocation import (
     write_atomically,
 )
 from consa_cli.attention import install_hybrid, original_attention, remove_hybrid, set_fa_weights
+from consa_cli.baselines import native_allocation
 from consa_cli.calibration import CalibrationSet, mix_retrieval
 from consa_cli.checkpoint import (
     CHECKPOINT_FILE,
@@ -223,6 +224,14 @@ def run_search(
     else:
         gates = HardConcreteGates(layout.num_units, settings.log_alpha_init, settings.temperature,
                                   settings.stretch_low, settings.stretch_high).to(device)
+    natively_sliding = ~native_allocation(config).fa_mask  # [L, H_kv]: the model's own sliding layers (Gemma3)
+    if natively_sliding.any():
+        # A natively hybrid model starts the search as it was trained: its sliding layers' gates start closed.
+        # All-full attention is another model for it (Gemma3-270M: PPL 24.6 -> 371 at 2048 tokens), and gates
+        # saturated open there got no gradient back to the native layers (docs/results.md 1h).
+        units = natively_sliding[:, 0] if layout.granularity == "layer" else natively_sliding.flatten()
+        with torch.no_grad():
+            gates.log_alpha[units.to(device)] = -abs(settings.log_alpha_init)
     lagrange_linear = nn.Parameter(torch.zeros(layout.num_constraints, device=device))
     lagrange_quadratic = nn.Parameter(torch.full((layout.num_constraints,), float(settings.penalty_init), device=device))
     gate_optimizer = torch.optim.Adam(gates.parameters(), lr=settings.gate_lr)
