@@ -353,7 +353,7 @@ class StaticHybridCacheLayer(HybridCacheLayer):
 
     Full-attention heads hold ``max_cache_len`` tokens (transformers' mask hides the slots not written yet);
     sliding heads the same ``sink_tokens + window`` slots as the dynamic layer, plus the position in each slot.
-    Prompts (several tokens) go through the dynamic layer's eager path, which may read the length on the host.
+    Prompts (several tokens) run eagerly and read the length on the host once per layer.
     """
 
     is_compileable = True
@@ -398,8 +398,7 @@ class StaticHybridCacheLayer(HybridCacheLayer):
             self.full_values.index_copy_(2, index, values[:, :heads])
             full_keys, full_values = self.full_keys, self.full_values
         if keys.shape[1] > heads:
-            sinks = self.sink_tokens
-            slot = torch.where(index < sinks, index, sinks + (index - sinks) % self.sliding_window)
+            slot = self._slot(index)
             self.sliding_keys.index_copy_(2, slot, keys[:, heads:])
             self.sliding_values.index_copy_(2, slot, values[:, heads:])
             self.slot_positions.index_copy_(0, slot, index)
@@ -433,10 +432,12 @@ class StaticHybridCacheLayer(HybridCacheLayer):
             sink_count = min(self.sink_tokens, start)
             span = (sink_count, max(sink_count, start - self.sliding_window))
         self._store(new_keys, new_values, start)
-        kept = [p for p in range(start, end) if p < self.sink_tokens or p >= end - self.sliding_window]
-        if kept:
-            positions = torch.tensor(kept, dtype=torch.long, device=keys.device)
-            self.slot_positions.index_copy_(0, self._slot(positions), positions)
+        # The positions a later query can see: sinks, and the latest window (two ranges, no per-token Python loop).
+        sink_end = max(start, min(end, self.sink_tokens))
+        recent_start = min(end, max(start, self.sink_tokens, end - self.sliding_window))
+        positions = torch.cat([torch.arange(start, sink_end, device=keys.device),
+                               torch.arange(recent_start, end, device=keys.device)])
+        self.slot_positions.index_copy_(0, self._slot(positions), positions)
         return (HybridKV(full_keys, sliding_keys, span, end), HybridKV(full_values, sliding_values, span, end))
 
     def _slot(self, positions: torch.Tensor) -> torch.Tensor:
