@@ -6,11 +6,17 @@ then profile ``--steps`` decode steps. Per step: wall milliseconds, GPU kernel m
 durations; ``kernel / wall`` near 1 means GPU-bound, far below 1 launch- or host-bound), kernel launches, and
 the kernels and host ops that take the most time.
 
+With ``--compiled-decode``, static caches and the decode step compiled into one CUDA graph (what
+``bench/inference_speed.py --compiled-decode`` times).
+
 Part 2 (``--attention``): one layer's decode attention alone (one query token per sequence against ``S`` cached
 keys, GQA), for the head counts of a dense layer and of a KV-head hybrid's full heads, through consa's decode
 path (SDPA without cuDNN), SDPA pinned to cuDNN or to flash, SDPA on repeated KV heads (transformers' path) and
 two matmul formulations (``KERNELS``). Shapes stay fixed here, so cuDNN's per-shape plan is built once: part 1
 shows what rebuilding it for every new key length costs during real decoding.
+
+Part 3 (``--static-attention``): a static cache's decode attention (one query token against the whole fixed
+buffer, unwritten slots masked) through the candidate kernels in ``STATIC_KERNELS``, each replayed as a CUDA graph.
 
     python bench/profile_decode.py --device cuda --contexts 8192,32768 --batches 1,8 \
         --json docs/results/profile_decode_h100.json
@@ -28,7 +34,7 @@ import torch
 from inference_speed import QWEN3_0_6B, VARIANTS, build_variants, load
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from consa_cli.efficiency import cache_argument, new_cache
+from consa_cli.efficiency import COMPILED_WARMUP_STEPS, cache_argument, compile_decode, new_cache
 from consa_cli.hybrid_runtime import repeat_kv, sdpa_backend
 
 
@@ -138,19 +144,23 @@ def _summary(profiler, repeats: int, plain_ms: float, profiled_ms: float, top: i
 
 
 @torch.no_grad()
-def profile_variant(model, context: int, batch: int, steps: int, top: int) -> dict:
-    """Profile ``steps`` greedy decode steps after a prefill; per-step summary of kernels and host ops."""
+def profile_variant(model, context: int, batch: int, steps: int, top: int, compiled: bool = False) -> dict:
+    """Profile ``steps`` greedy decode steps after a prefill; per-step summary of kernels and host ops.
+
+    ``compiled``: static caches and the decode step compiled into a CUDA graph (``--compiled-decode``)."""
     device = next(model.parameters()).device
     tokens = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
-    with_cache = {cache_argument(model): new_cache(model), "use_cache": True}
+    max_cache_len = context + 2 * steps + COMPILED_WARMUP_STEPS + 8 if compiled else None  # _timed runs twice
+    with_cache = {cache_argument(model): new_cache(model, max_cache_len), "use_cache": True}
     next_tokens = model(input_ids=tokens, logits_to_keep=1, **with_cache).logits[:, -1:].argmax(dim=-1)
     del tokens
-    for _ in range(3):  # warm-up: caches grow, kernels get picked
-        next_tokens = model(input_ids=next_tokens, **with_cache).logits[:, -1:].argmax(dim=-1)
+    decode = compile_decode(model) if compiled else model
+    for _ in range(COMPILED_WARMUP_STEPS if compiled else 3):  # warm-up: caches grow, kernels get picked
+        next_tokens = decode(input_ids=next_tokens, **with_cache).logits[:, -1:].argmax(dim=-1)
 
     def step():
         nonlocal next_tokens
-        next_tokens = model(input_ids=next_tokens, **with_cache).logits[:, -1:].argmax(dim=-1)
+        next_tokens = decode(input_ids=next_tokens, **with_cache).logits[:, -1:].argmax(dim=-1)
 
     profiled_ms, profiler, plain_ms = _timed(step, steps)
     return {"phase": "decode", "context_length": context, "batch_size": batch, "steps": steps,
@@ -208,6 +218,85 @@ def time_decode_attention(batch: int, query_heads: int, kv_heads: int, length: i
     return row
 
 
+# A static cache's decode step: one query token against the whole fixed buffer, the slots not written yet masked.
+# Candidates for that step (``--static-attention``): what consa's compiled decode calls today (masked SDPA, the GQA
+# query heads folded into rows), FlexAttention's decoding kernel with the mask as a score_mod, and flash attention
+# in its variable-length form over a token-major buffer, told each row's used length (``seqused_k``); flash on
+# the written prefix alone (a dynamic cache's call) is the bound.
+def _flex_masked():
+    from torch.nn.attention.flex_attention import flex_attention
+    compiled = torch.compile(flex_attention, fullgraph=True)
+
+    def kernel(query, key, value, scaling, valid, key_tokens, value_tokens, used):
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return torch.where(valid[b, kv_idx], score, -float("inf"))
+        return compiled(query, key, value, score_mod=score_mod, scale=scaling, enable_gqa=True)
+    return kernel
+
+
+def _flash_seqused(query, key, value, scaling, valid, key_tokens, value_tokens, used):
+    batch, heads, _, dim = query.shape
+    slots = key_tokens.shape[1]
+    starts_q = torch.arange(batch + 1, device=query.device, dtype=torch.int32)
+    out = torch.ops.aten._flash_attention_forward(
+        query.reshape(batch, heads, dim), key_tokens.flatten(0, 1), value_tokens.flatten(0, 1), starts_q,
+        starts_q * slots, 1, slots, 0.0, False, False, scale=scaling, seqused_k=used)[0]
+    return out.reshape(batch, heads, 1, dim)
+
+
+STATIC_KERNELS = {
+    "flash-prefix": lambda q, k, v, s, valid, kt, vt, used: _sdpa_on(SDPBackend.FLASH_ATTENTION)(
+        q, k[:, :, :int(used[0])], v[:, :, :int(used[0])], s),
+    "static-sdpa-masked": lambda q, k, v, s, valid, kt, vt, used: sdpa_backend(q, k, v, valid[:, None, None], False, s),
+    "flex-masked": None,  # built on first use (compiles)
+    "flash-seqused": _flash_seqused,
+}
+
+
+@torch.no_grad()
+def time_static_decode_attention(batch: int, query_heads: int, kv_heads: int, length: int, dim: int, dtype,
+                                 free_slots: int = 256, repeats: int = 50) -> dict:
+    """Milliseconds of one static-cache decode attention call per kernel in STATIC_KERNELS (each replayed as a
+    CUDA graph, as compiled decoding runs it), and their max deviation from the first."""
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    slots = length + free_slots
+    query = torch.randn(batch, query_heads, 1, dim, device="cuda", dtype=dtype, generator=generator)
+    key_tokens = torch.randn(batch, slots, kv_heads, dim, device="cuda", dtype=dtype, generator=generator)
+    value_tokens = torch.randn(batch, slots, kv_heads, dim, device="cuda", dtype=dtype, generator=generator)
+    key, value = key_tokens.transpose(1, 2).contiguous(), value_tokens.transpose(1, 2).contiguous()
+    valid = (torch.arange(slots, device="cuda") < length).expand(batch, slots).contiguous()
+    used = torch.full((batch,), length, device="cuda", dtype=torch.int32)
+    args = (query, key, value, dim**-0.5, valid, key_tokens, value_tokens, used)
+    row = {"batch": batch, "query_heads": query_heads, "kv_heads": kv_heads, "length": length, "slots": slots}
+    reference = None
+    for name, kernel in STATIC_KERNELS.items():
+        try:
+            kernel = kernel or _flex_masked()
+            out = kernel(*args)
+            reference = out if reference is None else reference
+            row[f"{name}_max_abs_diff"] = (out.float() - reference.float()).abs().max().item()
+            for _ in range(3):
+                kernel(*args)
+            torch.cuda.synchronize()
+            replay = torch.cuda.CUDAGraph()
+            if name == "flash-prefix":  # reads the used length on the host: not capturable, timed eagerly
+                replay = None
+            else:
+                with torch.cuda.graph(replay):
+                    kernel(*args)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(repeats):
+                replay.replay() if replay is not None else kernel(*args)
+            end.record()
+            torch.cuda.synchronize()
+            row[f"{name}_ms"] = start.elapsed_time(end) / repeats
+        except Exception as error:  # noqa: BLE001 -- a candidate that does not take this shape is reported
+            row[f"{name}_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+    row["kv_mib"] = 2 * batch * kv_heads * length * dim * key.element_size() / 2**20
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
@@ -219,6 +308,10 @@ def main() -> None:
     parser.add_argument("--full-fraction", type=float, default=0.25)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="'' skips part 1")
     parser.add_argument("--attention", action="store_true", help="part 2: decode attention kernels alone")
+    parser.add_argument("--static-attention", action="store_true",
+                        help="part 3: a static cache's masked decode attention, candidate kernels alone")
+    parser.add_argument("--compiled-decode", action="store_true",
+                        help="part 1 profiles compiled decode steps (static caches, one CUDA graph per step)")
     parser.add_argument("--prefill", action="store_true", help="part 1 profiles one prefill instead of decoding")
     parser.add_argument("--top", type=int, default=8)
     parser.add_argument("--json", type=Path, required=True)
@@ -247,6 +340,18 @@ def main() -> None:
                     save()
                     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
                           flush=True)
+    if args.static_attention:
+        report["static_attention"] = []
+        heads, kv_heads, dim = QWEN3_0_6B["num_attention_heads"], QWEN3_0_6B["num_key_value_heads"], QWEN3_0_6B["head_dim"]
+        full_kv = max(1, round(kv_heads * args.full_fraction))
+        for length in contexts:
+            for batch in batches:
+                for q_heads, k_heads in ((heads, kv_heads), (heads * full_kv // kv_heads, full_kv)):
+                    row = time_static_decode_attention(batch, q_heads, k_heads, length, dim, dtype)
+                    report["static_attention"].append(row)
+                    save()
+                    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                          flush=True)
     if args.variants:
         model = load("qwen3-0.6b-random", dtype, args.device)
         available = build_variants(model, "qwen3-0.6b-random", args.device, dtype, args.window, None,
@@ -257,7 +362,7 @@ def main() -> None:
                     label, _, enter = available[name]
                     with enter() as variant:
                         profiled = (profile_prefill(variant, context, batch, args.top) if args.prefill else
-                                    profile_variant(variant, context, batch, args.steps, args.top))
+                                    profile_variant(variant, context, batch, args.steps, args.top, args.compiled_decode))
                         row = {"variant": name, **profiled}
                     torch.cuda.empty_cache()
                     report["variants"].append(row)

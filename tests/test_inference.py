@@ -305,6 +305,35 @@ def test_cuda_bf16_blocked_sliding_attention_matches_float32_masked_reference():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_static_decode_uses_flash_with_left_padding_eager_and_compiled():
+    """A static cache's full heads decode through flash's variable-length form (each row from its first visible
+    key to the written length), equal to a float32 masked reference with rows padded on the left, eager and
+    compiled; a mask with a hole in a row falls back to the masked kernel."""
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    batch, kv_heads, groups, slots, dim = 3, 2, 4, 320, 128
+    query = torch.randn(batch, kv_heads * groups, 1, dim, device="cuda", dtype=torch.bfloat16, generator=generator)
+    key, value = (torch.randn(batch, slots, kv_heads, dim, device="cuda", dtype=torch.bfloat16,
+                              generator=generator).transpose(1, 2) for _ in range(2))
+    length = torch.tensor(257, device="cuda")
+    positions = torch.arange(slots, device="cuda")
+    pads = torch.tensor([[0], [5], [100]], device="cuda")
+    mask = ((positions < length) & (positions >= pads)).view(batch, 1, 1, slots)
+    reference = runtime.eager_backend(query.float(), key.float(), value.float(), mask, False, dim**-0.5)
+
+    def no_fallback(*args):
+        raise AssertionError("the masked fallback ran")
+
+    for decode in (runtime.static_full_decode, torch.compile(runtime.static_full_decode, fullgraph=True)):
+        out = decode(query, key, value, mask, length, dim**-0.5, no_fallback)
+        torch.testing.assert_close(out.float(), reference, rtol=0, atol=2e-2)
+    holed = mask.clone()
+    holed[1, ..., 50:60] = False
+    reference = runtime.eager_backend(query.float(), key.float(), value.float(), holed, False, dim**-0.5)
+    out = runtime.static_full_decode(query, key, value, holed, length, dim**-0.5, runtime.sdpa_backend)
+    torch.testing.assert_close(out.float(), reference, rtol=0, atol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_compiled_static_generate_matches_dynamic_token_for_token():
     """On CUDA, generate(cache_implementation="static") compiles the decode step (CUDA graphs) and gives the
     tokens of the eager dynamic cache, for both granularities."""

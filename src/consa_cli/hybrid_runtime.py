@@ -200,6 +200,9 @@ class HybridKV:
     # Static cache, decode step: the position each sliding slot holds (-1: empty), a device tensor, so the
     # step needs no Python integer that changes from step to step. ``sliding_span`` and ``length`` are unused then.
     slot_positions: torch.Tensor | None = None
+    # Static cache, decode step: tokens written so far (0-d device tensor); ``full`` then spans the whole buffer,
+    # a view of token-major storage (``full.transpose(1, 2)`` is contiguous).
+    full_length: torch.Tensor | None = None
 
     def sliding_positions(self, device) -> torch.Tensor:
         if self.slot_positions is not None:
@@ -361,6 +364,7 @@ class StaticHybridCacheLayer(HybridCacheLayer):
     def __init__(self, full_heads: int, sliding_window: int, sink_tokens: int, max_cache_len: int):
         super().__init__(full_heads, sliding_window, sink_tokens)
         self.max_cache_len = max_cache_len
+        self.full_key_tokens = self.full_value_tokens = None  # [B, max_cache_len, full_heads, D]
         self.position = None  # 0-d int64 device tensor: tokens cached so far
         self.slot_positions = None  # [sink_tokens + window] int64: position held by each sliding slot, -1 if none
 
@@ -368,8 +372,11 @@ class StaticHybridCacheLayer(HybridCacheLayer):
         super().lazy_initialization(key_states, value_states)
         batch, heads, _, dim = key_states.shape
         if self.full_heads:
-            shape = (batch, self.full_heads, self.max_cache_len, dim)
-            self.full_keys, self.full_values = key_states.new_zeros(shape), value_states.new_zeros(shape)
+            # Token-major storage ([B, T, H, D]; ``full_keys`` is its [B, H, T, D] view): a decode step hands it to
+            # flash attention's variable-length form as it is (:func:`static_full_decode`).
+            shape = (batch, self.max_cache_len, self.full_heads, dim)
+            self.full_key_tokens, self.full_value_tokens = key_states.new_zeros(shape), value_states.new_zeros(shape)
+            self.full_keys, self.full_values = self.full_key_tokens.transpose(1, 2), self.full_value_tokens.transpose(1, 2)
         if heads > self.full_heads:
             shape = (batch, heads - self.full_heads, self.sink_tokens + self.sliding_window, dim)
             self.sliding_keys, self.sliding_values = key_states.new_zeros(shape), value_states.new_zeros(shape)
@@ -379,8 +386,13 @@ class StaticHybridCacheLayer(HybridCacheLayer):
         # CUDA graphs replay fixed addresses: tell the compiler these buffers are mutated in place, not inputs
         # that change (transformers' StaticLayer does the same; not allowed while tracing).
         if not torch.compiler.is_compiling():
-            for tensor in (*self.tensors(), self.slot_positions, self.position):
+            for tensor in (*self._storage(), self.slot_positions, self.position):
                 torch._dynamo.mark_static_address(tensor)
+
+    def _storage(self) -> list[torch.Tensor]:
+        """The buffers themselves (the full heads' token-major storage, not their views)."""
+        return [t for t in (self.full_key_tokens, self.full_value_tokens, self.sliding_keys, self.sliding_values)
+                if t is not None]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -393,10 +405,10 @@ class StaticHybridCacheLayer(HybridCacheLayer):
         index = self.position.view(1)
         heads = self.full_heads
         full_keys = full_values = sliding_keys = sliding_values = None
-        if heads:
-            self.full_keys.index_copy_(2, index, keys[:, :heads])
-            self.full_values.index_copy_(2, index, values[:, :heads])
-            full_keys, full_values = self.full_keys, self.full_values
+        if heads:  # written into the token-major storage itself, not through a view
+            self.full_key_tokens.index_copy_(1, index, keys[:, :heads].transpose(1, 2))
+            self.full_value_tokens.index_copy_(1, index, values[:, :heads].transpose(1, 2))
+            full_keys, full_values = self.full_key_tokens.transpose(1, 2), self.full_value_tokens.transpose(1, 2)
         if keys.shape[1] > heads:
             slot = self._slot(index)
             self.sliding_keys.index_copy_(2, slot, keys[:, heads:])
@@ -404,8 +416,10 @@ class StaticHybridCacheLayer(HybridCacheLayer):
             self.slot_positions.index_copy_(0, slot, index)
             sliding_keys, sliding_values = self.sliding_keys, self.sliding_values
         self.position.add_(1)
-        return (HybridKV(full_keys, sliding_keys, (0, 0), -1, slot_positions=self.slot_positions),
-                HybridKV(full_values, sliding_values, (0, 0), -1, slot_positions=self.slot_positions))
+        return (HybridKV(full_keys, sliding_keys, (0, 0), -1, slot_positions=self.slot_positions,
+                         full_length=self.position),
+                HybridKV(full_values, sliding_values, (0, 0), -1, slot_positions=self.slot_positions,
+                         full_length=self.position))
 
     def _extend(self, keys, values):
         start = int(self.position)  # a prompt is eager: one host read per layer
@@ -461,12 +475,53 @@ class StaticHybridCacheLayer(HybridCacheLayer):
     def get_max_length(self) -> int:
         return self.max_cache_len
 
+    def _map_batch(self, operation) -> None:  # the full heads stay views of token-major storage
+        for name in ("sliding_keys", "sliding_values", "full_key_tokens", "full_value_tokens"):
+            if getattr(self, name) is not None:
+                setattr(self, name, operation(getattr(self, name)))
+        if self.full_key_tokens is not None:
+            self.full_keys, self.full_values = self.full_key_tokens.transpose(1, 2), self.full_value_tokens.transpose(1, 2)
+
     def reset(self) -> None:
         if self.is_initialized:  # in place: compiled graphs keep these addresses
-            for tensor in self.tensors():
+            for tensor in self._storage():
                 tensor.zero_()
             self.slot_positions.fill_(-1)
             self.position.zero_()
+
+
+def static_full_decode(query, key, value, mask, length, scaling, backend):
+    """One query token per sequence against a static cache's full-head buffer (``[B, H, S, D]`` views of
+    token-major storage), of which each row uses ``[start, length)``: ``start`` its left padding, read from
+    ``mask`` (``[B or 1, 1, 1, S]``, True = attend), ``length`` the tokens written (0-d device tensor).
+
+    On CUDA in half precision this is flash attention's variable-length form, told where each row starts and how
+    many keys it uses: it splits the keys over the GPU and never reads the unwritten slots. A masked SDPA call
+    over the buffer is 5x (batch 8) to 25x (batch 1) slower at 32K keys on an H200, because its kernels give
+    one sequence's query heads to one thread block (bench/profile_decode.py --static-attention). Elsewhere, and
+    for a mask that is not one run of visible keys per row (generate() only builds such masks), masked SDPA.
+    """
+    batch, heads, _, dim = query.shape
+    slots = key.shape[2]
+    key_tokens, value_tokens = key.transpose(1, 2), value.transpose(1, 2)
+    flash = (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and dim <= 256 and dim % 8 == 0
+             and key_tokens.is_contiguous() and value_tokens.is_contiguous())
+    if mask is None:
+        mask = (torch.arange(slots, device=query.device) < length).view(1, 1, 1, slots)
+    if not flash:
+        return backend(query, key, value, mask, False, scaling)
+    rows = mask.reshape(mask.shape[0], slots).expand(batch, slots)
+    start = rows.int().argmax(dim=-1)  # the first visible key
+    used = length - start
+    if not torch.compiler.is_compiling() and not torch.equal(rows.sum(dim=-1), used):  # (a compiled step trusts it)
+        return backend(query, key, value, mask, False, scaling)
+    row_starts = torch.arange(batch + 1, device=query.device, dtype=torch.int32)
+    key_starts = row_starts * slots
+    key_starts[:batch] += start.to(torch.int32)
+    out = torch.ops.aten._flash_attention_forward(
+        query.reshape(batch, heads, dim), key_tokens.flatten(0, 1), value_tokens.flatten(0, 1), row_starts,
+        key_starts, 1, slots, 0.0, False, False, scale=scaling, seqused_k=used.to(torch.int32))[0]
+    return out.view(batch, heads, 1, dim)
 
 
 # --- attention over contiguous head slices -------------------------------------------------------------------
@@ -495,7 +550,10 @@ def split_head_attention(query, key, value, attention_mask, scaling, full_heads,
     groups = query.shape[1] // num_kv_heads
     split_at = full_heads * groups
     parts = []
-    if key.full is not None:
+    if key.full is not None and key.full_length is not None:  # static cache, one new query
+        parts.append(static_full_decode(query[:, :split_at], key.full, value.full, attention_mask, key.full_length,
+                                        scaling, backend))
+    elif key.full is not None:
         parts.append(attend(query[:, :split_at], key.full, value.full, attention_mask, scaling, backend, None, 0))
     if key.sliding is not None:
         sliding_query = query[:, split_at:]
