@@ -329,29 +329,18 @@ def main() -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
 
-    if args.attention:
-        heads, kv_heads, dim = QWEN3_0_6B["num_attention_heads"], QWEN3_0_6B["num_key_value_heads"], QWEN3_0_6B["head_dim"]
-        full_kv = max(1, round(kv_heads * args.full_fraction))
-        for length in contexts:
-            for batch in batches:
-                for q_heads, k_heads in ((heads, kv_heads), (heads * full_kv // kv_heads, full_kv)):
-                    row = time_decode_attention(batch, q_heads, k_heads, length, dim, dtype)
-                    report["attention"].append(row)
-                    save()
-                    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-                          flush=True)
-    if args.static_attention:
-        report["static_attention"] = []
-        heads, kv_heads, dim = QWEN3_0_6B["num_attention_heads"], QWEN3_0_6B["num_key_value_heads"], QWEN3_0_6B["head_dim"]
-        full_kv = max(1, round(kv_heads * args.full_fraction))
-        for length in contexts:
-            for batch in batches:
-                for q_heads, k_heads in ((heads, kv_heads), (heads * full_kv // kv_heads, full_kv)):
-                    row = time_static_decode_attention(batch, q_heads, k_heads, length, dim, dtype)
-                    report["static_attention"].append(row)
-                    save()
-                    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-                          flush=True)
+    # Parts 2 and 3: one layer's decode attention, for a dense layer's heads and a KV-head hybrid's full heads.
+    heads, kv_heads, dim = QWEN3_0_6B["num_attention_heads"], QWEN3_0_6B["num_key_value_heads"], QWEN3_0_6B["head_dim"]
+    full_kv = max(1, round(kv_heads * args.full_fraction))
+    for wanted, key, timer in ((args.attention, "attention", time_decode_attention),
+                               (args.static_attention, "static_attention", time_static_decode_attention)):
+        for length, batch in ((length, batch) for length in contexts for batch in batches) if wanted else ():
+            for q_heads, k_heads in ((heads, kv_heads), (heads * full_kv // kv_heads, full_kv)):
+                row = timer(batch, q_heads, k_heads, length, dim, dtype)
+                report.setdefault(key, []).append(row)
+                save()
+                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                      flush=True)
     if args.variants:
         model = load("qwen3-0.6b-random", dtype, args.device)
         available = build_variants(model, "qwen3-0.6b-random", args.device, dtype, args.window, None,
