@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import save_tiny, tiny_model
 from transformers import GPT2Config
 from typer.testing import CliRunner
 
@@ -371,3 +371,18 @@ def test_report_without_matplotlib_fails_before_evaluating(tmp_path, tiny_model_
     assert result.exit_code == 2 and result.stdout == ""
     assert result.stderr.strip() == "error: plots need matplotlib: pip install 'consa-cli[plot]'"
     assert not (tmp_path / "report").exists()
+
+
+def test_search_on_a_natively_hybrid_model_notes_a_target_below_its_native_sparsity(tmp_path, tiny_text_file):
+    """Gemma3-style: making natively sliding layers full is out of distribution; the user hears it, once."""
+    model_dir = tmp_path / "gemma"
+    save_tiny(model_dir, "gemma3_text", num_hidden_layers=6,
+              layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2)
+    common = ("search", "--model", model_dir, "--data", tiny_text_file, "--seq-len", "32", "--window", "8",
+              "--steps", "1", "--granularity", "layer", "--sink-tokens", "0")
+    below = invoke(*common, "--sparsity", "0.5", "--output", tmp_path / "below")
+    assert below.exit_code == 0, below.output
+    assert "natively hybrid (0.667 of its layers trained sliding-window)" in below.stderr
+    at_native = invoke(*common, "--sparsity", "2/3", "--output", tmp_path / "native")
+    assert at_native.exit_code == 0, at_native.output
+    assert "natively hybrid" not in at_native.stderr

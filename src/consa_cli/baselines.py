@@ -109,6 +109,13 @@ def native_allocation(config, model: str = "", model_fingerprint: str = "") -> A
     )
 
 
+def native_sparsity(config) -> float | None:
+    """The fraction of layers a natively hybrid model (Gemma3) trained as sliding-window; None for other models."""
+    layer_types = getattr(config, "layer_types", None) or []
+    sliding = sum(kind == "sliding_attention" for kind in layer_types)
+    return sliding / len(layer_types) if sliding else None
+
+
 def check_baseline(rule: str, sparsity: float, window: int) -> None:
     """Refuse bad baseline settings before any model is loaded."""
     if rule not in BASELINES:

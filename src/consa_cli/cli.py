@@ -204,6 +204,13 @@ def search(
                 f"{info['calibration_sequences']} x {settings.seq_len}-token calibration sequences"
                 f"{retrieval}, method {settings.method}, {settings.loss} loss{retrieval_loss}{resumed}"
             )
+            native = info.get("native_sparsity")
+            if native is not None and settings.sparsity < native - 1e-3:
+                errors.print(
+                    f"note: this model is natively hybrid ({native:.3f} of its layers trained sliding-window); a "
+                    f"target below that makes natively sliding layers full, which they were not trained for: on "
+                    f"Gemma3-270M every such allocation was worse than the native pattern (docs/results.md 1i)",
+                    style="yellow", markup=False, highlight=False, soft_wrap=True)
             progress.start()
 
         def on_step(record: dict) -> None:

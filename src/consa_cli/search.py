@@ -32,7 +32,7 @@ from consa_cli.allocation import (
     write_atomically,
 )
 from consa_cli.attention import install_hybrid, original_attention, remove_hybrid, set_fa_weights
-from consa_cli.baselines import native_allocation
+from consa_cli.baselines import native_allocation, native_sparsity
 from consa_cli.calibration import CalibrationSet, mix_retrieval
 from consa_cli.checkpoint import (
     CHECKPOINT_FILE,
@@ -501,6 +501,7 @@ def search(settings: SearchSettings, force: bool = False, on_start: Callable[[di
                   "retrieval_sequences": calibration.retrieval_count, "device": str(device),
                   "units": UnitLayout(settings.granularity, model.config.num_hidden_layers,
                                       model.config.num_key_value_heads).num_units,
+                  "native_sparsity": native_sparsity(model.config),
                   "resumed_from": resume.step if resume is not None else 0})
     if settings.method == "attention-mass":
         from consa_cli.heuristics import attention_mass_search
