@@ -134,11 +134,14 @@ def main() -> None:
                                          "data": args.data, "attention_backend": args.attention_backend,
                                          **overrides})
             settings.validate()
-            key = (settings.seq_len, settings.retrieval_fraction, settings.seed)
-            if key not in calibrations:  # a search may set its own seq_len: calibrate at it, evaluate at --seq-len
+            # Everything the calibration set depends on (a search may set its own seq_len, window or formats:
+            # calibrate at them, evaluate at --seq-len).
+            key = (settings.seq_len, settings.retrieval_fraction, settings.seed, settings.window,
+                   settings.retrieval_formats)
+            if key not in calibrations:
                 text = load_token_sequences(args.data, tokenizer, settings.seq_len, "calibration")
                 calibrations[key] = mix_retrieval(text, tokenizer, settings.retrieval_fraction, settings.window,
-                                                  settings.seed)
+                                                  settings.seed, settings.retrieval_formats)
             if settings.method == "attention-mass":
                 result = attention_mass_search(settings, model, calibrations[key], sinks, fingerprint)
                 score(f"{name} s={sparsity:g}", result.allocation, {"settings": overrides,

@@ -8,7 +8,13 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from consa_cli.calibration import CALIBRATION_FORMATS, CalibrationSet, mix_retrieval, retrieval_sample
+from consa_cli.calibration import (
+    CALIBRATION_FORMATS,
+    DEFAULT_CALIBRATION_FORMATS,
+    CalibrationSet,
+    mix_retrieval,
+    retrieval_sample,
+)
 from consa_cli.data import DataError
 from consa_cli.retrieval import TASKS
 from consa_cli.search import run_search
@@ -31,10 +37,12 @@ def test_sample_asks_for_a_fact_beyond_the_window_and_scores_only_its_answer(cha
         decoded = char_tokenizer.decode(ids)
         answer = char_tokenizer.decode(ids[1:][mask[:-1]])  # the tokens the scored logits predict
         question = decoded[: len(decoded) - len(answer)].rsplit("\n", 1)[1]
-        key = question.split("the door of the ")[-1].split(" room")[0] if fmt == "room-code" else \
-            question.split("In which city does ")[1].split(" live")[0]
-        needle_at = decoded.index(f"{key} room opens with the code{answer}." if fmt == "room-code" else
-                                  f"{key} has lived in{answer} for")
+        key, needle = {
+            "room-code": (question.split("the door of the ")[-1].split(" room")[0], "{} room opens with the code{}."),
+            "home-city": (question.split("In which city does ")[-1].split(" live")[0], "{} has lived in{} for"),
+            "locker-number": (question.split("holds the bag of ")[-1].split("?")[0], "{} keeps a bag in locker number{}."),
+        }[fmt]
+        needle_at = decoded.index(needle.format(key, answer))
         first_answer_token = LENGTH - len(answer)
         assert first_answer_token - needle_at > WINDOW  # out of a sliding window's reach
         assert int(mask.sum()) == len(answer) and answer.strip()
@@ -49,6 +57,22 @@ def test_mixture_has_the_requested_share_is_seeded_and_keeps_text_rows(char_toke
     assert torch.equal(mix_retrieval(text, char_tokenizer, 0.25, WINDOW, seed=0).sequences, mixed.sequences)
     assert not torch.equal(mix_retrieval(text, char_tokenizer, 0.25, WINDOW, seed=1).sequences, mixed.sequences)
     assert mix_retrieval(text, char_tokenizer, 0.0, WINDOW, seed=0).retrieval_count == 0
+
+
+def test_formats_are_taken_in_turn_and_the_default_is_the_first_two(char_tokenizer):
+    """--retrieval-formats: each format in turn; the default reproduces the sets every earlier run used."""
+    text = text_sequences(char_tokenizer)
+    assert DEFAULT_CALIBRATION_FORMATS == "room-code,home-city"
+    legacy = mix_retrieval(text, char_tokenizer, 0.5, WINDOW, seed=0)
+    assert torch.equal(mix_retrieval(text, char_tokenizer, 0.5, WINDOW, 0, "room-code,home-city").sequences,
+                       legacy.sequences)
+    three = mix_retrieval(text, char_tokenizer, 0.5, WINDOW, 0, "locker-number,room-code,home-city")
+    questions = [char_tokenizer.decode(ids).rsplit("\n", 1)[1] for ids in three.sequences[6:]]
+    assert ["locker" in q for q in questions] == [True, False, False, True, False, False]
+    assert ["code" in q for q in questions] == [False, True, False, False, True, False]
+    for bad in ("passkey", "", "room-code,nope"):
+        with pytest.raises(DataError, match="unknown calibration format"):
+            mix_retrieval(text, char_tokenizer, 0.5, WINDOW, 0, bad)
 
 
 def test_calibration_formats_differ_from_the_evaluation_tasks():

@@ -204,6 +204,8 @@ def _bad_inputs() -> dict[str, tuple]:
                                       "is not a readable safetensors allocation file"),
         "export-existing-output": (export(valid_run, existing=True), "already exists; pass --force"),
         "export-model-gone": (export(valid_run), "no such file or directory"),
+        "search-unknown-retrieval-format": (search("--retrieval-formats", "room-code,passkey"),
+                                            "--retrieval-formats: unknown calibration format 'passkey'"),
         "eval-seq-len-1": (eval_("--seq-len", "1"), "--seq-len must be >= 2"),
         "eval-dtype": (eval_("--dtype", "int8"), "--dtype must be one of"),
         "eval-max-sequences-0": (eval_("--max-sequences", "0"), "--max-sequences and --batch-size >= 1"),

@@ -7,8 +7,11 @@ calibration-split text sequence with a few facts (needles) laid in far from its 
 them at the end; the loss counts only the answer tokens, so each sample says exactly "keep what retrieves".
 
 The calibration formats are deliberately unlike the evaluation tasks in :mod:`consa_cli.retrieval` (digits keyed
-by a fixed phrase, magic numbers, variable chains): letter codes of named rooms and people's cities, asked in
-other words, so retrieval accuracy measured afterwards is on formats the search never saw.
+by a fixed phrase, magic numbers, variable chains): letter codes of named rooms, people's cities and people's
+locker numbers, asked in other words, so retrieval accuracy measured afterwards is on formats the search never
+saw. ``locker-number`` is the one whose answer is a digit string, as the passkey's is (copying digits is what
+passkey retrieval needs; the wording, keys and length differ); the default keeps the first two, the formats every
+measured run so far used, so their runs resume and reproduce exactly.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from consa_cli.data import DataError
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-CALIBRATION_FORMATS = ("room-code", "home-city")
+CALIBRATION_FORMATS = ("room-code", "home-city", "locker-number")
+DEFAULT_CALIBRATION_FORMATS = "room-code,home-city"
 MAX_NEEDLES = 3  # facts per sample: the queried one and up to two distractors of the same format
 
 _ROOMS = ("amber", "birch", "cobalt", "copper", "coral", "crimson", "ivory", "jade", "lilac", "maple", "marble",
@@ -71,9 +75,23 @@ def _fact(fmt: str, rng: random.Random, key: str) -> tuple[str, str, str]:
         code = "".join(rng.choice(_CODE_LETTERS) for _ in range(4))
         return (f" The door of the {key} room opens with the code {code}.",
                 f"\nWhich code opens the door of the {key} room? The code is", f" {code}")
+    if fmt == "locker-number":
+        number = "".join(rng.choice("0123456789") for _ in range(6))
+        return (f" At the station, {key} keeps a bag in locker number {number}.",
+                f"\nWhich locker at the station holds the bag of {key}? It is locker number", f" {number}")
     city = rng.choice(_CITIES)
     return (f" {key} has lived in {city} for many years.", f"\nIn which city does {key} live? {key} lives in",
             f" {city}")
+
+
+def parse_formats(text: str) -> tuple[str, ...]:
+    """``"room-code,home-city"`` -> the formats, checked; a clear error for an unknown or empty list."""
+    formats = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in formats if name not in CALIBRATION_FORMATS]
+    if unknown or not formats:
+        raise DataError(f"unknown calibration format '{unknown[0] if unknown else text}'; choose from "
+                        f"{', '.join(CALIBRATION_FORMATS)} (comma-separated)")
+    return formats
 
 
 def retrieval_sample(tokenizer: PreTrainedTokenizerBase, text_ids: torch.LongTensor, fmt: str,
@@ -114,12 +132,13 @@ def retrieval_sample(tokenizer: PreTrainedTokenizerBase, text_ids: torch.LongTen
 
 
 def mix_retrieval(text: torch.LongTensor, tokenizer: PreTrainedTokenizerBase, retrieval_fraction: float,
-                  window: int, seed: int) -> CalibrationSet:
+                  window: int, seed: int, formats: str = DEFAULT_CALIBRATION_FORMATS) -> CalibrationSet:
     """Calibration set of ``text`` sequences plus retrieval samples making up ``retrieval_fraction`` of it.
 
-    The retrieval samples are built on text sequences of the same calibration split (cycled), alternating the
-    formats; everything depends only on ``seed``.
+    The retrieval samples are built on text sequences of the same calibration split (cycled), taking the
+    ``formats`` (comma-separated) in turn; everything depends only on ``seed``.
     """
+    cycle = parse_formats(formats)
     if not 0.0 <= retrieval_fraction < 1.0:
         raise DataError(f"--retrieval-fraction must lie in [0, 1), got {retrieval_fraction}")
     base = CalibrationSet.text_only(text)
@@ -127,7 +146,7 @@ def mix_retrieval(text: torch.LongTensor, tokenizer: PreTrainedTokenizerBase, re
     if count == 0:
         return base
     rng = random.Random(f"consa-calibration/{seed}")
-    samples = [retrieval_sample(tokenizer, text[(i * 7 + 3) % len(text)], CALIBRATION_FORMATS[i % 2], rng, window)
+    samples = [retrieval_sample(tokenizer, text[(i * 7 + 3) % len(text)], cycle[i % len(cycle)], rng, window)
                for i in range(count)]
     return CalibrationSet(torch.cat([base.sequences, torch.stack([ids for ids, _ in samples])]),
                           torch.cat([base.loss_mask, torch.stack([mask for _, mask in samples])]),

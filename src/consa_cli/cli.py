@@ -135,6 +135,9 @@ def search(
                                              "retrieval samples (loss on their answer tokens only; formats distinct "
                                              "from `consa eval --retrieval`'s). 0: natural text only. "
                                              f"{_default('retrieval_fraction')}"),
+    retrieval_formats: str = typer.Option(None, metavar="FORMATS", help="Comma-separated formats of the synthetic "
+                                          "retrieval samples, taken in turn: room-code, home-city, locker-number. "
+                                          f"{_default('retrieval_formats')}"),
     seed: int = typer.Option(None, help=f"Seed for data order and gate noise. {_default('seed')}"),
     gate_lr: float = typer.Option(None, help=f"Adam learning rate of the gates' log_alpha. {_default('gate_lr')}"),
     multiplier_lr: float = typer.Option(None, help="Ascent rate of the Lagrange multipliers. "
@@ -174,7 +177,8 @@ def search(
             model=model, sparsity=_sparsity(sparsity), granularity=granularity, window=window, sink_tokens=sink_tokens,
             seq_len=seq_len, data=data, steps=steps, batch_size=batch_size, loss=loss,
             retrieval_loss=retrieval_loss, method=method,
-            l1_weight=l1_weight, retrieval_fraction=retrieval_fraction, seed=seed, gate_lr=gate_lr,
+            l1_weight=l1_weight, retrieval_fraction=retrieval_fraction, retrieval_formats=retrieval_formats,
+            seed=seed, gate_lr=gate_lr,
             multiplier_lr=multiplier_lr, target_warmup_steps=target_warmup_steps, penalty_init=penalty_init,
             dtype=dtype, device=device, attention_backend=attention_backend, output=output,
             checkpoint_every=checkpoint_every,
@@ -598,6 +602,8 @@ def sweep(
                                        f"{_default('retrieval_loss')}"),
     retrieval_fraction: float = typer.Option(None, help="Share of synthetic retrieval samples in every search's "
                                              f"calibration data (see search). {_default('retrieval_fraction')}"),
+    retrieval_formats: str = typer.Option(None, metavar="FORMATS", help="Formats of those samples (see search). "
+                                          f"{_default('retrieval_formats')}"),
     seed: int = typer.Option(None, help=f"Seed of searches and of the random rule. {_default('seed')}"),
     dtype: str = typer.Option(None, help=f"bfloat16, float32 or float16. {_default('dtype')}"),
     device: str = typer.Option(None, help=f"cpu, cuda, cuda:N or auto (search and evaluation). {_default('device')}"),
@@ -628,8 +634,8 @@ def sweep(
     with user_errors():
         flags = dict(model=model, window=window, sink_tokens=sink_tokens, seq_len=seq_len, data=data, steps=steps,
                      batch_size=batch_size, loss=loss, retrieval_loss=retrieval_loss,
-                     retrieval_fraction=retrieval_fraction, seed=seed, dtype=dtype,
-                     device=device)
+                     retrieval_fraction=retrieval_fraction, retrieval_formats=retrieval_formats, seed=seed,
+                     dtype=dtype, device=device)
         search_settings = build_settings(SearchSettings, recipe, **flags)
         evaluation = EvalSettings(data=search_settings.data, seq_lens=eval_seq_len or [search_settings.seq_len],
                                   batch_size=search_settings.batch_size, dtype=search_settings.dtype,

@@ -13,7 +13,8 @@ from typing import Any
 import yaml
 
 from consa_cli.allocation import GRANULARITIES
-from consa_cli.data import EMBEDDED_CORPUS
+from consa_cli.calibration import DEFAULT_CALIBRATION_FORMATS, parse_formats
+from consa_cli.data import EMBEDDED_CORPUS, DataError
 
 LOSSES = ("kl", "lm")
 # l0: hard-concrete gates + augmented Lagrangian (ConSA); scalar-l1: sigmoid gates + L1, ranked (the paper's
@@ -65,6 +66,7 @@ class SearchSettings:
     method: str = "l0"
     l1_weight: float = 0.1  # scalar-l1 only: weight of the mean gate value in the loss
     retrieval_fraction: float = 0.0  # share of calibration sequences that are synthetic retrieval samples
+    retrieval_formats: str = DEFAULT_CALIBRATION_FORMATS  # their formats, taken in turn (consa_cli.calibration)
     seed: int = 0
     gate_lr: float = 0.3
     multiplier_lr: float = 0.05
@@ -93,6 +95,10 @@ class SearchSettings:
             raise SettingsError(f"--method must be one of {', '.join(METHODS)}, got '{self.method}'")
         if not 0.0 <= self.retrieval_fraction < 1.0:
             raise SettingsError(f"--retrieval-fraction must lie in [0, 1), got {self.retrieval_fraction}")
+        try:
+            parse_formats(self.retrieval_formats)
+        except DataError as error:
+            raise SettingsError(f"--retrieval-formats: {error}") from None
         if self.l1_weight < 0:
             raise SettingsError(f"--l1-weight must be >= 0, got {self.l1_weight}")
         if self.attention_backend not in ATTENTION_BACKENDS:
