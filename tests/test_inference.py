@@ -334,6 +334,55 @@ def test_cuda_static_decode_uses_flash_with_left_padding_eager_and_compiled():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_static_sliding_decode_uses_flash_when_unpadded():
+    """Sliding slots of an unpadded static cache fill as a prefix: flash over the filled slots equals a float32
+    masked reference, eager and compiled, before and after the ring is full; with padding the slots are masked."""
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    batch, kv_heads, groups, slots, dim = 2, 2, 3, 36, 64
+    query = torch.randn(batch, kv_heads * groups, 1, dim, device="cuda", dtype=torch.bfloat16, generator=generator)
+    key, value = (torch.randn(batch, slots, kv_heads, dim, device="cuda", dtype=torch.bfloat16,
+                              generator=generator).transpose(1, 2) for _ in range(2))
+
+    def no_fallback(*args):
+        raise AssertionError("the masked fallback ran")
+
+    compiled = torch.compile(runtime.static_sliding_decode, fullgraph=True)
+    for filled in (20, slots):
+        positions = torch.full((slots,), -1, device="cuda")
+        positions[:filled] = torch.arange(filled, device="cuda") + 500  # positions themselves do not matter
+        mask = (positions >= 0).view(1, 1, 1, slots)
+        reference = runtime.eager_backend(query.float(), key.float(), value.float(), mask, False, dim**-0.5)
+        for decode in (runtime.static_sliding_decode, compiled):
+            out = decode(query, key, value, positions, None, True, dim**-0.5, no_fallback)
+            torch.testing.assert_close(out.float(), reference, rtol=0, atol=2e-2)
+    padding = torch.ones(batch, 1, 1, 600, dtype=torch.bool, device="cuda")
+    padding[1, ..., 500:510] = False  # row 1's first ten positions are padding
+    reference = runtime.eager_backend(query.float(), key.float(), value.float(),
+                                      padding[..., positions.clamp(min=0)], False, dim**-0.5)
+    out = runtime.static_sliding_decode(query, key, value, positions, padding, False, dim**-0.5, runtime.sdpa_backend)
+    torch.testing.assert_close(out.float(), reference, rtol=0, atol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_compiled_bf16_static_decode_follows_the_dynamic_cache():
+    """The flash paths in a whole model: bf16 on CUDA, the same tokens fed through the eager dynamic cache and the
+    compiled static one (full heads and unpadded sliding slots through flash), past the ring's wrap-around."""
+    model = tiny_model("qwen3").cuda().to(torch.bfloat16)
+    prompt, continuation = PROMPT[:, :20].cuda(), PROMPT[:, 20:].cuda()
+    for mask, granularity in ((MIXED[:, :1].expand(-1, 2), "layer"), (MIXED, "kv-head")):
+        with hybrid_inference(model, _allocation(mask, granularity=granularity)):
+            name = cache_argument(model)
+            logits = {}
+            for kind, cache in (("dynamic", hybrid_cache(model)), ("static", hybrid_cache(model, 64, unpadded=True))):
+                step = torch.compile(model, mode="reduce-overhead", fullgraph=True) if kind == "static" else model
+                rows = [model(prompt, **{name: cache}).logits[:, -1]]
+                for token in continuation.split(1, dim=1):
+                    rows.append(step(input_ids=token, **{name: cache}).logits[:, -1].clone())
+                logits[kind] = torch.stack(rows, dim=1).float()
+            torch.testing.assert_close(logits["static"], logits["dynamic"], rtol=0, atol=3e-2, msg=granularity)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_compiled_static_generate_matches_dynamic_token_for_token():
     """On CUDA, generate(cache_implementation="static") compiles the decode step (CUDA graphs) and gives the
     tokens of the eager dynamic cache, for both granularities."""

@@ -75,8 +75,8 @@ def new_cache(model, max_cache_len: int | None = None):
     """The cache ``generate()`` would use: consa's hybrid cache, or transformers' DynamicCache for the config
     (which holds only the window for native sliding layers); with ``max_cache_len``, their static forms (what
     ``generate(cache_implementation="static")`` uses)."""
-    if model.config._attn_implementation == PREFIX_ATTENTION_NAME:
-        return hybrid_cache(model, max_cache_len)
+    if model.config._attn_implementation == PREFIX_ATTENTION_NAME:  # measurements prompt without padding
+        return hybrid_cache(model, max_cache_len, unpadded=True)
     if max_cache_len is not None:
         return StaticCache(config=model.config, max_cache_len=max_cache_len)
     return DynamicCache(config=model.config)

@@ -203,6 +203,7 @@ class HybridKV:
     # Static cache, decode step: tokens written so far (0-d device tensor); ``full`` then spans the whole buffer,
     # a view of token-major storage (``full.transpose(1, 2)`` is contiguous).
     full_length: torch.Tensor | None = None
+    unpadded: bool = False  # static cache, decode step: the cache holds no left padding (filled slots are a prefix)
 
     def sliding_positions(self, device) -> torch.Tensor:
         if self.slot_positions is not None:
@@ -361,10 +362,15 @@ class StaticHybridCacheLayer(HybridCacheLayer):
 
     is_compileable = True
 
-    def __init__(self, full_heads: int, sliding_window: int, sink_tokens: int, max_cache_len: int):
+    def __init__(self, full_heads: int, sliding_window: int, sink_tokens: int, max_cache_len: int,
+                 unpadded: bool = False):
         super().__init__(full_heads, sliding_window, sink_tokens)
         self.max_cache_len = max_cache_len
+        # True when whoever made the cache knows that no sequence is left-padded (generate() checks its attention
+        # mask): sliding slots then fill as a prefix and decode through flash (:func:`static_sliding_decode`).
+        self.unpadded = unpadded
         self.full_key_tokens = self.full_value_tokens = None  # [B, max_cache_len, full_heads, D]
+        self.sliding_key_tokens = self.sliding_value_tokens = None  # [B, sink_tokens + window, sliding_heads, D]
         self.position = None  # 0-d int64 device tensor: tokens cached so far
         self.slot_positions = None  # [sink_tokens + window] int64: position held by each sliding slot, -1 if none
 
@@ -378,8 +384,11 @@ class StaticHybridCacheLayer(HybridCacheLayer):
             self.full_key_tokens, self.full_value_tokens = key_states.new_zeros(shape), value_states.new_zeros(shape)
             self.full_keys, self.full_values = self.full_key_tokens.transpose(1, 2), self.full_value_tokens.transpose(1, 2)
         if heads > self.full_heads:
-            shape = (batch, heads - self.full_heads, self.sink_tokens + self.sliding_window, dim)
-            self.sliding_keys, self.sliding_values = key_states.new_zeros(shape), value_states.new_zeros(shape)
+            shape = (batch, self.sink_tokens + self.sliding_window, heads - self.full_heads, dim)
+            self.sliding_key_tokens = key_states.new_zeros(shape)
+            self.sliding_value_tokens = value_states.new_zeros(shape)
+            self.sliding_keys = self.sliding_key_tokens.transpose(1, 2)
+            self.sliding_values = self.sliding_value_tokens.transpose(1, 2)
         slots = self.sink_tokens + self.sliding_window
         self.slot_positions = torch.full((slots,), -1, dtype=torch.long, device=key_states.device)
         self.position = torch.zeros((), dtype=torch.long, device=key_states.device)
@@ -390,9 +399,9 @@ class StaticHybridCacheLayer(HybridCacheLayer):
                 torch._dynamo.mark_static_address(tensor)
 
     def _storage(self) -> list[torch.Tensor]:
-        """The buffers themselves (the full heads' token-major storage, not their views)."""
-        return [t for t in (self.full_key_tokens, self.full_value_tokens, self.sliding_keys, self.sliding_values)
-                if t is not None]
+        """The buffers themselves (token-major storage, not its views)."""
+        return [t for t in (self.full_key_tokens, self.full_value_tokens, self.sliding_key_tokens,
+                            self.sliding_value_tokens) if t is not None]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -411,15 +420,16 @@ class StaticHybridCacheLayer(HybridCacheLayer):
             full_keys, full_values = self.full_key_tokens.transpose(1, 2), self.full_value_tokens.transpose(1, 2)
         if keys.shape[1] > heads:
             slot = self._slot(index)
-            self.sliding_keys.index_copy_(2, slot, keys[:, heads:])
-            self.sliding_values.index_copy_(2, slot, values[:, heads:])
+            self.sliding_key_tokens.index_copy_(1, slot, keys[:, heads:].transpose(1, 2))
+            self.sliding_value_tokens.index_copy_(1, slot, values[:, heads:].transpose(1, 2))
             self.slot_positions.index_copy_(0, slot, index)
-            sliding_keys, sliding_values = self.sliding_keys, self.sliding_values
+            sliding_keys = self.sliding_key_tokens.transpose(1, 2)
+            sliding_values = self.sliding_value_tokens.transpose(1, 2)
         self.position.add_(1)
         return (HybridKV(full_keys, sliding_keys, (0, 0), -1, slot_positions=self.slot_positions,
-                         full_length=self.position),
+                         full_length=self.position, unpadded=self.unpadded),
                 HybridKV(full_values, sliding_values, (0, 0), -1, slot_positions=self.slot_positions,
-                         full_length=self.position))
+                         full_length=self.position, unpadded=self.unpadded))
 
     def _extend(self, keys, values):
         start = int(self.position)  # a prompt is eager: one host read per layer
@@ -475,12 +485,15 @@ class StaticHybridCacheLayer(HybridCacheLayer):
     def get_max_length(self) -> int:
         return self.max_cache_len
 
-    def _map_batch(self, operation) -> None:  # the full heads stay views of token-major storage
-        for name in ("sliding_keys", "sliding_values", "full_key_tokens", "full_value_tokens"):
-            if getattr(self, name) is not None:
-                setattr(self, name, operation(getattr(self, name)))
-        if self.full_key_tokens is not None:
-            self.full_keys, self.full_values = self.full_key_tokens.transpose(1, 2), self.full_value_tokens.transpose(1, 2)
+    def _map_batch(self, operation) -> None:  # the [B, H, S, D] buffers stay views of token-major storage
+        for kind in ("full", "sliding"):
+            storage = [getattr(self, f"{kind}_{part}_tokens") for part in ("key", "value")]
+            if storage[0] is not None:
+                storage = [operation(tensor) for tensor in storage]
+                setattr(self, f"{kind}_key_tokens", storage[0])
+                setattr(self, f"{kind}_value_tokens", storage[1])
+                setattr(self, f"{kind}_keys", storage[0].transpose(1, 2))
+                setattr(self, f"{kind}_values", storage[1].transpose(1, 2))
 
     def reset(self) -> None:
         if self.is_initialized:  # in place: compiled graphs keep these addresses
@@ -490,38 +503,75 @@ class StaticHybridCacheLayer(HybridCacheLayer):
             self.position.zero_()
 
 
+def _flash_decodable(query, key, value) -> bool:
+    """Whether flash attention's variable-length form can take this decode step as it is: CUDA, half precision,
+    a supported head size, keys and values ``[B, H, S, D]`` views of token-major storage."""
+    dim = query.shape[-1]
+    return (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and dim <= 256 and dim % 8 == 0
+            and key.transpose(1, 2).is_contiguous() and value.transpose(1, 2).is_contiguous())
+
+
+def _flash_varlen_decode(query, key, value, start, used, scaling):
+    """One query token per row against token-major buffers, row ``b`` using slots ``[start[b], start[b] + used[b])``:
+    flash attention's variable-length form, which splits the keys over the GPU and reads no other slot."""
+    batch, heads, _, dim = query.shape
+    slots = key.shape[2]
+    row_starts = torch.arange(batch + 1, device=query.device, dtype=torch.int32)
+    key_starts = row_starts * slots
+    key_starts[:batch] += start.to(torch.int32)
+    out = torch.ops.aten._flash_attention_forward(
+        query.reshape(batch, heads, dim), key.transpose(1, 2).flatten(0, 1), value.transpose(1, 2).flatten(0, 1),
+        row_starts, key_starts, 1, slots, 0.0, False, False, scale=scaling, seqused_k=used.to(torch.int32))[0]
+    return out.view(batch, heads, 1, dim)
+
+
+def _is_one_run_per_row(rows: torch.Tensor, used: torch.Tensor) -> bool:
+    """Eager check that each row's visible slots are the run the flash call will read (a compiled step trusts
+    it: the caches only build such masks)."""
+    return torch.compiler.is_compiling() or torch.equal(rows.sum(dim=-1), used.expand(rows.shape[0]))
+
+
 def static_full_decode(query, key, value, mask, length, scaling, backend):
     """One query token per sequence against a static cache's full-head buffer (``[B, H, S, D]`` views of
     token-major storage), of which each row uses ``[start, length)``: ``start`` its left padding, read from
     ``mask`` (``[B or 1, 1, 1, S]``, True = attend), ``length`` the tokens written (0-d device tensor).
 
-    On CUDA in half precision this is flash attention's variable-length form, told where each row starts and how
-    many keys it uses: it splits the keys over the GPU and never reads the unwritten slots. A masked SDPA call
-    over the buffer is 5x (batch 8) to 25x (batch 1) slower at 32K keys on an H200, because its kernels give
-    one sequence's query heads to one thread block (bench/profile_decode.py --static-attention). Elsewhere, and
-    for a mask that is not one run of visible keys per row (generate() only builds such masks), masked SDPA.
+    On CUDA in half precision this is flash attention's variable-length form (:func:`_flash_varlen_decode`). A
+    masked SDPA call over the buffer is 5x (batch 8) to 25x (batch 1) slower at 32K keys on an H200, because its
+    kernels give one sequence's query heads to one thread block (bench/profile_decode.py --static-attention).
+    Elsewhere, and for a mask that is not one run of visible keys per row (generate() builds none), masked SDPA.
     """
-    batch, heads, _, dim = query.shape
     slots = key.shape[2]
-    key_tokens, value_tokens = key.transpose(1, 2), value.transpose(1, 2)
-    flash = (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and dim <= 256 and dim % 8 == 0
-             and key_tokens.is_contiguous() and value_tokens.is_contiguous())
     if mask is None:
         mask = (torch.arange(slots, device=query.device) < length).view(1, 1, 1, slots)
-    if not flash:
+    if not _flash_decodable(query, key, value):
         return backend(query, key, value, mask, False, scaling)
-    rows = mask.reshape(mask.shape[0], slots).expand(batch, slots)
+    rows = mask.reshape(mask.shape[0], slots).expand(query.shape[0], slots)
     start = rows.int().argmax(dim=-1)  # the first visible key
     used = length - start
-    if not torch.compiler.is_compiling() and not torch.equal(rows.sum(dim=-1), used):  # (a compiled step trusts it)
+    if not _is_one_run_per_row(rows, used):
         return backend(query, key, value, mask, False, scaling)
-    row_starts = torch.arange(batch + 1, device=query.device, dtype=torch.int32)
-    key_starts = row_starts * slots
-    key_starts[:batch] += start.to(torch.int32)
-    out = torch.ops.aten._flash_attention_forward(
-        query.reshape(batch, heads, dim), key_tokens.flatten(0, 1), value_tokens.flatten(0, 1), row_starts,
-        key_starts, 1, slots, 0.0, False, False, scale=scaling, seqused_k=used.to(torch.int32))[0]
-    return out.view(batch, heads, 1, dim)
+    return _flash_varlen_decode(query, key, value, start, used, scaling)
+
+
+def static_sliding_decode(query, key, value, slot_positions, attention_mask, unpadded, scaling, backend):
+    """One query token per sequence against a static cache's sliding slots (sinks, then the ring; ``[B, H, S,
+    D]`` views of token-major storage); ``slot_positions`` holds each slot's position (-1: empty).
+
+    Every filled slot is in the new query's window. Without left padding (``unpadded``: the cache was told so,
+    e.g. by generate() after looking at the attention mask) the filled slots are the first ``min(length, S)``,
+    one run: flash's variable-length form, as for the full heads. With padding, a padded position can sit in any
+    ring slot, so the slots are masked (masked SDPA)."""
+    mask = (slot_positions >= 0).view(1, 1, 1, -1)
+    if attention_mask is not None:
+        mask = mask & attention_mask[..., slot_positions.clamp(min=0)]
+    if not (unpadded and _flash_decodable(query, key, value)):
+        return backend(query, key, value, mask, False, scaling)
+    batch, slots = query.shape[0], key.shape[2]
+    used = (slot_positions >= 0).sum().view(1)
+    if not _is_one_run_per_row(mask.reshape(mask.shape[0], slots).expand(batch, slots), used):
+        return backend(query, key, value, mask, False, scaling)
+    return _flash_varlen_decode(query, key, value, torch.zeros_like(used).expand(batch), used.expand(batch), scaling)
 
 
 # --- attention over contiguous head slices -------------------------------------------------------------------
@@ -561,10 +611,8 @@ def split_head_attention(query, key, value, attention_mask, scaling, full_heads,
             parts.append(attend(sliding_query, key.sliding, value.sliding, attention_mask, scaling, backend, window,
                                 sink_tokens))
         elif key.slot_positions is not None:  # static cache, one new query: every filled slot is in its window
-            mask = (key.slot_positions >= 0).view(1, 1, 1, -1)
-            if attention_mask is not None:
-                mask = mask & attention_mask[..., key.slot_positions.clamp(min=0)]
-            parts.append(backend(sliding_query, key.sliding, value.sliding, mask, False, scaling))
+            parts.append(static_sliding_decode(sliding_query, key.sliding, value.sliding, key.slot_positions,
+                                               attention_mask, key.unpadded, scaling, backend))
         else:  # the cache kept only sinks + recent keys: a single new query sees them all, else mask by position
             mask = None
             if query.shape[2] > 1 or attention_mask is not None:
@@ -632,15 +680,16 @@ def decoder_attention_modules(model) -> list:
     return [layer.self_attn for layer in layers]
 
 
-def hybrid_cache(model, max_cache_len: int | None = None) -> Cache:
+def hybrid_cache(model, max_cache_len: int | None = None, unpadded: bool = False) -> Cache:
     """A fresh cache for a model carrying :class:`PrefixHybrid` settings (pass it to a forward as
     :func:`cache_argument`); with ``max_cache_len``, the static form (:class:`StaticHybridCacheLayer`) that
-    compiled decoding needs."""
+    compiled decoding needs. ``unpadded``: the caller promises no left padding (static form only; its sliding
+    heads then decode through flash)."""
     settings = [m.consa_prefix for m in decoder_attention_modules(model)]
     if max_cache_len is None:
         return Cache(layers=[HybridCacheLayer(s.full_heads, s.sliding_window, s.sink_tokens) for s in settings])
-    return Cache(layers=[StaticHybridCacheLayer(s.full_heads, s.sliding_window, s.sink_tokens, max_cache_len)
-                         for s in settings])
+    return Cache(layers=[StaticHybridCacheLayer(s.full_heads, s.sliding_window, s.sink_tokens, max_cache_len,
+                                                unpadded) for s in settings])
 
 
 def cache_argument(model) -> str:
@@ -659,7 +708,9 @@ def prepare_hybrid_cache(model, generation_config, model_kwargs, *args, **kwargs
             None, "dynamic", "static"):
         if implementation == "static":  # _prepare_cache_for_generation(config, kwargs, mode, batch, max_length)
             max_cache_len = kwargs.get("max_cache_length", args[2] if len(args) > 2 else generation_config.max_length)
-            model_kwargs[name] = hybrid_cache(model, max_cache_len)
+            padding = model_kwargs.get("attention_mask")
+            unpadded = padding is None or bool(padding.all())  # one look, before any step
+            model_kwargs[name] = hybrid_cache(model, max_cache_len, unpadded)
         else:
             model_kwargs[name] = hybrid_cache(model)
         return None
