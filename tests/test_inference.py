@@ -370,7 +370,7 @@ def test_cuda_compiled_bf16_static_decode_follows_the_dynamic_cache():
     model = tiny_model("qwen3").cuda().to(torch.bfloat16)
     prompt, continuation = PROMPT[:, :20].cuda(), PROMPT[:, 20:].cuda()
     for mask, granularity in ((MIXED[:, :1].expand(-1, 2), "layer"), (MIXED, "kv-head")):
-        with hybrid_inference(model, _allocation(mask, granularity=granularity)):
+        with hybrid_inference(model, _allocation(mask, granularity=granularity)), torch.no_grad():
             name = cache_argument(model)
             logits = {}
             for kind, cache in (("dynamic", hybrid_cache(model)), ("static", hybrid_cache(model, 64, unpadded=True))):

@@ -411,7 +411,7 @@ class StaticHybridCacheLayer(HybridCacheLayer):
         return self._extend(key_states, value_states)
 
     def _decode(self, keys, values):
-        index = self.position.view(1)
+        index = self.position.view(1).clone()  # not a view of the counter bumped below (autograd saves it)
         heads = self.full_heads
         full_keys = full_values = sliding_keys = sliding_values = None
         if heads:  # written into the token-major storage itself, not through a view
