@@ -5,8 +5,13 @@ one sequence per step. Columns per sequence length and loss:
 
 * dense: ``model(inputs_embeds)`` + next-token loss + backward to the (grad-requiring) embeddings, SDPA attention;
 * search: consa's own search loop (``run_search``: gates, teacher forward for KL, backward, optimiser steps) with
-  each ``--backends`` entry: ``flex`` (SDPA full + FlexAttention window) and ``sdpa`` (the reference: full +
-  blocked sliding-window SDPA calls).
+  each ``--backends`` entry (space- or comma-separated): ``flex`` (SDPA full + FlexAttention window), ``flash``
+  (SDPA full + PyTorch's flash kernel with its own window, the sinks beyond the window merged by log-sum-exp) and
+  ``sdpa`` (the reference: full + blocked sliding-window SDPA calls).
+
+The attention-alone rows time one layer's forward + backward of the dense causal SDPA call and of each backend's
+full-and-sliding mix (``sdpa``, ``flex``, ``flash``). A backend that fails (a kernel the installed torch lacks) is
+recorded as ``failed: ...`` in its cells and the run goes on.
 
 Tokens/s are from the median step after warm-up (the first steps compile the kernels); the dense step is measured
 before and after the searches and the faster median kept (a conservative ratio); peak memory is
@@ -19,6 +24,9 @@ for the flex window (the block mask's tile, FlexAttention's kernel options) to t
         --flex-configs '[{"block_size": 64}, {"kernel_options": {"BLOCK_M": 64, "BLOCK_N": 64}}]'
 
     python bench/search_speed.py --lengths 4096 8192 --json docs/results/search-speed-h100.json
+
+    python bench/search_speed.py --lengths 4096 8192 --backends flash,flex,sdpa \
+        --json docs/results/search-speed-h200.json
 """
 
 from __future__ import annotations
@@ -101,6 +109,11 @@ def search_step_seconds(model, length: int, loss: str, backend: str, warmup: int
     return [record["seconds"] for record in result.metrics]
 
 
+def failure(error: Exception) -> str:
+    """A failed measurement's cell: the first line of its error."""
+    return f"failed: {str(error).splitlines()[0][:160] if str(error) else type(error).__name__}"
+
+
 def kernel_milliseconds(fn, inputs: list[torch.Tensor], repeats: int) -> float:
     """Median fwd + bwd time of ``fn(*inputs)`` in ms (CUDA events), after a compiling warm-up."""
     def once():
@@ -138,11 +151,14 @@ def kernel_rows(length: int, shape: dict, window: int, sinks: int, device: torch
                                                                 enable_gqa=True)
 
     row = {"dense_causal_sdpa_ms": kernel_milliseconds(dense_causal, [query, key, value], repeats)}
-    for backend in ("sdpa", "flex"):
+    for backend in ("sdpa", "flex", "flash"):
         def mix(q, k, v, w, backend=backend):
             return ATTENTION_BACKENDS[backend].full_and_sliding(q, k, v, w, scaling, window, sinks)
 
-        row[f"search_{backend}_ms"] = kernel_milliseconds(mix, [query, key, value, weight], repeats)
+        try:
+            row[f"search_{backend}_ms"] = kernel_milliseconds(mix, [query, key, value, weight], repeats)
+        except Exception as error:  # noqa: BLE001 -- recorded; the other rows are still worth the GPU call
+            row[f"search_{backend}_ms"] = failure(error)
     for config in flex_configs:  # tuning candidates: the mask's tile and FlexAttention's kernel options
         label = json.dumps(config, sort_keys=True)
 
@@ -153,7 +169,7 @@ def kernel_rows(length: int, shape: dict, window: int, sinks: int, device: torch
             row.setdefault("flex_configs_ms", {})[label] = kernel_milliseconds(tuned, [query, key, value, weight],
                                                                                repeats)
         except Exception as error:  # noqa: BLE001 -- a candidate the compiler rejects (e.g. out of shared memory)
-            row.setdefault("flex_configs_ms", {})[label] = f"failed: {str(error).splitlines()[0][:160]}"
+            row.setdefault("flex_configs_ms", {})[label] = failure(error)
     return row
 
 
@@ -161,7 +177,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument("--losses", nargs="+", default=["lm", "kl"])
-    parser.add_argument("--backends", nargs="+", default=["flex", "sdpa"])
+    parser.add_argument("--backends", nargs="+", default=["flex", "sdpa"],
+                        help="search backends to time, space- or comma-separated (flex, flash, sdpa, eager)")
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--sink-tokens", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=3, help="steps not timed (the first compiles the kernels)")
@@ -173,6 +190,10 @@ def main() -> None:
     parser.add_argument("--kernels-only", action="store_true", help="only the attention-alone rows (tuning sweeps)")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
+    args.backends = [name for entry in args.backends for name in entry.split(",") if name]
+    unknown = sorted(set(args.backends) - set(ATTENTION_BACKENDS))
+    if unknown:
+        parser.error(f"unknown --backends {', '.join(unknown)}; choose from {', '.join(ATTENTION_BACKENDS)}")
     flex_configs = json.loads(args.flex_configs)
     if flex_configs:
         # Every candidate is another compiled graph of the same function, and dynamo's default recompile limit
@@ -216,8 +237,12 @@ def main() -> None:
             row = {"tokens": length, "loss": loss}
             for backend in backends:
                 reset_peak(device)
-                seconds = search_step_seconds(model, length, loss, backend, args.warmup, args.repeats, args.window,
-                                              args.sink_tokens)
+                try:
+                    seconds = search_step_seconds(model, length, loss, backend, args.warmup, args.repeats,
+                                                  args.window, args.sink_tokens)
+                except Exception as error:  # noqa: BLE001 -- recorded; the other backends still run
+                    row[f"{backend}_failed"] = failure(error)
+                    continue
                 step = statistics.median(seconds[args.warmup:])
                 row[f"{backend}_seconds"] = step
                 row[f"{backend}_peak_gib"] = peak_gib(device)
@@ -232,6 +257,8 @@ def main() -> None:
             row["dense_tokens_per_s"] = round(length / dense_seconds)
             row["dense_peak_gib"] = dense_peak
             for backend in backends:
+                if f"{backend}_failed" in row:
+                    continue
                 step = row.pop(f"{backend}_seconds")
                 row[f"{backend}_tokens_per_s"] = round(length / step)
                 row[f"{backend}_vs_dense"] = round(dense_seconds / step, 3)

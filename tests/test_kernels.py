@@ -1,4 +1,5 @@
-"""The flex full-and-sliding attention (SDPA full + FlexAttention window) against the two-call SDPA reference."""
+"""The fast full-and-sliding attentions against the two-call SDPA reference: flex (SDPA full + FlexAttention window)
+and flash (SDPA full + flash attention's window, sinks merged by log-sum-exp)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,20 @@ from consa_cli.attention import (
     remove_hybrid,
     set_fa_weights,
 )
-from consa_cli.kernels import flex_supported, window_block_mask, window_mix
+from consa_cli.kernels import (
+    FLASH_WINDOW,
+    MATH_WINDOW,
+    SlidingWindowWithSinks,
+    flash_full_and_sliding,
+    flash_supported,
+    flex_supported,
+    window_block_mask,
+    window_mix,
+)
+from consa_cli.search import run_search
+from consa_cli.settings import SearchSettings
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the flex backward runs on CUDA only")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the flex and flash kernels run on CUDA only")
 
 
 def qkv(length, query_heads=4, kv_heads=2, dim=16, dtype=torch.float64, device="cpu", seed=0):
@@ -44,16 +56,13 @@ def test_flex_needs_cuda():
     assert not flex_supported(torch.device("cpu"))
 
 
-@needs_cuda
-@pytest.mark.parametrize(("batch", "length", "window", "sinks", "heads", "kv_heads", "dim"), [
-    (1, 1024, 128, 4, 16, 8, 128), (2, 777, 100, 0, 16, 8, 128), (2, 300, 32, 4, 4, 2, 16)])
-def test_flex_kernel_matches_float64_reference_forward_and_backward(batch, length, window, sinks, heads, kv_heads,
-                                                                  dim):
-    """bf16 flex on the GPU against a float64 reference of the same inputs: outputs and all four gradients.
+def errors_against_reference(backend, batch, length, window, sinks, heads, kv_heads, dim, reference_dtype, seed):
+    """Relative errors of a backend in bf16 on the GPU against the two-call SDPA reference in ``reference_dtype`` on
+    the same (bf16-rounded) inputs: the output and the gradients of q, k, v and the gate weights.
 
     Inputs in the layout transformers hands over (``[B, T, H, D]`` transposed to ``[B, H, T, D]``).
     """
-    generator = torch.Generator(device="cuda").manual_seed(length)
+    generator = torch.Generator(device="cuda").manual_seed(seed)
 
     def tensor(num_heads):
         return torch.randn(batch, length, num_heads, dim, device="cuda", dtype=torch.bfloat16,
@@ -62,15 +71,25 @@ def test_flex_kernel_matches_float64_reference_forward_and_backward(batch, lengt
     query, key, value = tensor(heads), tensor(kv_heads), tensor(kv_heads)
     weight = torch.linspace(0, 1, kv_heads, device="cuda", requires_grad=True)
     scaling = dim ** -0.5
-    flex = ATTENTION_BACKENDS["flex"].full_and_sliding(query, key, value, weight, scaling, window, sinks)
-    upstream = torch.randn(flex.shape, device="cuda", generator=generator)
-    grads = torch.autograd.grad((flex.float() * upstream).sum(), (query, key, value, weight))
-    exact_inputs = [t.detach().double().requires_grad_() for t in (query, key, value, weight)]
+    fast = ATTENTION_BACKENDS[backend].full_and_sliding(query, key, value, weight, scaling, window, sinks)
+    upstream = torch.randn(fast.shape, device="cuda", generator=generator)
+    grads = torch.autograd.grad((fast.float() * upstream).sum(), (query, key, value, weight))
+    exact_inputs = [t.detach().to(reference_dtype).requires_grad_() for t in (query, key, value, weight)]
     exact = ATTENTION_BACKENDS["sdpa"].full_and_sliding(*exact_inputs, scaling, window, sinks)
-    exact_grads = torch.autograd.grad((exact * upstream.double()).sum(), exact_inputs)
+    exact_grads = torch.autograd.grad((exact * upstream.to(reference_dtype)).sum(), exact_inputs)
+    return [((got.to(reference_dtype) - want).norm() / want.norm()).item()
+            for got, want in zip((fast, *grads), (exact, *exact_grads), strict=True)]
+
+
+@needs_cuda
+@pytest.mark.parametrize(("batch", "length", "window", "sinks", "heads", "kv_heads", "dim"), [
+    (1, 1024, 128, 4, 16, 8, 128), (2, 777, 100, 0, 16, 8, 128), (2, 300, 32, 4, 4, 2, 16)])
+def test_flex_kernel_matches_float64_reference_forward_and_backward(batch, length, window, sinks, heads, kv_heads,
+                                                                  dim):
+    """bf16 flex on the GPU against a float64 reference of the same inputs: outputs and all four gradients."""
+    errors = errors_against_reference("flex", batch, length, window, sinks, heads, kv_heads, dim, torch.float64,
+                                      seed=length)
     # bf16 rounding of inputs is shared; what differs is the kernels' bf16 arithmetic: compare at bf16 scale.
-    errors = [((got.double() - want).norm() / want.norm()).item()
-              for got, want in zip((flex, *grads), (exact, *exact_grads), strict=True)]
     assert max(errors) < 2e-2, errors
 
 
@@ -91,3 +110,92 @@ def test_flex_backend_search_forward_and_gate_gradient_match_sdpa_on_a_model():
     logit_error = ((logits - reference_logits).norm() / reference_logits.norm()).item()
     grad_error = ((grad - reference_grad).norm() / reference_grad.norm()).item()
     assert logit_error < 5e-3 and grad_error < 2e-2, (logit_error, grad_error, grad.tolist(), reference_grad.tolist())
+
+
+# --- flash: the autograd function on CPU with the math primitives, the aten flash kernels on CUDA ---------------
+
+
+@pytest.mark.parametrize("sinks", [0, 3])
+@pytest.mark.parametrize(("length", "window"), [(37, 11), (101, 13), (13, 11)])
+def test_flash_function_with_math_primitives_matches_the_reference_forward_and_backward(length, window, sinks):
+    """The flash backend's own autograd function, window merge and sink backward, run on the float64 math
+    primitives, against autograd through the two-call SDPA reference: output and the gradients of q, k, v and the
+    gate weights. (13, 11): fewer sink keys than ``sink_tokens`` ever lie beyond a window; (101, 13): the reference
+    takes its blocked sliding-window path."""
+    query, key, value = qkv(length, dim=8, seed=length)
+    query, key, value = (torch.cat([t, 0.5 * t.flip(-2)]).detach().requires_grad_() for t in (query, key, value))
+    weight = torch.tensor([0.3, 0.8], dtype=torch.float64, requires_grad=True)
+    scaling = 0.4  # scores large enough that the sinks' share of the softmax matters
+    inputs = (query, key, value, weight)
+    upstream = torch.randn(query.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    flash = flash_full_and_sliding(*inputs, scaling, window, sinks, window_kernel=MATH_WINDOW)
+    grads = torch.autograd.grad((flash * upstream).sum(), inputs)
+    reference = ATTENTION_BACKENDS["sdpa"].full_and_sliding(*inputs, scaling, window, sinks)
+    reference_grads = torch.autograd.grad((reference * upstream).sum(), inputs)
+    for got, want in zip((flash, *grads), (reference, *reference_grads), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_flash_sliding_function_passes_gradcheck_with_sinks_beyond_the_window():
+    """Numerical derivatives of the sliding branch alone (window 4, 3 sinks, GQA): the hand-written backward of the
+    window keys (given the merged log-sum-exp) and of the sinks, independent of any reference implementation."""
+    query, key, value = qkv(19, dim=8, seed=5)
+    assert torch.autograd.gradcheck(lambda q, k, v: SlidingWindowWithSinks.apply(q, k, v, 0.5, 4, 3, MATH_WINDOW),
+                                    (query, key, value))
+
+
+def test_flash_needs_cuda_and_half_precision():
+    assert not flash_supported(torch.device("cpu"))
+    assert not flash_supported(torch.device("cpu"), torch.bfloat16)
+
+
+@needs_cuda
+@pytest.mark.parametrize(("batch", "length", "window", "sinks", "heads", "kv_heads", "dim"), [
+    (1, 1000, 128, 4, 16, 8, 128), (2, 1000, 100, 0, 8, 4, 64), (1, 4096, 512, 4, 16, 8, 128),
+    (1, 4096, 512, 0, 16, 8, 128), (2, 300, 32, 4, 4, 2, 16)])
+def test_flash_kernel_matches_float32_reference_forward_and_backward(batch, length, window, sinks, heads, kv_heads,
+                                                                   dim):
+    """bf16 flash on the GPU against the two-call SDPA reference in float32: output and all four gradients, with
+    and without sinks, GQA, at lengths of no particular multiple and the search's 4096."""
+    assert flash_supported(torch.device("cuda"), torch.bfloat16)
+    errors = errors_against_reference("flash", batch, length, window, sinks, heads, kv_heads, dim, torch.float32,
+                                      seed=length + sinks)
+    assert max(errors) < 2e-2, errors
+
+
+@needs_cuda
+def test_flash_window_primitives_match_the_math_primitives():
+    """The aten flash primitives (window 64, GQA) against the float32 math ones: output, log-sum-exp (flash's is in
+    natural-log units of the scaled scores, what the sink merge assumes) and the backward given a merged state."""
+    query, key, value = (t.detach() for t in qkv(500, query_heads=8, kv_heads=2, dim=64, dtype=torch.bfloat16,
+                                                 device="cuda"))
+    out, lse, state = FLASH_WINDOW.forward(query, key, value, 0.125, 64)
+    math_out, math_lse, _ = MATH_WINDOW.forward(*(t.float() for t in (query, key, value)), 0.125, 64)
+    torch.testing.assert_close(out.float(), math_out, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(lse, math_lse, rtol=1e-3, atol=1e-3)
+    merged_lse = lse + 0.5  # as if other keys held 1 - exp(-0.5) of each query's mass
+    grad_out = torch.randn_like(out)
+    grads = FLASH_WINDOW.backward(grad_out, query, key, value, out, merged_lse, state, 0.125, 64)
+    math_grads = MATH_WINDOW.backward(*(t.float() for t in (grad_out, query, key, value, out)), merged_lse, (),
+                                      0.125, 64)
+    for got, want in zip(grads, math_grads, strict=True):
+        assert ((got.float() - want).norm() / want.norm()).item() < 2e-2
+
+
+@needs_cuda
+def test_gated_search_step_runs_with_the_flash_backend_and_agrees_with_sdpa():
+    """Two steps of consa's search loop on a bf16 tiny Qwen3 (window 8 + 4 sinks, LM loss: the KL loss is zero
+    while every gate is still full): the flash backend is used and recorded, every gate moves, and the losses
+    equal the SDPA backend's on the same sampled gates."""
+    sequences = torch.randint(0, 96, (4, 64), generator=torch.Generator().manual_seed(3))
+    results = {}
+    for backend in ("flash", "sdpa"):
+        model = tiny_model("qwen3").to("cuda", torch.bfloat16)
+        settings = SearchSettings(window=8, seq_len=64, steps=2, sparsity=0.5, target_warmup_steps=0, loss="lm",
+                                  dtype="bfloat16", attention_backend=backend)
+        results[backend] = run_search(settings, model, sequences, sink_tokens=4)
+    flash, sdpa = results["flash"], results["sdpa"]
+    assert flash.allocation.metadata["attention_backend"] == "flash"
+    assert (flash.allocation.scores != settings.log_alpha_init).all()
+    for got, want in zip(flash.metrics, sdpa.metrics, strict=True):
+        assert abs(got["task_loss"] - want["task_loss"]) < 1e-2 * abs(want["task_loss"]), (got, want)

@@ -175,6 +175,12 @@ def test_attention_backend_is_resolved_and_recorded():
     assert resolve_attention_backend("eager", cpu) == "eager"
     with pytest.raises(SettingsError, match="--attention-backend flex needs a CUDA device"):
         resolve_attention_backend("flex", cpu)
+    with pytest.raises(SettingsError, match="--attention-backend flash needs a CUDA GPU"):
+        resolve_attention_backend("flash", cpu, torch.bfloat16)
+    if torch.cuda.is_available():  # the flash kernels run only in half precision
+        with pytest.raises(SettingsError, match="--dtype bfloat16 or float16"):
+            resolve_attention_backend("flash", torch.device("cuda"), torch.float32)
+    assert build_settings(SearchSettings, None, attention_backend="flash").attention_backend == "flash"
     with pytest.raises(SettingsError, match="--attention-backend must be one of"):
         build_settings(SearchSettings, None, attention_backend="triton")
     result = run_search(settings(steps=2), tiny_model("qwen3"), SEQUENCES, sink_tokens=2)

@@ -32,7 +32,7 @@ from consa_cli.hybrid_runtime import (
     causal_window_mask,  # noqa: F401 - part of this module's interface
     split_head_attention,
 )
-from consa_cli.kernels import flex_full_and_sliding
+from consa_cli.kernels import flash_full_and_sliding, flex_full_and_sliding
 
 ATTENTION_NAME = "consa"
 
@@ -99,6 +99,8 @@ ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
     "eager": AttentionBackend(KERNELS["eager"], partial(_mix_two_calls, KERNELS["eager"])),
     # consa_cli.kernels: SDPA full + FlexAttention window; hard allocations (the KL teacher) take SDPA's kernels.
     "flex": AttentionBackend(KERNELS["sdpa"], flex_full_and_sliding),
+    # consa_cli.kernels: SDPA full + flash attention's own window, sinks merged by log-sum-exp (CUDA, half precision).
+    "flash": AttentionBackend(KERNELS["sdpa"], flash_full_and_sliding),
 }
 
 

@@ -150,7 +150,8 @@ def search(
     dtype: str = typer.Option(None, help=f"Model dtype: bfloat16, float32 or float16. {_default('dtype')}"),
     device: str = typer.Option(None, help=f"cpu, cuda, cuda:N or auto. {_default('device')}"),
     attention_backend: str = typer.Option(None, help="Attention kernels: flex (full and sliding-window branches in "
-                                          "one FlexAttention pass; CUDA), sdpa (two calls, the reference), eager, "
+                                          "one FlexAttention pass; CUDA), flash (flash attention's own window, sinks merged "
+                                          "by log-sum-exp; CUDA, bf16/fp16), sdpa (two calls, the reference), eager, "
                                           f"or auto (flex on CUDA, else sdpa). {_default('attention_backend')}"),
     output: str = typer.Option(None, "--output", "-o", help=f"Run directory to write. {_default('output')}"),
     checkpoint_every: int = typer.Option(None, help="Steps between checkpoints (checkpoint.safetensors in the run "

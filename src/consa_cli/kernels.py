@@ -12,14 +12,26 @@ merged by their log-sum-exps (docs/benchmarks.md): that pass is no faster at 819
 are slower than flash attention on dense causal blocks) and its log-sum-exp gradient failed our CUDA test.
 FlexAttention has no backward on CPU, so this backend is for CUDA; the two-call SDPA path in
 :mod:`consa_cli.attention` stays the reference.
+
+:func:`flash_full_and_sliding` takes the window from PyTorch's own flash attention kernel instead, which has a
+window (``window_size_left``) but no sinks: the sinks that lie outside a query's window are a small explicit
+attention over the first ``sink_tokens`` keys, merged with the window by log-sum-exp. Its backward never
+differentiates through that merge: flash attention's backward, given the merged output and log-sum-exp, yields
+the window keys' share of the gradients (as ring attention does for its key blocks), and the sinks' share is
+written out by hand. The same autograd function runs on CPU with plain-torch primitives (:data:`MATH_WINDOW`),
+which is how its tests check the merge and the sink backward in float64.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from consa_cli.hybrid_runtime import causal_window_mask
 
 
 def flex_supported(device: torch.device) -> bool:
@@ -84,3 +96,176 @@ def flex_full_and_sliding(query: torch.Tensor, key: torch.Tensor, value: torch.T
     full = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
     compiled = _compiled_window_mix(tuple(sorted((kernel_options or {}).items())))
     return compiled(query, key, value, full, per_query_head, window_mask, scaling)
+
+
+# --- flash: SDPA full + flash attention's own window, sinks merged by log-sum-exp ------------------------------
+
+
+def flash_supported(device: torch.device, dtype: torch.dtype | None = None) -> bool:
+    """Whether the flash backend can run on ``device`` (and in ``dtype``, when given): flash attention's kernels
+    need a CUDA GPU of compute capability 8.0 or newer and half precision."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return torch.backends.cuda.is_flash_attention_available() and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+@dataclass(frozen=True)
+class WindowKernel:
+    """Causal sliding-window attention (``q - window < k <= q``, no sinks) as the two primitives the flash
+    backend's autograd function is built from, in the ``[B, H, T, D]`` layout with GQA (fewer KV heads).
+
+    ``forward(query, key, value, scaling, window) -> (out, lse, state)``: the output, the log-sum-exp of each
+    query's scaled scores ``[B, Hq, T]`` (float32 or wider) and the tensors ``backward`` needs besides.
+    ``backward(grad_out, query, key, value, out, lse, state, scaling, window) -> (dq, dk, dv)``: the window keys'
+    share of the gradients when ``out`` and ``lse`` are those of a larger key set that contains the window (the
+    window merged with its sinks): a key's probability is ``exp(score - lse)`` (as in ring attention).
+    """
+
+    forward: Callable
+    backward: Callable
+
+
+def _grouped(states: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """Query-head states ``[B, Hq, T, D]`` -> ``[B, Hkv, groups, T, D]`` in ``dtype``: a KV head's query heads."""
+    return states.unflatten(1, (-1, groups)).to(dtype)
+
+
+def attention_with_lse(query, key, value, mask, scaling):
+    """Masked attention and its log-sum-exp in at least float32: ``(out [B, Hq, T, D], lse [B, Hq, T])``.
+
+    ``mask`` (True = attend) broadcasts to ``[T, S]`` queries x keys. A query that sees no key gets a zero output
+    and ``lse = -inf``, so a log-sum-exp merge gives it no weight.
+    """
+    compute = torch.promote_types(query.dtype, torch.float32)
+    groups = query.shape[1] // key.shape[1]
+    scores = torch.einsum("bhgtd,bhsd->bhgts", _grouped(query, groups, compute), key.to(compute)) * scaling
+    scores = scores.masked_fill(~mask, float("-inf"))
+    lse = scores.logsumexp(-1)
+    probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse).unsqueeze(-1))
+    out = torch.einsum("bhgts,bhsd->bhgtd", probs, value.to(compute))
+    return out.flatten(1, 2), lse.flatten(1, 2)
+
+
+def attention_backward_with_lse(grad_out, query, key, value, out, lse, mask, scaling):
+    """Gradients ``(dq, dk, dv)`` of a masked attention's keys, in at least float32, given the ``out`` and ``lse``
+    of a key set that contains them: ``P = exp(S - lse)``, ``dS = P * (dO V^T - rowsum(dO * O))``, ``dq = scale dS
+    K``, ``dK = scale dS^T Q``, ``dV = P^T dO``, each KV head's summed over its query heads."""
+    compute = torch.promote_types(query.dtype, torch.float32)
+    groups = query.shape[1] // key.shape[1]
+    query, grad_out, out = (_grouped(t, groups, compute) for t in (query, grad_out, out))
+    key, value = key.to(compute), value.to(compute)
+    scores = torch.einsum("bhgtd,bhsd->bhgts", query, key) * scaling
+    probs = torch.exp(scores.masked_fill(~mask, float("-inf")) - _grouped(lse.unsqueeze(-1), groups, compute))
+    delta = (grad_out * out).sum(-1, keepdim=True)
+    grad_scores = probs * (torch.einsum("bhgtd,bhsd->bhgts", grad_out, value) - delta)
+    grad_query = torch.einsum("bhgts,bhsd->bhgtd", grad_scores, key).flatten(1, 2) * scaling
+    grad_key = torch.einsum("bhgts,bhgtd->bhsd", grad_scores, query) * scaling
+    grad_value = torch.einsum("bhgts,bhgtd->bhsd", probs, grad_out)
+    return grad_query, grad_key, grad_value
+
+
+def _math_window_forward(query, key, value, scaling, window):
+    mask = causal_window_mask(query.shape[-2], key.shape[-2], window, 0, query.device)
+    out, lse = attention_with_lse(query, key, value, mask, scaling)
+    return out.to(query.dtype), lse, ()
+
+
+def _math_window_backward(grad_out, query, key, value, out, lse, state, scaling, window):
+    mask = causal_window_mask(query.shape[-2], key.shape[-2], window, 0, query.device)
+    grads = attention_backward_with_lse(grad_out, query, key, value, out, lse, mask, scaling)
+    return tuple(grad.to(like.dtype) for grad, like in zip(grads, (query, key, value), strict=True))
+
+
+def _token_major(states: torch.Tensor) -> torch.Tensor:
+    """``[B, H, T, D]`` -> the ``[B, T, H, D]`` flash attention reads (free for what transformers hands over)."""
+    return states.transpose(1, 2).contiguous()
+
+
+def _flash_window_forward(query, key, value, scaling, window):
+    length = query.shape[-2]
+    out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
+        _token_major(query), _token_major(key), _token_major(value), None, None, length, length, 0.0, True, False,
+        scale=scaling, window_size_left=window - 1, window_size_right=0)
+    return out.transpose(1, 2), lse, (rng_state, unused)
+
+
+def _flash_window_backward(grad_out, query, key, value, out, lse, state, scaling, window):
+    length = query.shape[-2]
+    grads = torch.ops.aten._flash_attention_backward(
+        _token_major(grad_out), _token_major(query), _token_major(key), _token_major(value), _token_major(out),
+        lse.contiguous(), None, None, length, length, 0.0, True, *state, scale=scaling, window_size_left=window - 1,
+        window_size_right=0)
+    return tuple(grad.transpose(1, 2) for grad in grads)
+
+
+# PyTorch's flash attention kernels (CUDA, half precision), the backend's primitives.
+FLASH_WINDOW = WindowKernel(_flash_window_forward, _flash_window_backward)
+# The same two primitives in plain torch (any device and dtype; T x T scores): the CPU tests run the very same
+# autograd function, sink merge and sink backward with these.
+MATH_WINDOW = WindowKernel(_math_window_forward, _math_window_backward)
+
+
+def _sinks_beyond_window(length: int, window: int, sinks: int, device) -> torch.Tensor:
+    """Bool ``[length, sinks]``: the sink keys a query sees only as sinks (``k <= q - window``)."""
+    q_pos = torch.arange(length, device=device).unsqueeze(1)
+    return torch.arange(sinks, device=device).unsqueeze(0) <= q_pos - window
+
+
+class SlidingWindowWithSinks(torch.autograd.Function):
+    """Sliding-window attention plus sinks from a window kernel without sinks.
+
+    Forward: the window kernel's ``(out, lse)``, and the sinks that lie outside a query's window as a small
+    explicit attention over the first keys, merged by log-sum-exp. Backward: no gradient through the log-sum-exp;
+    the window kernel's backward given the MERGED output and log-sum-exp yields exactly the window keys' share,
+    and the sinks' share is computed by hand from the same merged log-sum-exp.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, scaling, window, sink_tokens, kernel):
+        length = query.shape[-2]
+        out, lse, state = kernel.forward(query, key, value, scaling, window)
+        sinks = min(sink_tokens, max(length - window, 0))  # sink keys that some query sees beyond its window
+        if sinks:
+            mask = _sinks_beyond_window(length, window, sinks, query.device)
+            sink_out, sink_lse = attention_with_lse(query, key[:, :, :sinks], value[:, :, :sinks], mask, scaling)
+            merged = torch.logaddexp(lse, sink_lse)
+            out = (out * torch.exp(lse - merged).unsqueeze(-1)
+                   + sink_out * torch.exp(sink_lse - merged).unsqueeze(-1)).to(query.dtype)
+            lse = merged
+        ctx.save_for_backward(query, key, value, out, lse, *state)
+        ctx.settings = (scaling, window, sinks, kernel)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, out, lse, *state = ctx.saved_tensors
+        scaling, window, sinks, kernel = ctx.settings
+        grad_query, grad_key, grad_value = kernel.backward(grad_out, query, key, value, out, lse, tuple(state),
+                                                           scaling, window)
+        if sinks:
+            mask = _sinks_beyond_window(query.shape[-2], window, sinks, query.device)
+            sink_query, sink_key, sink_value = attention_backward_with_lse(
+                grad_out, query, key[:, :, :sinks], value[:, :, :sinks], out, lse, mask, scaling)
+            grad_query = grad_query.add_(sink_query)
+            grad_key[:, :, :sinks].add_(sink_key)
+            grad_value[:, :, :sinks].add_(sink_value)
+        return grad_query, grad_key, grad_value, None, None, None, None
+
+
+def flash_full_and_sliding(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, fa_weight: torch.Tensor,
+                           scaling: float, window: int, sink_tokens: int,
+                           window_kernel: WindowKernel = FLASH_WINDOW) -> torch.Tensor:
+    """The relaxed mix for query heads ``[B, Hq, T, D]`` and KV heads ``[B, Hkv, T, D]``: SDPA full + flash window.
+
+    ``fa_weight`` is per KV head ``[Hkv]``; it covers every query head of its group. Self-attention only (as many
+    queries as keys), no padding mask. ``window_kernel`` is :data:`FLASH_WINDOW` (CUDA, half precision) or, for
+    tests, :data:`MATH_WINDOW`.
+    """
+    groups = query.shape[1] // key.shape[1]
+    full = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+    sliding = SlidingWindowWithSinks.apply(query, key, value, scaling, window, sink_tokens, window_kernel)
+    # One fused kernel for sliding + w * (full - sliding), in the inputs' dtype like the two-call reference.
+    mix = fa_weight.to(device=query.device, dtype=query.dtype).repeat_interleave(groups).view(1, -1, 1, 1)
+    return torch.lerp(sliding, full, mix)

@@ -43,7 +43,7 @@ from consa_cli.checkpoint import (
     deferred_stop_signals,
     save_checkpoint,
 )
-from consa_cli.kernels import flex_supported
+from consa_cli.kernels import flash_supported, flex_supported
 from consa_cli.losses import search_loss
 from consa_cli.models import DEFAULT_MODEL
 from consa_cli.settings import RESUMABLE, SearchSettings, SettingsError, settings_to_dict
@@ -173,13 +173,19 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_attention_backend(name: str, device: torch.device) -> str:
-    """The attention backend a search runs with: ``auto`` becomes flex on a CUDA device that has it, else sdpa."""
+def resolve_attention_backend(name: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The attention backend a search runs with: ``auto`` becomes flex on a CUDA device that has it, else sdpa.
+
+    ``dtype`` is the model's, when known: the flash backend runs only in half precision.
+    """
     if name == "auto":
         return "flex" if flex_supported(device) else "sdpa"
     if name == "flex" and not flex_supported(device):
         raise SettingsError(f"--attention-backend {name} needs a CUDA device with triton (FlexAttention has no CPU "
                             f"backward), not {device}; use sdpa")
+    if name == "flash" and not flash_supported(device, dtype):
+        raise SettingsError(f"--attention-backend {name} needs a CUDA GPU with flash attention (compute capability "
+                            f"8.0+) and --dtype bfloat16 or float16, not {device} / {dtype}; use sdpa")
     return name
 
 
@@ -270,7 +276,7 @@ def run_search(
         param.requires_grad_(False)
     # On the CPU: the attention function reads a hard mask's all-full / all-sliding shortcut without a device sync.
     all_full = torch.ones(layout.num_layers, layout.num_kv_heads, dtype=torch.bool)
-    attention_backend = resolve_attention_backend(settings.attention_backend, device)
+    attention_backend = resolve_attention_backend(settings.attention_backend, device, next(model.parameters()).dtype)
     install_hybrid(model, all_full, settings.window, sink_tokens, attention_backend)
     metrics_file = metrics_path.open("a" if resume is not None else "w") if metrics_path is not None else None
     try:
@@ -474,7 +480,8 @@ def search(settings: SearchSettings, force: bool = False, on_start: Callable[[di
     if resume is None:
         check_run_dir(settings.output, force)  # fail before minutes of loading; create it only once all loaded
     device = resolve_device(settings.device)
-    attention_backend = resolve_attention_backend(settings.attention_backend, device)  # fail before loading
+    # Fail before loading.
+    attention_backend = resolve_attention_backend(settings.attention_backend, device, getattr(torch, settings.dtype))
     model, tokenizer = load_model_and_tokenizer(settings.model, dtype=getattr(torch, settings.dtype),
                                                 device=str(device))
     if settings.granularity == "kv-head-per-layer":

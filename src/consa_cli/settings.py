@@ -21,7 +21,7 @@ LOSSES = ("kl", "lm")
 # ablation); attention-mass: training-free, rank units by attention mass beyond the window on calibration text.
 METHODS = ("l0", "scalar-l1", "attention-mass")
 DTYPES = ("bfloat16", "float32", "float16")
-ATTENTION_BACKENDS = ("auto", "sdpa", "eager", "flex")  # auto: flex on a CUDA device that has it, else sdpa
+ATTENTION_BACKENDS = ("auto", "sdpa", "eager", "flex", "flash")  # auto: flex on a CUDA device that has it, else sdpa
 
 
 def fraction(text: str) -> float:
