@@ -350,14 +350,16 @@ class HybridCacheLayer(DynamicLayer):
 
 class StaticHybridCacheLayer(HybridCacheLayer):
     """:class:`HybridCacheLayer` with fixed-capacity buffers and its length as a device tensor: a decode step
-    writes one token at a tensor index and attends to whole buffers under a mask, with no Python state that
-    changes between steps. That is what ``torch.compile(mode="reduce-overhead")`` needs to replay a decode step
-    as one CUDA graph (``generate(cache_implementation="static")`` compiles it on CUDA), the same contract as
-    transformers' ``StaticLayer``.
+    writes one token at a tensor index and attends to fixed-shape buffers, with no Python state that changes
+    between steps. That is what ``torch.compile(mode="reduce-overhead")`` needs to replay a decode step as one CUDA
+    graph (``generate(cache_implementation="static")`` compiles it on CUDA), the same contract as transformers'
+    ``StaticLayer``.
 
-    Full-attention heads hold ``max_cache_len`` tokens (transformers' mask hides the slots not written yet);
-    sliding heads the same ``sink_tokens + window`` slots as the dynamic layer, plus the position in each slot.
-    Prompts (several tokens) run eagerly and read the length on the host once per layer.
+    Full-attention heads hold ``max_cache_len`` tokens; sliding heads the same ``sink_tokens + window`` slots as
+    the dynamic layer, plus the position in each slot. Both are stored token-major (``[B, T, H, D]``, the
+    ``[B, H, T, D]`` views for everything else), the layout flash attention's variable-length form reads: a
+    decode step reads only each row's written keys (:func:`static_full_decode`, :func:`static_sliding_decode`;
+    masked SDPA elsewhere). Prompts (several tokens) run eagerly and read the length on the host once per layer.
     """
 
     is_compileable = True
