@@ -133,6 +133,47 @@ def test_static_cache_gives_the_dynamic_caches_logits_in_prefill_decode_and_chun
     torch.testing.assert_close(logits["static"], logits["dynamic"], rtol=1e-5, atol=1e-5)
 
 
+def _assert_one_run_per_row_without_padding(cache, pads: list[int]) -> None:
+    """What lets flash read a static cache's sliding slots: each row's filled slots are one run, none padding."""
+    for layer in (layer for layer in cache.layers if layer.sliding_keys is not None):
+        for row, pad in enumerate(pads):
+            held = layer.slot_positions[row]
+            filled = (held >= 0).nonzero().flatten()
+            assert torch.equal(filled, torch.arange(int(filled[0]), int(filled[0]) + len(filled)))
+            assert (held[held >= 0] >= pad).all()
+
+
+@pytest.mark.parametrize("known", [True, False], ids=["padding-known", "padding-unknown"])
+def test_static_cache_with_left_padding_gives_the_dynamic_caches_logits_through_chunks(known):
+    """Left-padded rows: a static cache told the padding keeps no padded position in its sliding slots (each row's
+    ring starts at its first real position), one not told keeps them and masks them; both give the dynamic cache's
+    logits at every real position through a prompt, decode steps past the wrap-around and a chunk."""
+    model = tiny_model("llama")
+    prompt, real = PROMPT.clone(), torch.ones_like(PROMPT)
+    prompt[1, :5], real[1, :5] = 0, 0
+    with hybrid_inference(model, _allocation(MIXED)):
+        logits = {}
+        for name, cache in (("dynamic", hybrid_cache(model)),
+                            ("static", hybrid_cache(model, 64, left_padding=[0, 5] if known else None))):
+            def run(start, stop, cache=cache, check=known and name == "static"):
+                out = model(prompt[:, start:stop], attention_mask=real[:, :stop], past_key_values=cache).logits
+                if check:
+                    _assert_one_run_per_row_without_padding(cache, [0, 5])
+                return out
+            parts = [run(0, 12), *[run(i, i + 1) for i in range(12, 26)], run(26, 30)]
+            parts += [run(i, i + 1) for i in range(30, 37)]
+            logits[name] = torch.cat(parts, dim=1)
+    kept = real.bool()
+    torch.testing.assert_close(logits["static"][kept], logits["dynamic"][kept], rtol=1e-5, atol=1e-5)
+
+
+def test_left_padding_is_read_off_the_attention_mask_only_when_it_is_left_padding():
+    assert runtime.left_padding_of(None) == 0
+    assert runtime.left_padding_of(torch.tensor([[1, 1, 1], [0, 0, 1]])) == [0, 2]
+    assert runtime.left_padding_of(torch.tensor([[1, 1, 0], [1, 1, 1]])) is None  # right padding: unknown
+    assert runtime.left_padding_of(torch.tensor([[0, 1, 0, 1]])) is None  # a hole
+
+
 def test_static_cache_ring_holds_each_slots_position():
     layer = StaticHybridCacheLayer(full_heads=1, sliding_window=WINDOW, sink_tokens=3, max_cache_len=64)
     length = 0
@@ -140,7 +181,7 @@ def test_static_cache_ring_holds_each_slots_position():
         keys = torch.arange(length, length + chunk, dtype=torch.float32).view(1, 1, -1, 1).expand(1, 3, -1, 2)
         length += chunk
         layer.update(keys, keys)
-        held = layer.slot_positions
+        held = layer.slot_positions[0]
         assert torch.equal(layer.sliding_keys[0, 0, :, 0], held.clamp(min=0).float() * (held >= 0))
         assert set(held[held >= 0].tolist()) == {p for p in range(length) if p < 3 or p > length - 1 - WINDOW}
         assert torch.equal(layer.full_keys[0, 0, :length, 0], torch.arange(length, dtype=torch.float32))
@@ -190,7 +231,7 @@ def test_inductor_compiled_static_decode_matches_the_dynamic_cache():
     with hybrid_inference(model, _allocation(MIXED)):
         name = cache_argument(model)
         for kind in ("dynamic", "static"):
-            cache = hybrid_cache(model) if kind == "dynamic" else hybrid_cache(model, 64, unpadded=True)
+            cache = hybrid_cache(model) if kind == "dynamic" else hybrid_cache(model, 64, left_padding=0)
             step = torch.compile(model, fullgraph=True, dynamic=False) if kind == "static" else model
             rows = [model(PROMPT[:, :20], **{name: cache}).logits[:, -1]]
             for token in PROMPT[:, 20:].split(1, dim=1):
@@ -351,9 +392,10 @@ def test_cuda_static_decode_uses_flash_with_left_padding_eager_and_compiled():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_static_sliding_decode_uses_flash_when_unpadded():
-    """Sliding slots of an unpadded static cache fill as a prefix: flash over the filled slots equals a float32
-    masked reference, eager and compiled, before and after the ring is full; with padding the slots are masked."""
+def test_cuda_static_sliding_decode_uses_flash_when_padding_is_known():
+    """A static cache that knows each row's left padding keeps each row's filled sliding slots as one run: flash
+    over them equals a float32 masked reference, eager and compiled, rows filled differently; unknown padding and
+    a padding mask fall back to the masked kernel."""
     generator = torch.Generator(device="cuda").manual_seed(1)
     batch, kv_heads, groups, slots, dim = 2, 2, 3, 36, 64
     query = torch.randn(batch, kv_heads * groups, 1, dim, device="cuda", dtype=torch.bfloat16, generator=generator)
@@ -364,20 +406,22 @@ def test_cuda_static_sliding_decode_uses_flash_when_unpadded():
         raise AssertionError("the masked fallback ran")
 
     compiled = torch.compile(runtime.static_sliding_decode, fullgraph=True)
-    for filled in (20, slots):
-        positions = torch.full((slots,), -1, device="cuda")
-        positions[:filled] = torch.arange(filled, device="cuda") + 500  # positions themselves do not matter
-        mask = (positions >= 0).view(1, 1, 1, slots)
-        reference = runtime.eager_backend(query.float(), key.float(), value.float(), mask, False, dim**-0.5)
-        for decode in (runtime.static_sliding_decode, compiled):
-            out = decode(query, key, value, positions, None, True, dim**-0.5, no_fallback)
-            torch.testing.assert_close(out.float(), reference, rtol=0, atol=2e-2)
-    padding = torch.ones(batch, 1, 1, 600, dtype=torch.bool, device="cuda")
-    padding[1, ..., 500:510] = False  # row 1's first ten positions are padding
-    reference = runtime.eager_backend(query.float(), key.float(), value.float(),
-                                      padding[..., positions.clamp(min=0)], False, dim**-0.5)
-    out = runtime.static_sliding_decode(query, key, value, positions, padding, False, dim**-0.5, runtime.sdpa_backend)
-    torch.testing.assert_close(out.float(), reference, rtol=0, atol=2e-2)
+    positions = torch.full((batch, slots), -1, device="cuda")
+    positions[0, :20] = torch.arange(20, device="cuda") + 500  # row 0: a prefix of its slots
+    positions[1, 3:] = torch.arange(slots - 3, device="cuda") + 900  # row 1: padded sinks, then a full ring
+    mask = (positions >= 0).view(batch, 1, 1, slots)
+    reference = runtime.eager_backend(query.float(), key.float(), value.float(), mask, False, dim**-0.5)
+    for decode in (runtime.static_sliding_decode, compiled):
+        out = decode(query, key, value, positions, None, True, dim**-0.5, no_fallback)
+        torch.testing.assert_close(out.float(), reference, rtol=0, atol=2e-2)
+    padding = torch.ones(batch, 1, 1, 1000, dtype=torch.bool, device="cuda")
+    padding[0, ..., 500:505] = False  # unknown padding: the mask decides
+    visible = mask & torch.gather(padding.view(batch, -1), 1, positions.clamp(min=0)).view(batch, 1, 1, slots)
+    reference = runtime.eager_backend(query.float(), key.float(), value.float(), visible, False, dim**-0.5)
+    for known in (False, True):  # known: the eager check sees a mask the flash call would not honour
+        out = runtime.static_sliding_decode(query, key, value, positions, padding, known, dim**-0.5,
+                                            runtime.sdpa_backend)
+        torch.testing.assert_close(out.float(), reference, rtol=0, atol=2e-2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -390,7 +434,7 @@ def test_cuda_compiled_bf16_static_decode_follows_the_dynamic_cache():
         with hybrid_inference(model, _allocation(mask, granularity=granularity)), torch.no_grad():
             name = cache_argument(model)
             logits = {}
-            for kind, cache in (("dynamic", hybrid_cache(model)), ("static", hybrid_cache(model, 64, unpadded=True))):
+            for kind, cache in (("dynamic", hybrid_cache(model)), ("static", hybrid_cache(model, 64, left_padding=0))):
                 step = torch.compile(model, mode="reduce-overhead", fullgraph=True) if kind == "static" else model
                 rows = [model(prompt, **{name: cache}).logits[:, -1]]
                 for token in continuation.split(1, dim=1):

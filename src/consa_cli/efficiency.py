@@ -76,7 +76,7 @@ def new_cache(model, max_cache_len: int | None = None):
     (which holds only the window for native sliding layers); with ``max_cache_len``, their static forms (what
     ``generate(cache_implementation="static")`` uses)."""
     if model.config._attn_implementation == PREFIX_ATTENTION_NAME:  # measurements prompt without padding
-        return hybrid_cache(model, max_cache_len, unpadded=True)
+        return hybrid_cache(model, max_cache_len, left_padding=0)
     if max_cache_len is not None:
         return StaticCache(config=model.config, max_cache_len=max_cache_len)
     return DynamicCache(config=model.config)

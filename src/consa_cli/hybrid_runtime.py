@@ -203,11 +203,17 @@ class HybridKV:
     # Static cache, decode step: tokens written so far (0-d device tensor); ``full`` then spans the whole buffer,
     # a view of token-major storage (``full.transpose(1, 2)`` is contiguous).
     full_length: torch.Tensor | None = None
-    unpadded: bool = False  # static cache, decode step: the cache holds no left padding (filled slots are a prefix)
+    # Static cache, decode step: the cache knows each row's left padding and never keeps a padded position in its
+    # sliding slots, so each row's filled slots are one run (flash's variable-length form can read them).
+    padding_known: bool = False
+    # Static cache, several new tokens on a filled cache: the position of each sliding key per row ``[B, n]``
+    # (-1: an empty slot), in no particular order.
+    row_positions: torch.Tensor | None = None
 
     def sliding_positions(self, device) -> torch.Tensor:
-        if self.slot_positions is not None:
-            return self.slot_positions.clamp(min=0)
+        """Positions of the sliding keys: ``[n]``, or ``[B, n]`` with -1 for empty slots (``row_positions``)."""
+        if self.row_positions is not None:
+            return self.row_positions
         if self.sliding_span is None:
             return torch.arange(self.length, device=device)
         sinks, recent = self.sliding_span
@@ -365,16 +371,21 @@ class StaticHybridCacheLayer(HybridCacheLayer):
     is_compileable = True
 
     def __init__(self, full_heads: int, sliding_window: int, sink_tokens: int, max_cache_len: int,
-                 unpadded: bool = False):
+                 left_padding: int | list[int] | None = None):
         super().__init__(full_heads, sliding_window, sink_tokens)
         self.max_cache_len = max_cache_len
-        # True when whoever made the cache knows that no sequence is left-padded (generate() checks its attention
-        # mask): sliding slots then fill as a prefix and decode through flash (:func:`static_sliding_decode`).
-        self.unpadded = unpadded
+        # Each row's left padding when whoever made the cache knows it (generate() reads it off its attention mask;
+        # an int: the same for every row, 0 for measurements without padding). Then the sliding slots never keep
+        # a padded position, each row's ring starts at its first real position past the sinks, and a row's filled
+        # slots are one run: decode reads them through flash (:func:`static_sliding_decode`). None: padded
+        # positions are kept like any other and masked.
+        self.left_padding = left_padding
         self.full_key_tokens = self.full_value_tokens = None  # [B, max_cache_len, full_heads, D]
         self.sliding_key_tokens = self.sliding_value_tokens = None  # [B, sink_tokens + window, sliding_heads, D]
         self.position = None  # 0-d int64 device tensor: tokens cached so far
-        self.slot_positions = None  # [sink_tokens + window] int64: position held by each sliding slot, -1 if none
+        self.slot_positions = None  # [B, sink_tokens + window] int64: position held by each sliding slot, -1 if none
+        self.ring_origin = None  # [B] int64: the position each row keeps in its first ring slot
+        self.rows = None  # [B]: arange, the row index of a per-row write
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -392,12 +403,20 @@ class StaticHybridCacheLayer(HybridCacheLayer):
             self.sliding_keys = self.sliding_key_tokens.transpose(1, 2)
             self.sliding_values = self.sliding_value_tokens.transpose(1, 2)
         slots = self.sink_tokens + self.sliding_window
-        self.slot_positions = torch.full((slots,), -1, dtype=torch.long, device=key_states.device)
-        self.position = torch.zeros((), dtype=torch.long, device=key_states.device)
+        device = key_states.device
+        padding = self.left_padding if self.left_padding is not None else 0
+        self.pads = [padding] * batch if isinstance(padding, int) else [int(p) for p in padding]
+        if len(self.pads) != batch:
+            raise ValueError(f"left_padding has {len(self.pads)} rows, the batch {batch}")
+        self.origins = [max(pad, self.sink_tokens) for pad in self.pads]  # host copies, for eager prompt writes
+        self.ring_origin = torch.tensor(self.origins, dtype=torch.long, device=device)
+        self.rows = torch.arange(batch, device=device)
+        self.slot_positions = torch.full((batch, slots), -1, dtype=torch.long, device=device)
+        self.position = torch.zeros((), dtype=torch.long, device=device)
         # CUDA graphs replay fixed addresses: tell the compiler these buffers are mutated in place, not inputs
         # that change (transformers' StaticLayer does the same; not allowed while tracing).
         if not torch.compiler.is_compiling():
-            for tensor in (*self._storage(), self.slot_positions, self.position):
+            for tensor in (*self._storage(), self.slot_positions, self.position, self.ring_origin, self.rows):
                 torch._dynamo.mark_static_address(tensor)
 
     def _storage(self) -> list[torch.Tensor]:
@@ -421,17 +440,19 @@ class StaticHybridCacheLayer(HybridCacheLayer):
             self.full_value_tokens.index_copy_(1, index, values[:, :heads].transpose(1, 2))
             full_keys, full_values = self.full_key_tokens.transpose(1, 2), self.full_value_tokens.transpose(1, 2)
         if keys.shape[1] > heads:
-            slot = self._slot(index)
-            self.sliding_key_tokens.index_copy_(1, slot, keys[:, heads:].transpose(1, 2))
-            self.sliding_value_tokens.index_copy_(1, slot, values[:, heads:].transpose(1, 2))
-            self.slot_positions.index_copy_(0, slot, index)
+            positions = index.expand(self.rows.shape[0])
+            slot = self._slot(positions)  # [B]: each row's ring has its own origin
+            self.sliding_key_tokens[self.rows, slot] = keys[:, heads:, 0]
+            self.sliding_value_tokens[self.rows, slot] = values[:, heads:, 0]
+            self.slot_positions[self.rows, slot] = positions
             sliding_keys = self.sliding_key_tokens.transpose(1, 2)
             sliding_values = self.sliding_value_tokens.transpose(1, 2)
         self.position.add_(1)
+        known = self.left_padding is not None
         return (HybridKV(full_keys, sliding_keys, (0, 0), -1, slot_positions=self.slot_positions,
-                         full_length=self.position, unpadded=self.unpadded),
+                         full_length=self.position, padding_known=known),
                 HybridKV(full_values, sliding_values, (0, 0), -1, slot_positions=self.slot_positions,
-                         full_length=self.position, unpadded=self.unpadded))
+                         full_length=self.position, padding_known=known))
 
     def _extend(self, keys, values):
         start = int(self.position)  # a prompt is eager: one host read per layer
@@ -450,31 +471,48 @@ class StaticHybridCacheLayer(HybridCacheLayer):
             return HybridKV(full_keys, None, None, end), HybridKV(full_values, None, None, end)
         new_keys, new_values = keys[:, heads:], values[:, heads:]
         if start == 0:  # into an empty cache: the prompt attends over itself, windowed in the attention
-            sliding_keys, sliding_values, span = new_keys, new_values, None
-        else:  # the kept keys in position order, then the new ones (masked by position in the attention)
-            order = self._slots_in_position_order(start)
-            sliding_keys = torch.cat([self.sliding_keys[:, :, order], new_keys], dim=2)
-            sliding_values = torch.cat([self.sliding_values[:, :, order], new_values], dim=2)
-            sink_count = min(self.sink_tokens, start)
-            span = (sink_count, max(sink_count, start - self.sliding_window))
-        self._store(new_keys, new_values, start)
-        # The positions a later query can see: sinks, and the latest window (two ranges, no per-token Python loop).
-        sink_end = max(start, min(end, self.sink_tokens))
-        recent_start = min(end, max(start, self.sink_tokens, end - self.sliding_window))
-        positions = torch.cat([torch.arange(start, sink_end, device=keys.device),
-                               torch.arange(recent_start, end, device=keys.device)])
-        self.slot_positions.index_copy_(0, self._slot(positions), positions)
-        return (HybridKV(full_keys, sliding_keys, span, end), HybridKV(full_values, sliding_values, span, end))
+            kept = (HybridKV(full_keys, new_keys, None, end), HybridKV(full_values, new_values, None, end))
+        else:  # every slot as it is (a copy), then the new keys; the attention masks each by its position per row
+            new_positions = torch.arange(start, end, device=keys.device).expand(keys.shape[0], -1)
+            positions = torch.cat([self.slot_positions, new_positions], dim=1)
+            kept = tuple(HybridKV(full, torch.cat([held, new], dim=2), (0, 0), end, row_positions=positions)
+                         for full, held, new in ((full_keys, self.sliding_keys, new_keys),
+                                                 (full_values, self.sliding_values, new_values)))
+        self._store_rows(new_keys, new_values, start, end)
+        return kept
 
     def _slot(self, positions: torch.Tensor) -> torch.Tensor:
+        """Sliding slot of each row's position (``positions [B]``): sinks are positions themselves, the ring starts
+        at the row's origin."""
         sinks = self.sink_tokens
-        return torch.where(positions < sinks, positions, sinks + (positions - sinks) % self.sliding_window)
+        return torch.where(positions < sinks, positions, sinks + (positions - self.ring_origin) % self.sliding_window)
 
-    def _slots_in_position_order(self, length: int) -> list[int]:
-        """The slots holding the positions a query after ``length`` tokens can see, oldest first."""
-        positions = list(range(min(self.sink_tokens, length))) + list(
-            range(max(self.sink_tokens, length - self.sliding_window), length))
-        return self._slot(torch.tensor(positions, dtype=torch.long)).tolist()
+    def _store_rows(self, keys, values, start: int, end: int) -> None:
+        """Write positions ``[start, end)`` that later queries can see into each row's sink and ring slots (eager:
+        rows with the same ring origin in one go); padded positions are kept out of the ring and marked empty in
+        the sink slots."""
+        sinks, window = self.sink_tokens, self.sliding_window
+        for origin in sorted(set(self.origins)):
+            rows = [row for row, row_origin in enumerate(self.origins) if row_origin == origin]
+            index = slice(None) if len(rows) == len(self.origins) else torch.tensor(rows, device=keys.device)
+            pieces = [(start, min(sinks, end), start)] if start < sinks else []
+            first = max(origin, start, end - window)  # the ring keeps the latest `window` real positions
+            if first < end:
+                slot = (first - origin) % window
+                wrap = min(end, first + window - slot)
+                pieces.append((first, wrap, sinks + slot))
+                if wrap < end:
+                    pieces.append((wrap, end, sinks))
+            for position, stop, slot in pieces:
+                span = slice(position - start, stop - start)
+                self.sliding_key_tokens[index, slot : slot + stop - position] = keys[index, :, span].transpose(1, 2)
+                self.sliding_value_tokens[index, slot : slot + stop - position] = values[index, :, span].transpose(1, 2)
+                self.slot_positions[index, slot : slot + stop - position] = torch.arange(position, stop,
+                                                                                        device=keys.device)
+        if start < sinks and self.left_padding is not None:  # a padded sink position is no key to attend to
+            for row, pad in enumerate(self.pads):
+                if pad > start:
+                    self.slot_positions[row, start : min(pad, sinks, end)] = -1
 
     def get_seq_length(self):
         return self.position if self.is_initialized else 0
@@ -528,8 +566,8 @@ def _flash_varlen_decode(query, key, value, start, used, scaling):
 
 
 def _is_one_run_per_row(rows: torch.Tensor, used: torch.Tensor) -> bool:
-    """Eager check that each row's visible slots are the run the flash call will read (a compiled step trusts
-    it: the caches only build such masks)."""
+    """Eager check that each row's visible slots (``rows [B, S]``) number what the flash call will read (a
+    compiled step trusts it: the caches only build such masks)."""
     return torch.compiler.is_compiling() or torch.equal(rows.sum(dim=-1), used.expand(rows.shape[0]))
 
 
@@ -556,24 +594,27 @@ def static_full_decode(query, key, value, mask, length, scaling, backend):
     return _flash_varlen_decode(query, key, value, start, used, scaling)
 
 
-def static_sliding_decode(query, key, value, slot_positions, attention_mask, unpadded, scaling, backend):
+def static_sliding_decode(query, key, value, slot_positions, attention_mask, padding_known, scaling, backend):
     """One query token per sequence against a static cache's sliding slots (sinks, then the ring; ``[B, H, S,
-    D]`` views of token-major storage); ``slot_positions`` holds each slot's position (-1: empty).
+    D]`` views of token-major storage); ``slot_positions [B, S]`` holds each slot's position (-1: empty).
 
-    Every filled slot is in the new query's window. Without left padding (``unpadded``: the cache was told so,
-    e.g. by generate() after looking at the attention mask) the filled slots are the first ``min(length, S)``,
-    one run: flash's variable-length form, as for the full heads. With padding, a padded position can sit in any
-    ring slot, so the slots are masked (masked SDPA)."""
-    mask = (slot_positions >= 0).view(1, 1, 1, -1)
-    if attention_mask is not None:
-        mask = mask & attention_mask[..., slot_positions.clamp(min=0)]
-    if not (unpadded and _flash_decodable(query, key, value)):
-        return backend(query, key, value, mask, False, scaling)
+    Every filled slot is in the new query's window. When the cache knows each row's left padding
+    (``padding_known``) it keeps no padded position, and each row's filled slots are one run (the real sink
+    positions, then its ring from slot 0): flash's variable-length form reads them, as for the full heads. Else
+    the padded positions sit among the others and the slots are masked (masked SDPA)."""
     batch, slots = query.shape[0], key.shape[2]
-    used = (slot_positions >= 0).sum().view(1)
-    if not _is_one_run_per_row(mask.reshape(mask.shape[0], slots).expand(batch, slots), used):
+    filled = slot_positions >= 0
+    visible = filled
+    if attention_mask is not None:
+        rows = attention_mask.reshape(attention_mask.shape[0], -1).expand(batch, -1)
+        visible = filled & torch.gather(rows, 1, slot_positions.clamp(min=0))
+    mask = visible.view(batch, 1, 1, slots)
+    if not (padding_known and _flash_decodable(query, key, value)):
         return backend(query, key, value, mask, False, scaling)
-    return _flash_varlen_decode(query, key, value, torch.zeros_like(used).expand(batch), used.expand(batch), scaling)
+    start, used = filled.int().argmax(dim=-1), filled.sum(dim=-1)
+    if not _is_one_run_per_row(visible, used):
+        return backend(query, key, value, mask, False, scaling)
+    return _flash_varlen_decode(query, key, value, start, used, scaling)
 
 
 # --- attention over contiguous head slices -------------------------------------------------------------------
@@ -614,18 +655,11 @@ def split_head_attention(query, key, value, attention_mask, scaling, full_heads,
                                 sink_tokens))
         elif key.slot_positions is not None:  # static cache, one new query: every filled slot is in its window
             parts.append(static_sliding_decode(sliding_query, key.sliding, value.sliding, key.slot_positions,
-                                               attention_mask, key.unpadded, scaling, backend))
+                                               attention_mask, key.padding_known, scaling, backend))
         else:  # the cache kept only sinks + recent keys: a single new query sees them all, else mask by position
-            mask = None
-            if query.shape[2] > 1 or attention_mask is not None:
-                k_pos = key.sliding_positions(query.device)
-                if query.shape[2] > 1:
-                    q_pos = torch.arange(key.length - query.shape[2], key.length, device=query.device).unsqueeze(1)
-                    mask = window_mask(q_pos, k_pos.unsqueeze(0), window, sink_tokens)
-                if attention_mask is not None:
-                    padding = attention_mask[..., k_pos]
-                    mask = padding if mask is None else mask & padding
-            parts.append(backend(sliding_query, key.sliding, value.sliding, mask, False, scaling))
+            parts.append(backend(sliding_query, key.sliding, value.sliding,
+                                 _kept_keys_mask(key, query.shape[2], attention_mask, window, sink_tokens), False,
+                                 scaling))
     if len(parts) == 1:
         return parts[0]
     if query.shape[2] == 1:  # decode: one concatenation is one launch, and its transpose is already contiguous
@@ -636,6 +670,30 @@ def split_head_attention(query, key, value, attention_mask, scaling, full_heads,
     out[:, :split_at] = parts[0]
     out[:, split_at:] = parts[1]
     return out
+
+
+def _kept_keys_mask(key, q_len: int, attention_mask, window: int, sink_tokens: int) -> torch.Tensor | None:
+    """Mask for ``q_len`` new queries over the sliding keys a cache kept (sinks + recent, or a static cache's
+    slots per row with -1 for empty ones): window by position, and padding; None when a single query sees all."""
+    per_row = key.row_positions is not None
+    if q_len == 1 and attention_mask is None and not per_row:
+        return None
+    k_pos = key.sliding_positions(key.sliding.device)
+    batch = key.sliding.shape[0]
+    seen = k_pos.clamp(min=0).view(batch, 1, 1, -1) if per_row else k_pos
+    mask = (k_pos >= 0).view(batch, 1, 1, -1) if per_row else None
+    if q_len > 1:
+        q_pos = torch.arange(key.length - q_len, key.length, device=k_pos.device).unsqueeze(1)
+        in_window = window_mask(q_pos, seen if per_row else seen.unsqueeze(0), window, sink_tokens)
+        mask = in_window if mask is None else mask & in_window
+    if attention_mask is not None:
+        if per_row:
+            rows = attention_mask.expand(batch, -1, -1, -1)
+            padding = torch.gather(rows, 3, seen.expand(batch, 1, rows.shape[2], seen.shape[-1]))
+        else:
+            padding = attention_mask[..., seen]
+        mask = padding if mask is None else mask & padding
+    return mask
 
 
 def _split_heads(states: torch.Tensor, full_heads: int) -> HybridKV:
@@ -682,16 +740,28 @@ def decoder_attention_modules(model) -> list:
     return [layer.self_attn for layer in layers]
 
 
-def hybrid_cache(model, max_cache_len: int | None = None, unpadded: bool = False) -> Cache:
+def hybrid_cache(model, max_cache_len: int | None = None, left_padding: int | list[int] | None = None) -> Cache:
     """A fresh cache for a model carrying :class:`PrefixHybrid` settings (pass it to a forward as
     :func:`cache_argument`); with ``max_cache_len``, the static form (:class:`StaticHybridCacheLayer`) that
-    compiled decoding needs. ``unpadded``: the caller promises no left padding (static form only; its sliding
-    heads then decode through flash)."""
+    compiled decoding needs. ``left_padding`` (static form only): each row's padding tokens at the start, or one
+    int for all rows (0: none), when the caller knows it; the sliding heads then decode through flash."""
     settings = [m.consa_prefix for m in decoder_attention_modules(model)]
     if max_cache_len is None:
         return Cache(layers=[HybridCacheLayer(s.full_heads, s.sliding_window, s.sink_tokens) for s in settings])
     return Cache(layers=[StaticHybridCacheLayer(s.full_heads, s.sliding_window, s.sink_tokens, max_cache_len,
-                                                unpadded) for s in settings])
+                                                left_padding) for s in settings])
+
+
+def left_padding_of(attention_mask: torch.Tensor | None) -> int | list[int] | None:
+    """Each row's left padding from a ``[B, T]`` 0/1 attention mask (0 without a mask), or None when a row is not
+    padded on the left only (then the mask alone says which keys count)."""
+    if attention_mask is None:
+        return 0
+    real = attention_mask.bool()
+    pads = (real.int().cumsum(dim=-1) == 0).sum(dim=-1)
+    if not torch.equal(real.sum(dim=-1) + pads, torch.full_like(pads, real.shape[-1])):
+        return None
+    return pads.tolist()
 
 
 def cache_argument(model) -> str:
@@ -710,9 +780,8 @@ def prepare_hybrid_cache(model, generation_config, model_kwargs, *args, **kwargs
             None, "dynamic", "static"):
         if implementation == "static":  # _prepare_cache_for_generation(config, kwargs, mode, batch, max_length)
             max_cache_len = kwargs.get("max_cache_length", args[2] if len(args) > 2 else generation_config.max_length)
-            padding = model_kwargs.get("attention_mask")
-            unpadded = padding is None or bool(padding.all())  # one look, before any step
-            model_kwargs[name] = hybrid_cache(model, max_cache_len, unpadded)
+            left_padding = left_padding_of(model_kwargs.get("attention_mask"))  # one look, before any step
+            model_kwargs[name] = hybrid_cache(model, max_cache_len, left_padding)
         else:
             model_kwargs[name] = hybrid_cache(model)
         return None
