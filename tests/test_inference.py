@@ -204,6 +204,29 @@ def test_static_generate_matches_dynamic_token_for_token():
     assert all(isinstance(layer, StaticHybridCacheLayer) for layer in _cache(static).layers)
 
 
+def test_static_beam_search_matches_the_dynamic_cache():
+    """Beam search reorders the cache's rows every step: the static cache's per-row slot bookkeeping follows."""
+    model = tiny_model("llama")
+    prompt = PROMPT.clone()
+    attention_mask = torch.ones_like(prompt)
+    prompt[1, :5], attention_mask[1, :5] = 0, 0
+    settings = dict(attention_mask=attention_mask, max_new_tokens=14, do_sample=False, num_beams=3, pad_token_id=0)
+    with hybrid_inference(model, _allocation(MIXED)):
+        dynamic = model.generate(prompt, **settings)
+        static = model.generate(prompt, cache_implementation="static", **settings)
+    assert torch.equal(static, dynamic)
+    # Beams never mix prompts; a reorder that does moves each row's bookkeeping with its keys.
+    layer = StaticHybridCacheLayer(full_heads=1, sliding_window=WINDOW, sink_tokens=2, max_cache_len=64,
+                                   left_padding=[0, 5])
+    keys = torch.arange(2 * 3 * 12, dtype=torch.float32).view(2, 3, 12, 1)
+    layer.update(keys, keys)
+    before = (layer.slot_positions.clone(), layer.sliding_keys.clone(), layer.ring_origin.clone())
+    layer.reorder_cache(torch.tensor([1, 0]))
+    for moved, kept in zip((layer.slot_positions, layer.sliding_keys, layer.ring_origin), before, strict=True):
+        assert torch.equal(moved, kept.flip(0))
+    assert layer.pads == [5, 0] and layer.origins == [5, 2]
+
+
 def test_static_decode_step_compiles_into_one_graph_that_never_recompiles():
     """What CUDA graphs need: a decode step traces into one graph (fullgraph) and the next steps, past the ring's
     wrap-around, reuse it (error_on_recompile). The eager backend checks the tracing only, on any device."""

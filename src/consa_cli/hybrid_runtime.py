@@ -534,6 +534,11 @@ class StaticHybridCacheLayer(HybridCacheLayer):
                 setattr(self, f"{kind}_value_tokens", storage[1])
                 setattr(self, f"{kind}_keys", storage[0].transpose(1, 2))
                 setattr(self, f"{kind}_values", storage[1].transpose(1, 2))
+        if self.slot_positions is not None:  # per-row bookkeeping follows its rows (beam search reorders them)
+            self.slot_positions, self.ring_origin = operation(self.slot_positions), operation(self.ring_origin)
+            self.pads = operation(torch.tensor(self.pads, device=self.ring_origin.device)).tolist()
+            self.origins = self.ring_origin.tolist()
+            self.rows = torch.arange(self.ring_origin.shape[0], device=self.ring_origin.device)
 
     def reset(self) -> None:
         if self.is_initialized:  # in place: compiled graphs keep these addresses
