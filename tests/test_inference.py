@@ -473,11 +473,14 @@ def test_cuda_compiled_static_generate_matches_dynamic_token_for_token():
     model = tiny_model("qwen3").cuda()
     prompt = PROMPT.cuda()
     settings = dict(max_new_tokens=2 * WINDOW, do_sample=False, pad_token_id=0)
+    padded, attention_mask = prompt.clone(), torch.ones_like(prompt)
+    padded[1, :5], attention_mask[1, :5] = 0, 0  # left padding: per-row ring origins inside the CUDA graph
     for mask, granularity in ((MIXED[:, :1].expand(-1, 2), "layer"), (MIXED, "kv-head")):
         with hybrid_inference(model, _allocation(mask, granularity=granularity)):
-            dynamic = model.generate(prompt, **settings)
-            static = model.generate(prompt, cache_implementation="static", **settings)
-        assert torch.equal(static, dynamic), granularity
+            for tokens, given in ((prompt, {}), (padded, {"attention_mask": attention_mask})):
+                dynamic = model.generate(tokens, **settings, **given)
+                static = model.generate(tokens, cache_implementation="static", **settings, **given)
+                assert torch.equal(static, dynamic), (granularity, sorted(given))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
