@@ -35,7 +35,7 @@ from inference_speed import QWEN3_0_6B, VARIANTS, build_variants, load
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from consa_cli.efficiency import COMPILED_WARMUP_STEPS, cache_argument, compile_decode, new_cache
-from consa_cli.hybrid_runtime import repeat_kv, sdpa_backend
+from consa_cli.hybrid_runtime import _flash_varlen_decode, repeat_kv, sdpa_backend
 
 
 def decode_split_kv(query, key, value, scaling, chunk: int = 2048):
@@ -235,13 +235,9 @@ def _flex_masked():
 
 
 def _flash_seqused(query, key, value, scaling, valid, key_tokens, value_tokens, used):
-    batch, heads, _, dim = query.shape
-    slots = key_tokens.shape[1]
-    starts_q = torch.arange(batch + 1, device=query.device, dtype=torch.int32)
-    out = torch.ops.aten._flash_attention_forward(
-        query.reshape(batch, heads, dim), key_tokens.flatten(0, 1), value_tokens.flatten(0, 1), starts_q,
-        starts_q * slots, 1, slots, 0.0, False, False, scale=scaling, seqused_k=used)[0]
-    return out.reshape(batch, heads, 1, dim)
+    """consa's own call (``hybrid_runtime._flash_varlen_decode``): each row from slot 0, ``used`` slots."""
+    return _flash_varlen_decode(query, key_tokens.transpose(1, 2), value_tokens.transpose(1, 2),
+                                torch.zeros_like(used), used, scaling)
 
 
 STATIC_KERNELS = {
