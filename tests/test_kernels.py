@@ -3,6 +3,8 @@ and flash (SDPA full + flash attention's window, sinks merged by log-sum-exp).""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -142,6 +144,22 @@ def test_flash_sliding_function_passes_gradcheck_with_sinks_beyond_the_window():
     query, key, value = qkv(19, dim=8, seed=5)
     assert torch.autograd.gradcheck(lambda q, k, v: SlidingWindowWithSinks.apply(q, k, v, 0.5, 4, 3, MATH_WINDOW),
                                     (query, key, value))
+
+
+def test_compiled_sink_share_equals_the_eager_one():
+    """The sinks' share as the flash backend runs it on a GPU (``compile_sinks``: the broadcast reductions through
+    torch.compile, fullgraph) against the same autograd function run eagerly: output and q, k, v gradients (CPU
+    inductor, float32, GQA, sinks beyond a window 8 at 40 tokens)."""
+    compiled_kernel = dataclasses.replace(MATH_WINDOW, compile_sinks=True)
+    query, key, value = (t.float().detach() for t in qkv(40, dim=8, seed=7))
+    upstream = torch.randn(query.shape, generator=torch.Generator().manual_seed(2))
+    results = []
+    for kernel in (MATH_WINDOW, compiled_kernel):
+        inputs = tuple(t.clone().requires_grad_() for t in (query, key, value))
+        out = SlidingWindowWithSinks.apply(*inputs, 0.5, 8, 3, kernel)
+        results.append((out, *torch.autograd.grad((out * upstream).sum(), inputs)))
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_flash_needs_cuda_and_half_precision():
