@@ -10,6 +10,11 @@ GPU (the numbers in docs/benchmarks.md; random weights in the Qwen3-0.6B shape):
     python bench/inference_speed.py --model qwen3-0.6b-random --device cuda --lengths 8192,16384,32768 \
         --batches 1,8 --json docs/results/inference_speed_h100.json
 
+Compiled decoding, the dense model as transformers runs it (eager) next to the compiled variants in one run:
+
+    python bench/inference_speed.py --device cuda --lengths 32768 --batches 1,8 --decode-steps 32 --compiled-decode \
+        --eager-reference --json docs/results/inference_speed_h200_compiled_one_run.json
+
 CPU (the embedded SmolLM2-135M):
 
     python bench/inference_speed.py --model embedded:SmolLM2-135M-Instruct --device cpu --lengths 1024,2048 \
@@ -143,10 +148,17 @@ def main() -> None:
                              f"{','.join(VARIANTS)}; with --compiled-decode {','.join(COMPILED_VARIANTS)}]")
     parser.add_argument("--compiled-decode", action="store_true",
                         help="static caches and decode steps compiled into CUDA graphs, for every variant")
+    parser.add_argument("--eager-reference", action="store_true",
+                        help="with --compiled-decode: the first variant (dense) decodes eagerly on a dynamic cache, "
+                             "as transformers runs it, in the same run [default variants then: dense,"
+                             f"{','.join(COMPILED_VARIANTS)}]")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
+    if args.eager_reference and not args.compiled_decode:
+        raise SystemExit("--eager-reference only changes --compiled-decode runs")
     if args.variants is None:
-        args.variants = ",".join(COMPILED_VARIANTS if args.compiled_decode else VARIANTS)
+        compiled = ("dense", *COMPILED_VARIANTS) if args.eager_reference else COMPILED_VARIANTS
+        args.variants = ",".join(compiled if args.compiled_decode else VARIANTS)
     started = time.perf_counter()
     dtype = getattr(torch, args.dtype)
 
@@ -158,7 +170,7 @@ def main() -> None:
     settings = EfficiencySettings(context_lengths=[int(n) for n in args.lengths.split(",")],
                                   batch_sizes=[int(n) for n in args.batches.split(",")],
                                   decode_steps=args.decode_steps, repeats=args.repeats,
-                                  compiled_decode=args.compiled_decode)
+                                  compiled_decode=args.compiled_decode, eager_reference=args.eager_reference)
     report = {
         "command": "python bench/inference_speed.py " + " ".join(
             f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()

@@ -83,6 +83,43 @@ def test_compiled_decode_runs_every_variant_on_a_static_cache_through_the_compil
         assert 1.0 <= row["kv_vs_analytic"] <= 1.05
 
 
+def test_eager_reference_keeps_the_dense_row_on_a_dynamic_cache_under_compiled_decode(monkeypatch):
+    """--eager-reference: the first variant decodes as transformers runs it (eager, DynamicCache), the others
+    through the compiled step on static caches; each row says which."""
+    import consa_cli.efficiency as efficiency
+    from consa_cli.hybrid_runtime import StaticHybridCacheLayer
+
+    model = tiny_model("qwen3")
+    allocation = Allocation(MIXED, "kv-head", sliding_window=8, sink_tokens=2)
+    compiled_calls, static_caches = [], []
+    original_new_cache = efficiency.new_cache
+
+    def traced(module):
+        step = torch.compile(module, backend="eager", fullgraph=True, dynamic=False)
+
+        def counted(**kwargs):
+            compiled_calls.append(kwargs["input_ids"].shape)
+            return step(**kwargs)
+        return counted
+
+    def recorded_cache(module, *args):
+        cache = original_new_cache(module, *args)
+        if args:  # a capacity: a static cache
+            static_caches.append(cache)
+        return cache
+
+    monkeypatch.setattr(efficiency, "compile_decode", traced)
+    monkeypatch.setattr(efficiency, "new_cache", recorded_cache)
+    variants = [("dense", None, lambda: nullcontext(model)), ("hybrid", allocation, lambda: hybrid_inference(model, allocation))]
+    settings = EfficiencySettings([40], [2], decode_steps=4, compiled_decode=True, eager_reference=True)
+    rows = compare_efficiency(variants, settings)
+    assert [row["compiled_decode"] for row in rows] == [False, True]
+    assert len(compiled_calls) == efficiency.COMPILED_WARMUP_STEPS + 4  # the hybrid's steps only
+    # One static cache, the hybrid's: the dense reference never got one (transformers' StaticCache).
+    assert len(static_caches) == 1 and all(isinstance(layer, StaticHybridCacheLayer) for layer in static_caches[0].layers)
+    assert rows[0]["cache_length"] == 40 + 4 and rows[1]["cache_length"] == 40 + efficiency.COMPILED_WARMUP_STEPS + 4
+
+
 def test_measure_generation_counts_tokens():
     row = measure_generation(tiny_model("qwen3"), 50, 3, 4)
     assert row["prefill_tokens_per_s"] == pytest.approx(150 / row["prefill_s"])
