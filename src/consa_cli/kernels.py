@@ -259,7 +259,7 @@ def _sink_backward(grad_out, query, sink_key, sink_value, out, lse, scaling: flo
 
 @functools.cache
 def _compiled(fn: Callable) -> Callable:
-    return torch.compile(fn, fullgraph=True)
+    return torch.compile(fn, fullgraph=True, dynamic=False)  # one graph per length, as the flex window
 
 
 class SlidingWindowWithSinks(torch.autograd.Function):
