@@ -28,7 +28,7 @@ from consa_cli.allocation import (
     ALLOCATION_FILE,
     Allocation,
     full_heads_per_layer,
-    full_unit_count,
+    rank_to_mask,
     write_atomically,
 )
 from consa_cli.attention import install_hybrid, original_attention, remove_hybrid, set_fa_weights
@@ -144,19 +144,7 @@ class UnitLayout:
 
     def rank_to_mask(self, scores: torch.Tensor, sparsity: float) -> torch.Tensor:
         """Exact-count FA mask ``[L, H]`` keeping the highest-scoring units (per layer for the per-layer scope)."""
-        if self.granularity == "kv-head-per-layer":
-            per_layer = scores.view(self.num_layers, self.num_kv_heads)
-            keep = full_heads_per_layer(self.num_kv_heads, sparsity)
-            mask = torch.zeros_like(per_layer, dtype=torch.bool)
-            top = per_layer.topk(keep, dim=1, sorted=False).indices if keep else None
-            if top is not None:
-                mask.scatter_(1, top, True)
-            return mask
-        keep = full_unit_count(self.num_units, sparsity)
-        unit_mask = torch.zeros(self.num_units, dtype=torch.bool)
-        if keep:
-            unit_mask[scores.topk(keep, sorted=False).indices] = True
-        return self.to_fa_weights(unit_mask).clone()
+        return rank_to_mask(scores, self.granularity, self.num_layers, self.num_kv_heads, sparsity)
 
 
 @dataclass
