@@ -246,3 +246,15 @@ def test_sweep_votes_over_seeds_in_every_search(tmp_path, tiny_model_dir, tiny_t
     assert {p.name for p in cell.iterdir()} >= {"seed-0", "seed-1"}
     rows = json.loads((tmp_path / "sweep" / "eval.json").read_text())["rows"]
     assert "learned vote of 2 seeds" in [row["method"] for row in rows]
+
+
+def test_seeds_is_a_recipe_key_that_flags_override(tmp_path):
+    from consa_cli.settings import SearchSettings, SettingsError, build_settings
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("seeds: 3\nseed: 5\n")
+    assert (build_settings(SearchSettings, recipe).seeds, build_settings(SearchSettings, recipe).seed) == (3, 5)
+    assert build_settings(SearchSettings, recipe, seeds=2).seeds == 2
+    recipe.write_text("seeds: 0\n")
+    with pytest.raises(SettingsError, match="--seeds must be at least 1, got 0"):
+        build_settings(SearchSettings, recipe)

@@ -8,6 +8,8 @@ Model weights stay frozen. The final mask ranks log_alpha so the requested count
 
 A search survives interruption: it checkpoints its whole state (gates, multipliers, optimiser state, noise
 generator) into the run directory, atomically, and ``--resume`` continues bit for bit where it stopped.
+
+``--seeds N`` runs N such searches, one per seed, and writes the vote over their allocations (:func:`search_seeds`).
 """
 
 from __future__ import annotations
