@@ -1,8 +1,7 @@
-"""One allocation from several: each unit's votes (how many of the given allocations keep it full), ties broken by
-its mean standardised score (learned log_alpha, standardised per allocation), the top units kept to the target.
-
-Search results vary by seed as much as methods differ (docs/results.md 1f): a vote over seeds asks which units
-the searches agree on. Every input must be for the same model, granularity, window and sinks.
+"""One allocation from several saved ones (:func:`consa_cli.vote.vote`): each unit's votes (how many of the given
+allocations keep it full), ties broken by its mean standardised score, the top units kept to the target.
+``consa search --seeds N`` does this over N seeds of one search; this script votes over any saved allocations
+(or rows of a compare_allocations JSON). Every input must be for the same model, granularity, window and sinks.
 
     python bench/vote_allocations.py a.safetensors b.safetensors c.safetensors --output vote.safetensors
     python bench/vote_allocations.py --rows docs/results/round8-a.json 'l0 kl+lm rf0.5 s=0.75' ... --output vote.safetensors
@@ -14,34 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
-from consa_cli.allocation import Allocation, full_unit_count
-
-
-def vote(allocations: list[Allocation], sparsity: float | None = None) -> Allocation:
-    """The units most allocations keep full, as many as the first allocation keeps (or ``sparsity`` asks for)."""
-    first = allocations[0]
-    for other in allocations[1:]:
-        same = (other.fa_mask.shape, other.granularity, other.sliding_window, other.sink_tokens,
-                other.model_fingerprint)
-        if same != (first.fa_mask.shape, first.granularity, first.sliding_window, first.sink_tokens,
-                    first.model_fingerprint):
-            raise SystemExit("the allocations differ in shape, granularity, window, sinks or model: cannot vote")
-    units = first.fa_mask.flatten().numel()
-    votes = torch.stack([a.fa_mask.flatten().float() for a in allocations]).sum(dim=0)
-    standardised = [((a.scores - a.scores.mean()) / a.scores.std().clamp(min=1e-6)).flatten()
-                    for a in allocations if a.scores is not None]
-    tie_break = torch.stack(standardised).mean(dim=0) if standardised else torch.zeros(units)
-    keep = first.num_full_units if sparsity is None else full_unit_count(units, sparsity)
-    # Votes first; a score difference (standardised, |.| < 100) never outweighs one vote.
-    chosen = (votes * 1000 + tie_break.clamp(-100, 100)).topk(keep).indices
-    mask = torch.zeros(units, dtype=torch.bool)
-    mask[chosen] = True
-    return Allocation(mask.view_as(first.fa_mask), first.granularity, first.sliding_window, first.sink_tokens,
-                      method=f"vote of {len(allocations)}", model=first.model,
-                      model_fingerprint=first.model_fingerprint, scores=votes + tie_break.clamp(-0.49, 0.49),
-                      metadata={"votes_of": [a.describe() for a in allocations]})
+from consa_cli.allocation import Allocation, AllocationError
+from consa_cli.vote import vote
 
 
 def main() -> None:
@@ -71,7 +44,10 @@ def main() -> None:
                 allocations.append(allocation_from_row(results, source, item, model_name, model))
     if len(allocations) < 2:
         raise SystemExit("give at least two allocations to vote over")
-    result = vote(allocations, args.sparsity)
+    try:
+        result = vote(allocations, args.sparsity)
+    except AllocationError as error:
+        raise SystemExit(str(error)) from None
     result.save(args.output)
     print(f"{args.output}: {result.describe()}")
 

@@ -182,6 +182,8 @@ def _bad_inputs() -> dict[str, tuple]:
         "loss-mse": (search("--loss", "mse"), "--loss must be one of kl, lm, got 'mse'"),
         "window-not-below-seq-len": (search("--window", "32"), "--window (32) must be smaller than --seq-len (32)"),
         "steps-0": (search("--steps", "0"), "--steps must be at least 1, got 0"),
+        "seeds-0": (search("--seeds", "0"), "--seeds must be at least 1, got 0"),
+        "seeds-negative": (search("--seeds", "-2"), "--seeds must be at least 1, got -2"),
         "negative-sinks": (search("--sink-tokens", "-1"), "--sink-tokens must be >= 0"),
         "dtype-int8": (search("--dtype", "int8"), "--dtype must be one of"),
         "unknown-model-path": (search(model=lambda tmp: tmp / "no-such-model"), "no such file or directory"),

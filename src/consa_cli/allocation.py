@@ -241,3 +241,26 @@ def full_heads_per_layer(num_kv_heads: int, sparsity: float) -> int:
             f"use one of {achievable}, or --granularity kv-head"
         )
     return int(round(keep))
+
+
+def rank_to_mask(scores: torch.Tensor, granularity: str, num_layers: int, num_kv_heads: int,
+                 sparsity: float) -> torch.Tensor:
+    """The exact-count FA mask ``[num_layers, num_kv_heads]`` that keeps the highest-scoring units at ``sparsity``.
+
+    ``scores`` has one value per unit (:attr:`Allocation.unit_mask`'s order); ``kv-head-per-layer`` keeps the same
+    count in every layer.
+    """
+    if granularity == "kv-head-per-layer":
+        per_layer = scores.view(num_layers, num_kv_heads)
+        keep = full_heads_per_layer(num_kv_heads, sparsity)
+        mask = torch.zeros_like(per_layer, dtype=torch.bool)
+        if keep:
+            mask.scatter_(1, per_layer.topk(keep, dim=1, sorted=False).indices, True)
+        return mask
+    keep = full_unit_count(scores.numel(), sparsity)
+    unit_mask = torch.zeros(scores.numel(), dtype=torch.bool)
+    if keep:
+        unit_mask[scores.topk(keep, sorted=False).indices] = True
+    if granularity == "layer":
+        return unit_mask.unsqueeze(1).expand(num_layers, num_kv_heads).clone()
+    return unit_mask.view(num_layers, num_kv_heads).clone()

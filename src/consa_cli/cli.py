@@ -139,6 +139,10 @@ def search(
                                           "retrieval samples, taken in turn: room-code, home-city, locker-number. "
                                           f"{_default('retrieval_formats')}"),
     seed: int = typer.Option(None, help=f"Seed for data order and gate noise. {_default('seed')}"),
+    seeds: int = typer.Option(None, metavar="N", help="Search with N seeds (--seed, --seed+1, ...), each in "
+                              "OUTPUT/seed-<seed>, and write the vote over them: the units most seeds keep full, "
+                              "ties broken by the mean standardised log_alpha. Running the command again keeps "
+                              f"finished seeds and resumes an interrupted one. {_default('seeds')}"),
     gate_lr: float = typer.Option(None, help=f"Adam learning rate of the gates' log_alpha. {_default('gate_lr')}"),
     multiplier_lr: float = typer.Option(None, help="Ascent rate of the Lagrange multipliers. "
                                         f"{_default('multiplier_lr')}"),
@@ -179,7 +183,7 @@ def search(
             seq_len=seq_len, data=data, steps=steps, batch_size=batch_size, loss=loss,
             retrieval_loss=retrieval_loss, method=method,
             l1_weight=l1_weight, retrieval_fraction=retrieval_fraction, retrieval_formats=retrieval_formats,
-            seed=seed, gate_lr=gate_lr,
+            seed=seed, seeds=seeds, gate_lr=gate_lr,
             multiplier_lr=multiplier_lr, target_warmup_steps=target_warmup_steps, penalty_init=penalty_init,
             dtype=dtype, device=device, attention_backend=attention_backend, output=output,
             checkpoint_every=checkpoint_every,
@@ -193,10 +197,23 @@ def search(
             checkpoint = load_checkpoint(resume)
             settings = resumed_settings(checkpoint.settings, resume, checkpoint.step, recipe, **flags)
         progress = Progress(
-            TextColumn("[bold]search"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("[bold]{task.fields[label]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TimeRemainingColumn(), TextColumn("{task.description}"), console=console,
         )
-        task = progress.add_task("", total=settings.steps, completed=0 if checkpoint is None else checkpoint.step)
+        task = progress.add_task("", total=settings.steps, completed=0 if checkpoint is None else checkpoint.step,
+                                 label="search")
+
+        def on_seed(info: dict) -> None:
+            if progress.live.is_started:
+                progress.stop()  # the previous seed's last line stays on screen and in logs
+            which = f"seed {info['index']}/{info['count']}"
+            if info["status"] == "finished":
+                console.print(f"{which} (--seed {info['seed']}): finished earlier in {info['run_dir']}, kept")
+                return
+            resumed = f", resuming after step {info['resumed_from']}" if info["status"] == "resume" else ""
+            console.print(f"{which} (--seed {info['seed']}) in {info['run_dir']}{resumed}")
+            progress.reset(task, total=settings.steps, completed=info["resumed_from"], description="",
+                           label=f"search {which}")
 
         def on_start(info: dict) -> None:
             resumed = f", continuing after step {info['resumed_from']}" if info["resumed_from"] else ""
@@ -229,12 +246,15 @@ def search(
 
         try:
             try:
-                result = run(settings, force=force, on_start=on_start, on_step=on_step, resume=checkpoint)
+                result = run(settings, force=force, on_start=on_start, on_step=on_step, resume=checkpoint,
+                             on_seed=on_seed)
             finally:
-                progress.stop()
+                if progress.live.is_started:
+                    progress.stop()
         except SearchInterrupted as stop:
-            errors.print(f"interrupted at step {stop.step} of {stop.steps}; checkpoint saved, continue with: "
-                         f"consa search --resume {shlex.quote(str(stop.run_dir))}",
+            again = ("run the same command again (finished seeds are kept)" if settings.seeds > 1
+                     else f"consa search --resume {shlex.quote(str(stop.run_dir))}")
+            errors.print(f"interrupted at step {stop.step} of {stop.steps}; checkpoint saved, continue with: {again}",
                          style="yellow", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(128 + stop.signal_number) from None  # the shell's convention: 130 for Ctrl-C
         allocation = result.allocation
@@ -244,6 +264,10 @@ def search(
         threshold = (f"log_alpha > 0 threshold keeps {meta['full_units_threshold']} units; ranking keeps exactly "
                      f"{allocation.num_full_units} ({meta['units_where_ranking_differs_from_threshold']} units "
                      "differ). ") if "full_units_threshold" in meta else ""
+        if "seeds" in meta:
+            unanimous = sum(votes == len(meta["seeds"]) for votes in meta["unit_votes"])
+            threshold = (f"vote of {len(meta['seeds'])} seeds ({', '.join(map(str, meta['seeds']))}): "
+                         f"{unanimous} of its {allocation.num_full_units} full units kept by every seed. ")
         console.print(f"{threshold}{result.seconds:.0f} s. Written to {settings.output}")
 
 
@@ -606,6 +630,8 @@ def sweep(
     retrieval_formats: str = typer.Option(None, metavar="FORMATS", help="Formats of those samples (see search). "
                                           f"{_default('retrieval_formats')}"),
     seed: int = typer.Option(None, help=f"Seed of searches and of the random rule. {_default('seed')}"),
+    seeds: int = typer.Option(None, metavar="N", help="Seeds per search, the allocation their vote (see search). "
+                              f"{_default('seeds')}"),
     dtype: str = typer.Option(None, help=f"bfloat16, float32 or float16. {_default('dtype')}"),
     device: str = typer.Option(None, help=f"cpu, cuda, cuda:N or auto (search and evaluation). {_default('device')}"),
     recipe: Path = typer.Option(None, help="YAML of search settings (see recipes/); flags override it."),
@@ -636,7 +662,7 @@ def sweep(
         flags = dict(model=model, window=window, sink_tokens=sink_tokens, seq_len=seq_len, data=data, steps=steps,
                      batch_size=batch_size, loss=loss, retrieval_loss=retrieval_loss,
                      retrieval_fraction=retrieval_fraction, retrieval_formats=retrieval_formats, seed=seed,
-                     dtype=dtype, device=device)
+                     seeds=seeds, dtype=dtype, device=device)
         search_settings = build_settings(SearchSettings, recipe, **flags)
         evaluation = EvalSettings(data=search_settings.data, seq_lens=eval_seq_len or [search_settings.seq_len],
                                   batch_size=search_settings.batch_size, dtype=search_settings.dtype,

@@ -8,13 +8,17 @@ Model weights stay frozen. The final mask ranks log_alpha so the requested count
 
 A search survives interruption: it checkpoints its whole state (gates, multipliers, optimiser state, noise
 generator) into the run directory, atomically, and ``--resume`` continues bit for bit where it stopped.
+
+``--seeds N`` runs N such searches, one per seed, and writes the vote over their allocations (:func:`search_seeds`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import re
 import shlex
 import time
 from collections.abc import Callable
@@ -28,7 +32,7 @@ from consa_cli.allocation import (
     ALLOCATION_FILE,
     Allocation,
     full_heads_per_layer,
-    full_unit_count,
+    rank_to_mask,
     write_atomically,
 )
 from consa_cli.attention import install_hybrid, original_attention, remove_hybrid, set_fa_weights
@@ -144,19 +148,7 @@ class UnitLayout:
 
     def rank_to_mask(self, scores: torch.Tensor, sparsity: float) -> torch.Tensor:
         """Exact-count FA mask ``[L, H]`` keeping the highest-scoring units (per layer for the per-layer scope)."""
-        if self.granularity == "kv-head-per-layer":
-            per_layer = scores.view(self.num_layers, self.num_kv_heads)
-            keep = full_heads_per_layer(self.num_kv_heads, sparsity)
-            mask = torch.zeros_like(per_layer, dtype=torch.bool)
-            top = per_layer.topk(keep, dim=1, sorted=False).indices if keep else None
-            if top is not None:
-                mask.scatter_(1, top, True)
-            return mask
-        keep = full_unit_count(self.num_units, sparsity)
-        unit_mask = torch.zeros(self.num_units, dtype=torch.bool)
-        if keep:
-            unit_mask[scores.topk(keep, sorted=False).indices] = True
-        return self.to_fa_weights(unit_mask).clone()
+        return rank_to_mask(scores, self.granularity, self.num_layers, self.num_kv_heads, sparsity)
 
 
 @dataclass
@@ -464,19 +456,26 @@ def prepare_run_dir(output: str | Path, force: bool) -> Path:
 
 
 def search(settings: SearchSettings, force: bool = False, on_start: Callable[[dict], None] | None = None,
-           on_step: Callable[[dict], None] | None = None, resume: CheckpointState | None = None) -> SearchResult:
+           on_step: Callable[[dict], None] | None = None, resume: CheckpointState | None = None,
+           on_seed: Callable[[dict], None] | None = None) -> SearchResult:
     """``consa search`` end to end: load model and calibration data, learn, write the run directory.
 
     The run directory holds ``allocation.safetensors`` (the result), ``metrics.jsonl`` (one line per step),
     ``run.json`` (settings, summary, versions) and ``checkpoint.safetensors`` (the search state after the last
     checkpointed step). It is kept after a finished run, which ``resume`` can then extend to more steps.
     With ``resume`` (:func:`load_checkpoint` of ``settings.output``), the run continues in place.
+    With ``settings.seeds`` > 1 it is :func:`search_seeds` (``on_seed`` hears of each seed).
     """
     from consa_cli.data import load_token_sequences
     from consa_cli.families import adapter_for
     from consa_cli.models import load_model_and_tokenizer, model_fingerprint
 
     settings.validate()
+    if settings.seeds > 1:
+        if resume is not None:
+            raise SettingsError("--resume continues one search; to continue a run of several seeds, run its command "
+                                "again (finished seeds are kept, an interrupted one resumes)")
+        return search_seeds(settings, force=force, on_start=on_start, on_step=on_step, on_seed=on_seed)
     if resume is None:
         check_run_dir(settings.output, force)  # fail before minutes of loading; create it only once all loaded
     device = resolve_device(settings.device)
@@ -537,3 +536,131 @@ def search(settings: SearchSettings, force: bool = False, on_start: Callable[[di
         summary["resumes"] = result.allocation.metadata["resumes"]
     write_atomically(output / RUN_FILE, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
     return result
+
+
+SEED_RUN_PREFIX = "seed-"
+IGNORED_ON_RESTART = ("checkpoint_every",)  # settings that never change what a search computes
+# What a run directory of several seeds holds besides the seeds' own run directories.
+SEEDS_RUN_FILES = (ALLOCATION_FILE, RUN_FILE)
+
+
+def seed_settings(settings: SearchSettings, seed: int) -> SearchSettings:
+    """The settings of one seed's search in a run of several: a plain search in ``OUTPUT/seed-<seed>``."""
+    return dataclasses.replace(settings, seed=seed, seeds=1,
+                               output=str(Path(settings.output) / f"{SEED_RUN_PREFIX}{seed}"))
+
+
+def search_seeds(settings: SearchSettings, force: bool = False, on_start: Callable[[dict], None] | None = None,
+                 on_step: Callable[[dict], None] | None = None,
+                 on_seed: Callable[[dict], None] | None = None) -> SearchResult:
+    """``consa search --seeds N``: N searches, seeds ``seed .. seed+N-1``, and the vote over their allocations.
+
+    Each seed's search is a plain :func:`search` (its own calibration retrieval mix, data order and gate noise,
+    all drawn from its seed) with its own run directory ``OUTPUT/seed-<seed>``; ``OUTPUT/allocation.safetensors``
+    is :func:`~consa_cli.vote.vote` over them at the same target, and ``OUTPUT/run.json`` summarises the run.
+    Running it again keeps the seeds already finished with these settings and resumes an interrupted one from
+    its checkpoint; ``force`` restarts them all. ``on_seed`` receives, before each seed, its position and what
+    happens to it: ``new``, ``resume`` or ``finished`` (kept).
+    """
+    from consa_cli.vote import vote
+
+    settings.validate()
+    runs = [seed_settings(settings, settings.seed + offset) for offset in range(settings.seeds)]
+    output = _check_seeds_dir(settings.output, force)
+    plans = [_seed_plan(run, force) for run in runs]  # every seed checked before minutes of searching
+    output.mkdir(parents=True, exist_ok=True)
+    if force:  # an overwritten single-seed run's state must not be left for a later --resume to continue
+        for name in (CHECKPOINT_FILE, METRICS_FILE):
+            (output / name).unlink(missing_ok=True)
+    allocations, seconds = [], 0.0
+    for index, (run, (status, checkpoint)) in enumerate(zip(runs, plans, strict=True), start=1):
+        if on_seed is not None:
+            on_seed({"index": index, "count": len(runs), "seed": run.seed, "run_dir": run.output, "status": status,
+                     "resumed_from": checkpoint.step if checkpoint is not None else 0})
+        if status == "finished":
+            allocations.append(Allocation.load(run.output))
+            continue
+        # A new seed's directory holds nothing to continue (at most a killed run's first steps): overwrite it.
+        result = search(run, force=status == "new", on_start=on_start, on_step=on_step, resume=checkpoint)
+        allocations.append(result.allocation)
+        seconds += result.seconds
+    seeds = [run.seed for run in runs]
+    method = f"{allocations[0].method} vote of {len(runs)} seeds"
+    voted = vote(allocations, settings.sparsity, method=method)
+    voted.metadata.update({"settings": settings_to_dict(settings), "seeds": seeds,
+                           "seed_runs": [Path(run.output).name for run in runs],
+                           "versions": environment_versions()})
+    voted.save(output / ALLOCATION_FILE)
+    summary = {
+        "settings": settings_to_dict(settings),
+        "seeds": seeds,
+        "seed_runs": [Path(run.output).name for run in runs],
+        "allocation": voted.settings_dict(),
+        "fa_rows": voted.render_rows(),
+        "seconds": round(seconds, 2),  # of this call's searches only
+        "versions": environment_versions(),
+    }
+    write_atomically(output / RUN_FILE, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+    return SearchResult(allocation=voted, seconds=seconds)
+
+
+def _check_seeds_dir(output: str | Path, force: bool) -> Path:
+    """:func:`check_run_dir` for a run of several seeds, which may already hold seed directories and a vote: running
+    the command again continues it, with more seeds or fewer (a seed directory left out is not voted on)."""
+    output = check_run_dir(output, force=True)
+    if force or not output.is_dir():
+        return output
+    foreign = sorted(entry.name for entry in output.iterdir()
+                     if not (entry.name in SEEDS_RUN_FILES or _is_temp_file_of(entry.name, SEEDS_RUN_FILES)
+                             or (entry.is_dir() and re.fullmatch(f"{SEED_RUN_PREFIX}-?[0-9]+", entry.name))))
+    if foreign:
+        raise FileExistsError(f"{output} already holds another run ({foreign[0]}); pass --force to overwrite it or "
+                              "choose --output")
+    for name in SEEDS_RUN_FILES:
+        for leftover in output.glob(f".{name}.*.tmp"):  # write_atomically's temp files from a killed process
+            leftover.unlink()
+    return output
+
+
+def _is_temp_file_of(name: str, files: tuple[str, ...]) -> bool:
+    return any(name.startswith(f".{file}.") and name.endswith(".tmp") for file in files)
+
+
+def _seed_plan(run: SearchSettings, force: bool) -> tuple[str, CheckpointState | None]:
+    """What one seed's search needs: ``new`` (start it), ``resume`` (from the returned checkpoint) or
+    ``finished`` (its allocation is there, searched with these settings); another run in its place is an error."""
+    from consa_cli.checkpoint import load_checkpoint
+
+    run_dir = Path(run.output)
+    if force or not run_dir.is_dir():
+        return "new", None
+    finished = (run_dir / ALLOCATION_FILE).is_file()
+    if finished:
+        differs = _settings_differ(Allocation.load(run_dir).metadata.get("settings", {}), run)
+        if differs is None:
+            return "finished", None
+    if (run_dir / CHECKPOINT_FILE).is_file():
+        checkpoint = load_checkpoint(run_dir)
+        differs = _settings_differ(checkpoint.settings, run)
+        if differs is None:
+            return "resume", checkpoint
+    elif not finished:
+        return "new", None
+    raise FileExistsError(f"{run_dir} holds a search with other settings ({differs}); pass --force to restart every "
+                          "seed or choose another --output")
+
+
+def _settings_differ(saved: dict, run: SearchSettings) -> str | None:
+    """The first setting in which a saved run's ``saved`` settings differ from ``run``'s, as '--name: a, b'; None
+    when they would compute the same search (the directory it was written to aside)."""
+    from consa_cli.settings import with_legacy_retrieval_loss
+
+    saved = with_legacy_retrieval_loss({("attention_backend" if key == "backend" else key): value
+                                        for key, value in saved.items()})
+    current = settings_to_dict(run)
+    for name, value in current.items():
+        if name in ("output", *IGNORED_ON_RESTART):
+            continue
+        if saved.get(name, getattr(SearchSettings, name, None)) != value:
+            return f"--{name.replace('_', '-')}: run {saved.get(name)}, given {value}"
+    return None
