@@ -161,6 +161,27 @@ def test_seeds_writes_each_seeds_search_and_their_vote(tmp_path, tiny_model_dir,
     assert same_allocation(seeds[1], Allocation.load(tmp_path / "plain"))
 
 
+def test_the_seeds_of_a_run_share_one_loaded_model(tmp_path, tiny_model_dir, tiny_text_file, monkeypatch):
+    """A large model loads once for all seeds (the allocation equality with a plain run above shows a search leaves
+    the shared model as it found it)."""
+    import consa_cli.models
+
+    loads = []
+    original = consa_cli.models.load_model_and_tokenizer
+
+    def counted(*args, **kwargs):
+        loads.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(consa_cli.models, "load_model_and_tokenizer", counted)
+    result = invoke(*search_args(tiny_model_dir, tiny_text_file, tmp_path / "run", "--seeds", "3"))
+    assert result.exit_code == 0, result.output
+    assert len(loads) == 1
+    again = invoke(*search_args(tiny_model_dir, tiny_text_file, tmp_path / "run", "--seeds", "3"))
+    assert again.exit_code == 0, again.output
+    assert len(loads) == 1  # every seed finished: nothing to load
+
+
 def test_one_seed_is_the_search_without_the_flag(tmp_path, tiny_model_dir, tiny_text_file):
     for name, extra in (("flag", ["--seeds", "1"]), ("plain", [])):
         result = invoke(*search_args(tiny_model_dir, tiny_text_file, tmp_path / name, *extra))

@@ -457,14 +457,16 @@ def prepare_run_dir(output: str | Path, force: bool) -> Path:
 
 def search(settings: SearchSettings, force: bool = False, on_start: Callable[[dict], None] | None = None,
            on_step: Callable[[dict], None] | None = None, resume: CheckpointState | None = None,
-           on_seed: Callable[[dict], None] | None = None) -> SearchResult:
+           on_seed: Callable[[dict], None] | None = None, loaded: tuple | None = None) -> SearchResult:
     """``consa search`` end to end: load model and calibration data, learn, write the run directory.
 
     The run directory holds ``allocation.safetensors`` (the result), ``metrics.jsonl`` (one line per step),
     ``run.json`` (settings, summary, versions) and ``checkpoint.safetensors`` (the search state after the last
     checkpointed step). It is kept after a finished run, which ``resume`` can then extend to more steps.
     With ``resume`` (:func:`load_checkpoint` of ``settings.output``), the run continues in place.
-    With ``settings.seeds`` > 1 it is :func:`search_seeds` (``on_seed`` hears of each seed).
+    With ``settings.seeds`` > 1 it is :func:`search_seeds` (``on_seed`` hears of each seed). ``loaded``: the
+    ``(model, tokenizer)`` of ``settings.model`` on the settings' device and dtype, already loaded (the seeds of
+    one run share it: a search leaves the model's weights and attention as it found them).
     """
     from consa_cli.data import load_token_sequences
     from consa_cli.families import adapter_for
@@ -481,8 +483,8 @@ def search(settings: SearchSettings, force: bool = False, on_start: Callable[[di
     device = resolve_device(settings.device)
     # Fail before loading.
     attention_backend = resolve_attention_backend(settings.attention_backend, device, getattr(torch, settings.dtype))
-    model, tokenizer = load_model_and_tokenizer(settings.model, dtype=getattr(torch, settings.dtype),
-                                                device=str(device))
+    model, tokenizer = loaded or load_model_and_tokenizer(settings.model, dtype=getattr(torch, settings.dtype),
+                                                          device=str(device))
     if settings.granularity == "kv-head-per-layer":
         full_heads_per_layer(model.config.num_key_value_heads, settings.sparsity)
     sink_tokens = settings.sink_tokens
@@ -572,7 +574,7 @@ def search_seeds(settings: SearchSettings, force: bool = False, on_start: Callab
     if force:  # an overwritten single-seed run's state must not be left for a later --resume to continue
         for name in (CHECKPOINT_FILE, METRICS_FILE):
             (output / name).unlink(missing_ok=True)
-    allocations, seconds = [], 0.0
+    allocations, seconds, loaded = [], 0.0, None
     for index, (run, (status, checkpoint)) in enumerate(zip(runs, plans, strict=True), start=1):
         if on_seed is not None:
             on_seed({"index": index, "count": len(runs), "seed": run.seed, "run_dir": run.output, "status": status,
@@ -580,8 +582,14 @@ def search_seeds(settings: SearchSettings, force: bool = False, on_start: Callab
         if status == "finished":
             allocations.append(Allocation.load(run.output))
             continue
+        if loaded is None:  # once for all seeds (minutes for a large model), and only if a seed still searches
+            from consa_cli.models import load_model_and_tokenizer
+
+            loaded = load_model_and_tokenizer(run.model, dtype=getattr(torch, run.dtype),
+                                              device=str(resolve_device(run.device)))
         # A new seed's directory holds nothing to continue (at most a killed run's first steps): overwrite it.
-        result = search(run, force=status == "new", on_start=on_start, on_step=on_step, resume=checkpoint)
+        result = search(run, force=status == "new", on_start=on_start, on_step=on_step, resume=checkpoint,
+                        loaded=loaded)
         allocations.append(result.allocation)
         seconds += result.seconds
     seeds = [run.seed for run in runs]
