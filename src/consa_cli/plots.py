@@ -87,22 +87,48 @@ def plot_versus_sparsity(series: dict[str, list[tuple[float, float]]], path: str
 
     ``reference`` draws the dense model's value as a dashed horizontal line.
     """
+    plt, figure, axis = _figure(series, title)
+    for index, (label, points) in enumerate(sorted(series.items())):
+        xs, ys = zip(*sorted(points), strict=True)
+        axis.plot(xs, ys, marker=MARKERS[index % len(MARKERS)], label=label)
+    _finish(axis, "sparsity (fraction of units with a sliding window)", ylabel, title, reference, reference_label)
+    return _save(plt, figure, path)
+
+
+def plot_tradeoff(groups: dict[str, list[tuple[float, float]]], path: str | Path, xlabel: str, ylabel: str,
+                  title: str, reference: float | None = None, reference_label: str = "dense") -> Path:
+    """One marker per point, one colour per group: e.g. each allocation's perplexity cost against its retrieval,
+    where the good ones sit top left. ``reference`` draws the dense model's value as a dashed horizontal line."""
+    plt, figure, axis = _figure(groups, title)
+    for index, (label, points) in enumerate(sorted(groups.items())):
+        if points:
+            xs, ys = zip(*points, strict=True)
+            axis.scatter(xs, ys, marker=MARKERS[index % len(MARKERS)], label=f"{label} ({len(points)})", alpha=0.8)
+    _finish(axis, xlabel, ylabel, title, reference, reference_label)
+    return _save(plt, figure, path)
+
+
+MARKERS = "osD^v<>pPX*h"
+
+
+def _figure(series: dict[str, list], title: str):
+    """``(pyplot, figure, axis)`` for a chart of ``series``; nothing to draw is an error."""
     if not any(series.values()):
         raise PlotError(f"nothing to plot for {title}")
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6.4, 4.2))
-    markers = "osD^v<>pPX*h"
-    for index, (label, points) in enumerate(sorted(series.items())):
-        xs, ys = zip(*sorted(points), strict=True)
-        axis.plot(xs, ys, marker=markers[index % len(markers)], label=label)
+    return plt, figure, axis
+
+
+def _finish(axis, xlabel: str, ylabel: str, title: str, reference: float | None, reference_label: str) -> None:
+    """Labels, grid, legend, and the dense model's value as a dashed line."""
     if reference is not None:
         axis.axhline(reference, color="grey", linestyle="--", linewidth=1, label=reference_label)
-    axis.set_xlabel("sparsity (fraction of units with a sliding window)")
+    axis.set_xlabel(xlabel)
     axis.set_ylabel(ylabel)
     axis.set_title(title, fontsize=9)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
-    return _save(plt, figure, path)
 
 
 def _save(plt, figure, path: str | Path) -> Path:
