@@ -390,3 +390,22 @@ def test_search_on_a_natively_hybrid_model_notes_a_target_below_its_native_spars
     at_native = invoke(*common, "--sparsity", "2/3", "--output", tmp_path / "native")
     assert at_native.exit_code == 0, at_native.output
     assert "natively hybrid" not in at_native.stderr
+
+
+def test_retrieval_table_prints_each_models_overall_with_its_standard_error(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    import consa_cli.cli as cli_module
+
+    out = io.StringIO()
+    monkeypatch.setattr(cli_module, "console", Console(file=out, width=200))
+    cells = [{"task": "passkey", "length": 1024, "depth": 0.5, "accuracy": 0.75, "n": 8}]
+    rows = [{"label": "vote4", "retrieval": {"overall": 0.75, "overall_stderr": 0.153, "prompts": 8,
+                                             "by_task": {"passkey": 0.75}, "cells": cells}},
+            {"label": "old run", "retrieval": {"overall": 0.5, "by_task": {"passkey": 0.5}, "cells": cells}}]
+    cli_module._print_retrieval_table(rows)
+    text = out.getvalue()
+    assert "vote4: overall 0.750 +- 0.153 (8 prompts; +- one binomial standard error)" in text
+    assert "old run: overall" not in text  # a result from before the standard error: the table only

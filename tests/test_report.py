@@ -72,6 +72,9 @@ def test_report_tables_plots_and_masks(tmp_path, compared, monkeypatch):
     assert "| interleaved-0.5 | rule:interleaved layer | 2/4 |" in text
     assert "| learned-0.75 | learned kv-head | 2/8 |" in text
     assert "## Perplexity by query position" in text and "[4, 8)" in text and "## Retrieval" in text
+    for row in rows:  # overall retrieval with its binomial standard error over the prompts
+        retrieval = row["retrieval"]
+        assert f"| {retrieval['overall']:.2f} +- {retrieval['overall_stderr']:.2f} |" in text
     pictures = re.findall(r"!\[[^]]*\]\(([^)]+)\)", text)
     assert sorted(pictures) == sorted(["delta-nll-32.png", "delta-nll-beyond-window-32.png", "retrieval.png",
                                        "masks-sparsity-0.5.png", "masks-sparsity-0.75.png"])

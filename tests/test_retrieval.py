@@ -229,6 +229,9 @@ def test_evaluate_retrieval_summarizes_cells_tasks_and_overall(char_tokenizer):
         assert result["by_task"][task] == pytest.approx(sum(correct) / len(correct))
     assert result["overall"] == pytest.approx(sum(c["accuracy"] for c in cells) / len(cells))
     assert 0 < result["overall"] < 1
+    assert result["prompts"] == 3 * len(cells)
+    p = result["overall"]
+    assert result["overall_stderr"] == pytest.approx((p * (1 - p) / result["prompts"]) ** 0.5)
 
 
 def test_evaluate_retrieval_runs_on_a_hybrid(char_tokenizer, one_thread):
@@ -237,7 +240,7 @@ def test_evaluate_retrieval_runs_on_a_hybrid(char_tokenizer, one_thread):
     with hybrid_attention(model, fa_mask, sliding_window=16, sink_tokens=4):
         result = evaluate_retrieval(model, char_tokenizer, list(TASKS), [600], [0.5], samples_per_cell=2,
                                     filler=FILLER, batch_size=2)
-    assert set(result) == {"overall", "by_task", "cells"}
+    assert set(result) == {"overall", "overall_stderr", "prompts", "by_task", "cells"}
     assert set(result["by_task"]) == set(TASKS) and len(result["cells"]) == len(TASKS)
     assert all(0 <= value <= 1 for value in [result["overall"], *result["by_task"].values()])
 

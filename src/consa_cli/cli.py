@@ -603,6 +603,10 @@ def _print_retrieval_table(rows: list[dict]) -> None:
             by_cell = {(c["length"], c["depth"]): c["accuracy"] for c in result["cells"] if c["task"] == task}
             table.add_row(label, task, *(f"{by_cell[cell]:.2f}" for cell in columns), f"{accuracy:.2f}")
     console.print(table)
+    for label, result in results.items():
+        if "overall_stderr" in result:
+            console.print(f"  {label}: overall {result['overall']:.3f} +- {result['overall_stderr']:.3f} "
+                          f"({result['prompts']} prompts; +- one binomial standard error)")
 
 
 @app.command()

@@ -92,18 +92,26 @@ def _bucket_section(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _with_stderr(retrieval: dict) -> str:
+    """``0.64 +- 0.05`` (results written before the standard error was recorded: just the accuracy)."""
+    if "overall_stderr" not in retrieval:
+        return f"{retrieval['overall']:.2f}"
+    return f"{retrieval['overall']:.2f} +- {retrieval['overall_stderr']:.2f}"
+
+
 def _retrieval_section(rows: list[dict]) -> list[str]:
     results = _one_per_target(rows, lambda row: "retrieval" in row)
     if not results:
         return []
     tasks = list(results[0]["retrieval"]["by_task"])
     cells = list(dict.fromkeys((c["task"], c["length"], c["depth"]) for c in results[0]["retrieval"]["cells"]))
-    lines = ["## Retrieval", "", "Exact-match accuracy, overall and per task.", "",
+    lines = ["## Retrieval", "", "Exact-match accuracy, overall (+- one binomial standard error over its prompts) and "
+             "per task.", "",
              _header("target", "method", "sparsity", "overall", *tasks)]
     for row in results:
         retrieval = row["retrieval"]
         lines.append(_cells(row["label"], method_label(row["method"], row["granularity"]), f"{row['sparsity']:.3f}",
-                            f"{retrieval['overall']:.2f}", *(f"{retrieval['by_task'][t]:.2f}" for t in tasks)))
+                            _with_stderr(retrieval), *(f"{retrieval['by_task'][t]:.2f}" for t in tasks)))
     lines += ["", "Per cell (task, prompt tokens @ needle depth):", "",
               _header("target", *(f"{task} {length}@{depth:g}" for task, length, depth in cells))]
     for row in results:

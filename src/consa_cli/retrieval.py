@@ -18,6 +18,7 @@ filler sentences can be given instead.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 import string
@@ -335,9 +336,12 @@ def evaluate_retrieval(
 ) -> dict:
     """Exact-match retrieval accuracy of ``model`` per (task, length, depth) cell, per task and overall.
 
-    Returns ``{"overall": acc, "by_task": {task: acc}, "cells": [{"task", "length", "depth", "accuracy",
-    "n"}]}``; accuracies are fractions of samples, so with equal cells ``overall`` is their mean. Run it
-    inside :func:`consa_cli.attention.hybrid_attention` to score a hybrid.
+    Returns ``{"overall": acc, "overall_stderr": se, "prompts": n, "by_task": {task: acc}, "cells": [{"task",
+    "length", "depth", "accuracy", "n"}]}``; accuracies are fractions of samples, so with equal cells ``overall``
+    is their mean. ``overall_stderr`` is its binomial standard error over the ``n`` prompts, ``sqrt(acc (1 -
+    acc) / n)``: with 8 prompts per cell a cell moves in steps of 0.125, and two allocations' overall scores within
+    about two standard errors of each other are not told apart. Run it inside
+    :func:`consa_cli.attention.hybrid_attention` to score a hybrid.
     """
     if not (tasks and lengths and depths):
         raise DataError("retrieval needs at least one task, length and depth")
@@ -351,7 +355,9 @@ def evaluate_retrieval(
         for (task, length, depth), cell in hits.items()
     ]
     by_task = {task: _accuracy([c for key, c in hits.items() if key[0] == task]) for task in tasks}
-    return {"overall": _accuracy(list(hits.values())), "by_task": by_task, "cells": cells}
+    overall, prompts = _accuracy(list(hits.values())), sum(len(cell) for cell in hits.values())
+    return {"overall": overall, "overall_stderr": math.sqrt(overall * (1 - overall) / prompts), "prompts": prompts,
+            "by_task": by_task, "cells": cells}
 
 
 def _accuracy(cells: list[list[bool]]) -> float:
