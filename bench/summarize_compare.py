@@ -38,6 +38,7 @@ def eval_rows(rows: list[dict]) -> list[dict]:
             "name": row["label"], "ppl": row["ppl"], "nll_per_sequence": row["nll_per_sequence"],
             "full_units": row.get("full_units"), "units": row.get("units"),
             "retrieval": retrieval.get("overall") if isinstance(retrieval, dict) else retrieval,
+            "retrieval_cells": retrieval.get("cells", []) if isinstance(retrieval, dict) else [],
             **({} if dense is None else dict(zip(("delta_nll_vs_dense", "paired_t_vs_dense"),
                                                paired(row["nll_per_sequence"], dense["nll_per_sequence"]), strict=True))),
         })
@@ -76,6 +77,9 @@ def main() -> None:
     missing = [name for name in (args.reference, *names) if name not in rows]
     if missing:
         raise SystemExit(f"no row named {missing[0]!r}; rows: {', '.join(rows)}")
+    if "nll_per_sequence" not in rows[args.reference]:
+        raise SystemExit(f"row {args.reference!r} has no per-sequence NLLs to pair with (dense is every row's "
+                         "reference already): choose an allocation's row")
     reference = rows[args.reference]["nll_per_sequence"]
     dense_retrieval = rows.get("dense", {}).get("retrieval")
     print(f"| allocation | FA units | PPL | dNLL vs dense (t) | dNLL vs {args.reference} (t) | retrieval (of dense) | "
@@ -95,6 +99,9 @@ def main() -> None:
         retrieval = "-"
         if row.get("retrieval") is not None:
             retrieval = f"{row['retrieval']:.3f}"
+            prompts = sum(cell["n"] for cell in row.get("retrieval_cells", []))
+            if prompts:  # one binomial standard error over the prompts
+                retrieval += f" +- {math.sqrt(row['retrieval'] * (1 - row['retrieval']) / prompts):.3f}"
             if dense_retrieval:
                 retrieval += f" ({row['retrieval'] / dense_retrieval:.1%})"
         print(f"| {name} | {units} | {row['ppl']:.3f} | {vs_dense} | {vs_ref} | {retrieval} | {end} | {threshold} |")
