@@ -7,7 +7,9 @@ one sequence per step. Columns per sequence length and loss:
 * search: consa's own search loop (``run_search``: gates, teacher forward for KL, backward, optimiser steps) with
   each ``--backends`` entry (space- or comma-separated): ``flex`` (SDPA full + FlexAttention window), ``flash``
   (SDPA full + PyTorch's flash kernel with its own window, the sinks beyond the window merged by log-sum-exp) and
-  ``sdpa`` (the reference: full + blocked sliding-window SDPA calls).
+  ``sdpa`` (the reference: full + blocked sliding-window SDPA calls); ``NAME+compile`` (e.g. ``flex+compile``) is
+  that backend with the search's ``--compile`` (the gated forward through torch.compile; the dense step stays
+  eager, as transformers runs it).
 
 The attention-alone rows time one layer's forward + backward of the dense causal SDPA call and of each backend's
 full-and-sliding mix (``sdpa``, ``flex``, ``flash``). A backend that fails (a kernel the installed torch lacks) is
@@ -99,9 +101,12 @@ def dense_step_seconds(model, input_ids: torch.Tensor, warmup: int, repeats: int
 
 def search_step_seconds(model, length: int, loss: str, backend: str, warmup: int, repeats: int,
                         window: int, sinks: int) -> list[float]:
-    """consa's search loop itself, timed per step by its own metrics (each step ends in a host sync)."""
+    """consa's search loop itself, timed per step by its own metrics (each step ends in a host sync).
+    ``backend`` may end in ``+compile``: the search's ``--compile`` (the gated forward through torch.compile)."""
+    backend, _, compiled = backend.partition("+")
     settings = SearchSettings(granularity="kv-head-per-layer", sparsity=0.75, window=window, seq_len=length,
-                              steps=warmup + repeats, loss=loss, attention_backend=backend, target_warmup_steps=0)
+                              steps=warmup + repeats, loss=loss, attention_backend=backend, target_warmup_steps=0,
+                              compile=compiled == "compile")
     sequences = torch.randint(0, model.config.vocab_size, (settings.steps, length),
                               generator=torch.Generator().manual_seed(1))
     result = run_search(settings, model, sequences, sinks)
@@ -178,7 +183,8 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument("--losses", nargs="+", default=["lm", "kl"])
     parser.add_argument("--backends", nargs="+", default=["flex", "sdpa"],
-                        help="search backends to time, space- or comma-separated (flex, flash, sdpa, eager)")
+                        help="search backends to time, space- or comma-separated (flex, flash, sdpa, eager); "
+                             "NAME+compile times the search's --compile with that backend")
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--sink-tokens", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=3, help="steps not timed (the first compiles the kernels)")
@@ -191,9 +197,11 @@ def main() -> None:
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
     args.backends = [name for entry in args.backends for name in entry.split(",") if name]
-    unknown = sorted(set(args.backends) - set(ATTENTION_BACKENDS))
+    unknown = sorted({name for name in args.backends
+                      if name.removesuffix("+compile") not in ATTENTION_BACKENDS or name.count("+") > 1})
     if unknown:
-        parser.error(f"unknown --backends {', '.join(unknown)}; choose from {', '.join(ATTENTION_BACKENDS)}")
+        parser.error(f"unknown --backends {', '.join(unknown)}; choose from {', '.join(ATTENTION_BACKENDS)}, each "
+                     "optionally with +compile")
     flex_configs = json.loads(args.flex_configs)
     if flex_configs:
         # Every candidate is another compiled graph of the same function, and dynamo's default recompile limit
@@ -203,7 +211,9 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shape = TINY if args.tiny else QWEN3_0_6B
     model = build_model(shape, device)
-    backends = args.backends if device.type == "cuda" else ["sdpa", "eager"]
+    # On a CPU only the backends that run there (the default list names CUDA ones: then sdpa and eager).
+    backends = args.backends if device.type == "cuda" else (
+        [name for name in args.backends if name.partition("+")[0] in ("sdpa", "eager")] or ["sdpa", "eager"])
     recipe = load_recipe(RECIPE)
     report = {
         "date": datetime.date.today().isoformat(),

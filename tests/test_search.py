@@ -85,6 +85,54 @@ def test_search_is_deterministic_for_a_seed():
     assert not torch.equal(first, third)
 
 
+def test_compiled_search_learns_what_the_eager_search_learns(monkeypatch):
+    """--compile: the gated forward runs through torch.compile (aot_eager here: the graph capture and the autograd
+    split, without a C++ compiler), one graph for the whole run (a new gate sample is a new input, not a
+    recompile), the teacher forward eager; the learned scores equal the eager search's."""
+    import consa_cli.search as search_module
+
+    graphs, calls = [], []
+
+    def traced(model):
+        def backend(graph_module, example_inputs):
+            graphs.append(graph_module)
+            from torch._dynamo.backends.registry import lookup_backend
+
+            return lookup_backend("aot_eager")(graph_module, example_inputs)
+        compiled = torch.compile(model, backend=backend, dynamic=False)
+
+        def counted(**kwargs):
+            calls.append(kwargs["input_ids"].shape)
+            return compiled(**kwargs)
+        return counted
+
+    monkeypatch.setattr(search_module, "compile_student", traced)
+    eager = run_search(settings(steps=4, loss="kl"), tiny_model("llama"), SEQUENCES, 2)
+    compiled = run_search(settings(steps=4, loss="kl", compile=True), tiny_model("llama"), SEQUENCES, 2)
+    assert len(calls) == 4 and len(graphs) == 1  # every step through the compiled forward, compiled once
+    torch.testing.assert_close(compiled.allocation.scores, eager.allocation.scores, rtol=1e-5, atol=1e-5)
+    assert [r["task_loss"] for r in compiled.metrics] == pytest.approx([r["task_loss"] for r in eager.metrics],
+                                                                      rel=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["flex", "flash"])
+def test_cuda_compiled_search_follows_the_eager_search(backend):
+    """--compile on a GPU (inductor, bf16, the flex / flash kernels inside the compiled forward): the same losses
+    as the eager search within bf16 noise, and every gate gets a gradient."""
+    sequences = SEQUENCES.cuda()
+    runs = [run_search(settings(steps=3, loss="lm", dtype="bfloat16", device="cuda", attention_backend=backend,
+                                compile=compiled), tiny_model("qwen3").to("cuda", torch.bfloat16), sequences, 2)
+            for compiled in (False, True)]
+    eager, compiled = ([r["task_loss"] for r in run.metrics] for run in runs)
+    assert compiled == pytest.approx(eager, rel=2e-2)
+    defaults = settings()
+    for run in runs:  # every gate got a gradient through the compiled forward too
+        assert (run.allocation.scores != defaults.log_alpha_init).all()
+    # Adam moves each gate by about gate_lr per step whatever the gradient's size: bf16 noise may flip a sign.
+    assert (runs[0].allocation.scores - runs[1].allocation.scores).abs().max() <= 6 * defaults.gate_lr
+
+
 def test_search_keeps_full_attention_where_it_matters():
     """Layers whose attention output is switched off cannot affect the loss: they must be the ones made SWA."""
     model = tiny_model("qwen3", num_hidden_layers=4)

@@ -188,6 +188,13 @@ def target_at(step: int, settings: SearchSettings) -> float:
     return settings.sparsity * min(1.0, (step + 1) / settings.target_warmup_steps)
 
 
+def compile_student(model: nn.Module):
+    """The gated forward through torch.compile (``--compile``): one graph for every step of a run (the relaxed
+    weights are tensors read from the attention modules, so a new sample is a new input, not a recompile); the
+    sequence length is fixed within a run, so shapes are static."""
+    return torch.compile(model, dynamic=False)
+
+
 def run_search(
     settings: SearchSettings,
     model: nn.Module,
@@ -270,6 +277,7 @@ def run_search(
     all_full = torch.ones(layout.num_layers, layout.num_kv_heads, dtype=torch.bool)
     attention_backend = resolve_attention_backend(settings.attention_backend, device, next(model.parameters()).dtype)
     install_hybrid(model, all_full, settings.window, sink_tokens, attention_backend)
+    student = compile_student(model) if settings.compile else model
     metrics_file = metrics_path.open("a" if resume is not None else "w") if metrics_path is not None else None
     try:
         with deferred_stop_signals(active=checkpoint_dir is not None) as stop_signals:
@@ -291,7 +299,7 @@ def run_search(
 
                 z = gates.sample(generator)
                 set_fa_weights(model, layout.to_fa_weights(z))
-                logits = model(input_ids=input_ids, use_cache=False).logits
+                logits = student(input_ids=input_ids, use_cache=False).logits
                 task_loss = search_loss(logits, input_ids, loss_mask, losses, teacher_logits)
 
                 target = target_at(step, settings)
@@ -541,7 +549,7 @@ def search(settings: SearchSettings, force: bool = False, on_start: Callable[[di
 
 
 SEED_RUN_PREFIX = "seed-"
-IGNORED_ON_RESTART = ("checkpoint_every",)  # settings that never change what a search computes
+IGNORED_ON_RESTART = ("checkpoint_every", "compile")  # settings that never change what a search computes
 # What a run directory of several seeds holds besides the seeds' own run directories.
 SEEDS_RUN_FILES = (ALLOCATION_FILE, RUN_FILE)
 

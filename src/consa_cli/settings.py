@@ -82,6 +82,9 @@ class SearchSettings:
     dtype: str = "bfloat16"
     device: str = "auto"
     attention_backend: str = "auto"
+    # The gated (student) forward through torch.compile: fused norms, rotary and MLP besides the attention kernels.
+    # The teacher forward stays eager. Same computation, so a run may be resumed with it switched.
+    compile: bool = False
     output: str = "runs/search"
     checkpoint_every: int = 25  # steps between checkpoints; 0: only when interrupted and at the end
 
@@ -186,7 +189,7 @@ def settings_to_dict(settings) -> dict[str, Any]:
 
 # What `consa search --resume` may change: the step budget, the optimiser's rates (to get past a NaN, say) and how
 # often to checkpoint. Every other setting decides what the run computes, so it must stay as the run began.
-RESUMABLE = ("steps", "gate_lr", "multiplier_lr", "penalty_init", "checkpoint_every")
+RESUMABLE = ("steps", "gate_lr", "multiplier_lr", "penalty_init", "checkpoint_every", "compile")
 
 
 def resumed_settings(saved: dict[str, Any], run_dir: str | Path, completed_steps: int,
