@@ -141,3 +141,16 @@ def test_eval_efficiency_command(tmp_path, tiny_model_dir):
     assert "inference efficiency" in result.stdout
     bad = CliRunner().invoke(app, ["eval", str(run), "--efficiency", "--context-lengths", "x"])
     assert bad.exit_code == 2 and "--context-lengths" in bad.stderr
+    alone = CliRunner().invoke(app, ["eval", str(run), "--efficiency", "--eager-reference"])
+    assert alone.exit_code == 2 and alone.stderr.strip() == "error: --eager-reference only changes --compiled-decode runs"
+
+
+def test_eval_efficiency_passes_the_eager_reference_on(tmp_path, tiny_model_dir, monkeypatch):
+    import consa_cli.efficiency as efficiency
+
+    seen = []
+    monkeypatch.setattr(efficiency, "evaluate_efficiency", lambda targets, settings, *args: seen.append(settings) or [])
+    result = CliRunner().invoke(app, ["eval", str(tiny_model_dir), "--efficiency", "--compiled-decode",
+                                      "--eager-reference"])
+    assert result.exit_code == 0, result.output
+    assert seen[0].compiled_decode and seen[0].eager_reference

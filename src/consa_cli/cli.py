@@ -390,6 +390,9 @@ def eval_command(
     compiled_decode: bool = typer.Option(False, "--compiled-decode", help="--efficiency: every model on a static "
                                          "cache with decode steps compiled into CUDA graphs (torch.compile, "
                                          "reduce-overhead; CUDA)."),
+    eager_reference: bool = typer.Option(False, "--eager-reference", help="--compiled-decode: the dense reference "
+                                         "decodes eagerly on a dynamic cache, as transformers runs it (its own "
+                                         "compiled static-cache decode is slower), in the same run."),
 ):
     """Held-out perplexity of hybrids next to the dense original (paired per-sequence statistics)."""
     from consa_cli.evaluate import DTYPES, EvalSettings, evaluate, resolve_target, write_eval_json
@@ -397,7 +400,7 @@ def eval_command(
 
     if efficiency:
         _efficiency_command(targets, dtype or "bfloat16", device or "cpu", dense_model, json_path,
-                            context_lengths, batch_sizes, decode_steps, compiled_decode)
+                            context_lengths, batch_sizes, decode_steps, compiled_decode, eager_reference)
         return
     with user_errors():
         settings = EvalSettings()
@@ -494,7 +497,8 @@ def _set_tasks(settings, tasks: str | None, include: Path | None, limit: int | N
 
 
 def _efficiency_command(targets: list[str], dtype: str, device: str, dense_model: str | None, json_path: Path | None,
-                        context_lengths: str, batch_sizes: str, decode_steps: int, compiled_decode: bool) -> None:
+                        context_lengths: str, batch_sizes: str, decode_steps: int, compiled_decode: bool,
+                        eager_reference: bool = False) -> None:
     from consa_cli.efficiency import EfficiencySettings, evaluate_efficiency
     from consa_cli.evaluate import DTYPES, resolve_target
     from consa_cli.settings import SettingsError
@@ -502,7 +506,9 @@ def _efficiency_command(targets: list[str], dtype: str, device: str, dense_model
     with user_errors():
         settings = EfficiencySettings(_csv(context_lengths, int, "--context-lengths"),
                                       _csv(batch_sizes, int, "--batch-sizes"), decode_steps,
-                                      compiled_decode=compiled_decode)
+                                      compiled_decode=compiled_decode, eager_reference=eager_reference)
+        if eager_reference and not compiled_decode:
+            raise SettingsError("--eager-reference only changes --compiled-decode runs")
         if dtype not in DTYPES:
             raise SettingsError(f"--dtype must be one of {', '.join(DTYPES)}")
         if (not settings.context_lengths or min(settings.context_lengths) < 2 or not settings.batch_sizes
