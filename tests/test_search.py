@@ -86,9 +86,9 @@ def test_search_is_deterministic_for_a_seed():
 
 
 def test_compiled_search_learns_what_the_eager_search_learns(monkeypatch):
-    """--compile: the gated forward runs through torch.compile (aot_eager here: the graph capture and the autograd
-    split, without a C++ compiler), one graph for the whole run (a new gate sample is a new input, not a
-    recompile), the teacher forward eager; the learned scores equal the eager search's."""
+    """--compile: the gated forward and the KL teacher run through torch.compile (aot_eager here: the graph
+    capture and the autograd split, without a C++ compiler), two graphs for the whole run (student and teacher; a
+    new gate sample is a new input, not a recompile); the learned scores equal the eager search's."""
     import consa_cli.search as search_module
 
     graphs, calls = [], []
@@ -106,10 +106,10 @@ def test_compiled_search_learns_what_the_eager_search_learns(monkeypatch):
             return compiled(**kwargs)
         return counted
 
-    monkeypatch.setattr(search_module, "compile_student", traced)
+    monkeypatch.setattr(search_module, "compile_forward", traced)
     eager = run_search(settings(steps=4, loss="kl"), tiny_model("llama"), SEQUENCES, 2)
     compiled = run_search(settings(steps=4, loss="kl", compile=True), tiny_model("llama"), SEQUENCES, 2)
-    assert len(calls) == 4 and len(graphs) == 1  # every step through the compiled forward, compiled once
+    assert len(calls) == 2 * 4 and len(graphs) == 2  # teacher and student every step, each compiled once
     torch.testing.assert_close(compiled.allocation.scores, eager.allocation.scores, rtol=1e-5, atol=1e-5)
     assert [r["task_loss"] for r in compiled.metrics] == pytest.approx([r["task_loss"] for r in eager.metrics],
                                                                       rel=1e-5)

@@ -157,9 +157,9 @@ def search(
                                           "one FlexAttention pass; CUDA), flash (flash attention's own window, sinks merged "
                                           "by log-sum-exp; CUDA, bf16/fp16), sdpa (two calls, the reference), eager, "
                                           f"or auto (flex on CUDA, else sdpa). {_default('attention_backend')}"),
-    compile: bool = typer.Option(None, "--compile/--no-compile", help="Compile the gated forward with "
-                                 "torch.compile (norms, rotary and MLP fused besides the attention kernels); the first "
-                                 f"step then takes longer. {_default('compile')}"),
+    compile: bool = typer.Option(None, "--compile/--no-compile", help="Run the model's forward (gated "
+                                 "student and KL teacher) through torch.compile: norms, rotary and MLP fused besides "
+                                 f"the attention kernels; the first steps take longer. {_default('compile')}"),
     output: str = typer.Option(None, "--output", "-o", help=f"Run directory to write. {_default('output')}"),
     checkpoint_every: int = typer.Option(None, help="Steps between checkpoints (checkpoint.safetensors in the run "
                                          "directory, for --resume); 0: only when interrupted and at the end. "

@@ -188,10 +188,11 @@ def target_at(step: int, settings: SearchSettings) -> float:
     return settings.sparsity * min(1.0, (step + 1) / settings.target_warmup_steps)
 
 
-def compile_student(model: nn.Module):
-    """The gated forward through torch.compile (``--compile``): one graph for every step of a run (the relaxed
-    weights are tensors read from the attention modules, so a new sample is a new input, not a recompile); the
-    sequence length is fixed within a run, so shapes are static."""
+def compile_forward(model: nn.Module):
+    """The model's forward through torch.compile (``--compile``), for the gated student and the KL teacher: two
+    graphs for a whole run, one per attention implementation and grad mode (the relaxed weights are tensors read
+    from the attention modules, so a new gate sample is a new input, not a recompile); the sequence length is
+    fixed within a run, so shapes are static."""
     return torch.compile(model, dynamic=False)
 
 
@@ -277,7 +278,7 @@ def run_search(
     all_full = torch.ones(layout.num_layers, layout.num_kv_heads, dtype=torch.bool)
     attention_backend = resolve_attention_backend(settings.attention_backend, device, next(model.parameters()).dtype)
     install_hybrid(model, all_full, settings.window, sink_tokens, attention_backend)
-    student = compile_student(model) if settings.compile else model
+    forward = compile_forward(model) if settings.compile else model
     metrics_file = metrics_path.open("a" if resume is not None else "w") if metrics_path is not None else None
     try:
         with deferred_stop_signals(active=checkpoint_dir is not None) as stop_signals:
@@ -295,11 +296,11 @@ def run_search(
                 if kl_rows:  # the original model's predictions, for the sequences whose loss has a teacher
                     # Its own attention, not all-full: for a natively hybrid model (Gemma3) that is its own pattern.
                     with torch.no_grad(), original_attention(model):
-                        teacher_logits = model(input_ids=input_ids[kl_rows], use_cache=False).logits
+                        teacher_logits = forward(input_ids=input_ids[kl_rows], use_cache=False).logits
 
                 z = gates.sample(generator)
                 set_fa_weights(model, layout.to_fa_weights(z))
-                logits = student(input_ids=input_ids, use_cache=False).logits
+                logits = forward(input_ids=input_ids, use_cache=False).logits
                 task_loss = search_loss(logits, input_ids, loss_mask, losses, teacher_logits)
 
                 target = target_at(step, settings)

@@ -82,8 +82,8 @@ class SearchSettings:
     dtype: str = "bfloat16"
     device: str = "auto"
     attention_backend: str = "auto"
-    # The gated (student) forward through torch.compile: fused norms, rotary and MLP besides the attention kernels.
-    # The teacher forward stays eager. Same computation, so a run may be resumed with it switched.
+    # The forward (gated student and KL teacher) through torch.compile: fused norms, rotary and MLP besides the
+    # attention kernels. Same computation, so a run may be resumed with it switched.
     compile: bool = False
     output: str = "runs/search"
     checkpoint_every: int = 25  # steps between checkpoints; 0: only when interrupted and at the end
