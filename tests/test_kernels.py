@@ -162,6 +162,36 @@ def test_compiled_sink_share_equals_the_eager_one():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_a_prepared_block_mask_is_read_by_a_compiled_graph_not_rebuilt_in_it():
+    """--compile with flex: prepare_flex makes the window's block mask eagerly, and a compiled forward that asks for
+    it gets its tensors as graph inputs; without it dynamo would trace the mask's construction into the graph
+    (through an lru_cache, which it ignores) and rebuild it on every call."""
+    from consa_cli.kernels import _WINDOW_MASKS, prepare_flex
+
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    def uses_mask(x):
+        return x * window_block_mask(x.shape[-2], 16, 4, str(x.device)).kv_num_blocks.sum()
+
+    _WINDOW_MASKS.clear()
+    x = torch.randn(1, 2, 256, 8)
+    prepare_flex(256, 16, 4, x.device)
+    assert (256, 16, 4, "cpu", 128) in _WINDOW_MASKS
+    assert window_block_mask(256, 16, 4, "cpu") is _WINDOW_MASKS[(256, 16, 4, "cpu", 128)]
+    compiled = torch.compile(uses_mask, backend=backend, fullgraph=True)
+    torch.testing.assert_close(compiled(x), uses_mask(x))
+    assert "arange" not in graphs[0].code and "vmap" not in graphs[0].code
+    # Unprepared, the same function builds the mask inside its graph: what the preparation avoids.
+    _WINDOW_MASKS.clear()
+    torch._dynamo.reset()
+    torch.compile(uses_mask, backend=backend, fullgraph=True)(x)
+    assert "arange" in graphs[-1].code
+
+
 def test_flash_needs_cuda_and_half_precision():
     assert not flash_supported(torch.device("cpu"))
     assert not flash_supported(torch.device("cpu"), torch.bfloat16)

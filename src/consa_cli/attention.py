@@ -32,7 +32,7 @@ from consa_cli.hybrid_runtime import (
     causal_window_mask,  # noqa: F401 - part of this module's interface
     split_head_attention,
 )
-from consa_cli.kernels import flash_full_and_sliding, flex_full_and_sliding
+from consa_cli.kernels import flash_full_and_sliding, flex_full_and_sliding, prepare_flex
 
 ATTENTION_NAME = "consa"
 
@@ -83,6 +83,9 @@ class AttentionBackend:
 
     attend: Callable
     full_and_sliding: Callable
+    # ``prepare(length, window, sink_tokens, device)``: what to make eagerly before a compiled forward first runs
+    # (a compiled graph would otherwise rebuild it on every call); None: nothing.
+    prepare: Callable | None = None
 
 
 def _mix_two_calls(kernel, query, key, value, fa_weight, scaling, window, sink_tokens, attention_mask=None):
@@ -98,7 +101,7 @@ ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
     "sdpa": AttentionBackend(KERNELS["sdpa"], partial(_mix_two_calls, KERNELS["sdpa"])),
     "eager": AttentionBackend(KERNELS["eager"], partial(_mix_two_calls, KERNELS["eager"])),
     # consa_cli.kernels: SDPA full + FlexAttention window; hard allocations (the KL teacher) take SDPA's kernels.
-    "flex": AttentionBackend(KERNELS["sdpa"], flex_full_and_sliding),
+    "flex": AttentionBackend(KERNELS["sdpa"], flex_full_and_sliding, prepare_flex),
     # consa_cli.kernels: SDPA full + flash attention's own window, sinks merged by log-sum-exp (CUDA, half precision).
     "flash": AttentionBackend(KERNELS["sdpa"], flash_full_and_sliding),
 }

@@ -50,15 +50,34 @@ def flex_supported(device: torch.device) -> bool:
 DEFAULT_BLOCK_SIZE = 128
 
 
-@functools.lru_cache(maxsize=16)
+# Block masks made so far, by (length, window, sinks, device, tile). A plain dict, not functools.lru_cache: dynamo
+# traces through an lru_cache wrapper, so a compiled model (`consa search --compile`) would build the mask inside
+# its graph on every call; a mask it finds here is read as graph inputs instead (prepare_flex fills it first).
+_WINDOW_MASKS: dict[tuple, object] = {}
+_WINDOW_MASKS_KEPT = 16
+
+
 def window_block_mask(length: int, window: int, sink_tokens: int, device: str, block_size: int = DEFAULT_BLOCK_SIZE):
     """FlexAttention block mask of the sliding window plus sinks, ``length`` queries and keys (cached)."""
+    key = (length, window, sink_tokens, device, block_size)
+    if key in _WINDOW_MASKS:
+        return _WINDOW_MASKS[key]
     from torch.nn.attention.flex_attention import create_block_mask
 
     def in_window(batch, head, q_idx, kv_idx):
         return (kv_idx <= q_idx) & ((q_idx - kv_idx < window) | (kv_idx < sink_tokens))
 
-    return create_block_mask(in_window, None, None, length, length, device=device, BLOCK_SIZE=block_size)
+    mask = create_block_mask(in_window, None, None, length, length, device=device, BLOCK_SIZE=block_size)
+    if not torch.compiler.is_compiling():  # (while tracing it is part of the graph; nothing to keep)
+        if len(_WINDOW_MASKS) >= _WINDOW_MASKS_KEPT:
+            _WINDOW_MASKS.pop(next(iter(_WINDOW_MASKS)))
+        _WINDOW_MASKS[key] = mask
+    return mask
+
+
+def prepare_flex(length: int, window: int, sink_tokens: int, device: torch.device) -> None:
+    """Before a compiled forward first runs: make the window's block mask eagerly, so the graph reads it."""
+    window_block_mask(length, window, sink_tokens, str(device))
 
 
 def window_mix(query, key, value, full, fa_weight, window_mask, scaling, kernel_options=None):

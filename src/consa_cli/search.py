@@ -35,7 +35,13 @@ from consa_cli.allocation import (
     rank_to_mask,
     write_atomically,
 )
-from consa_cli.attention import install_hybrid, original_attention, remove_hybrid, set_fa_weights
+from consa_cli.attention import (
+    ATTENTION_BACKENDS,
+    install_hybrid,
+    original_attention,
+    remove_hybrid,
+    set_fa_weights,
+)
 from consa_cli.baselines import native_allocation, native_sparsity
 from consa_cli.calibration import CalibrationSet, mix_retrieval
 from consa_cli.checkpoint import (
@@ -278,7 +284,12 @@ def run_search(
     all_full = torch.ones(layout.num_layers, layout.num_kv_heads, dtype=torch.bool)
     attention_backend = resolve_attention_backend(settings.attention_backend, device, next(model.parameters()).dtype)
     install_hybrid(model, all_full, settings.window, sink_tokens, attention_backend)
-    forward = compile_forward(model) if settings.compile else model
+    forward = model
+    if settings.compile:
+        prepare = ATTENTION_BACKENDS[attention_backend].prepare
+        if prepare is not None:  # e.g. flex's block mask, which the graph then reads instead of rebuilding
+            prepare(calibration.sequences.shape[1], settings.window, sink_tokens, device)
+        forward = compile_forward(model)
     metrics_file = metrics_path.open("a" if resume is not None else "w") if metrics_path is not None else None
     try:
         with deferred_stop_signals(active=checkpoint_dir is not None) as stop_signals:
