@@ -192,6 +192,31 @@ def test_a_prepared_block_mask_is_read_by_a_compiled_graph_not_rebuilt_in_it():
     assert "arange" in graphs[-1].code
 
 
+def test_the_flash_mix_traces_into_one_graph_of_a_compiled_model():
+    """`consa search --compile --attention-backend flash`: the autograd function, its window primitives and its
+    sink share trace into the model's graph without a break (the sink share is then not compiled on its own),
+    with the eager function's output and gradients (aot_eager: the capture and the autograd split; CPU, float32)."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return lookup_backend("aot_eager")(graph_module, example_inputs)
+
+    kernel = dataclasses.replace(MATH_WINDOW, compile_sinks=True)
+    query, key, value = (t.float().detach() for t in qkv(64, dim=8, seed=9))
+    weight = torch.tensor([0.3, 0.8])
+    results = []
+    for run in (flash_full_and_sliding, torch.compile(flash_full_and_sliding, backend=backend)):
+        inputs = tuple(t.clone().requires_grad_() for t in (query, key, value, weight))
+        out = run(*inputs, 0.4, 16, 4, window_kernel=kernel)
+        results.append((out, *torch.autograd.grad(out.square().sum(), inputs)))
+    assert len(graphs) == 1
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_flash_needs_cuda_and_half_precision():
     assert not flash_supported(torch.device("cpu"))
     assert not flash_supported(torch.device("cpu"), torch.bfloat16)

@@ -276,6 +276,11 @@ def _sink_backward(grad_out, query, sink_key, sink_value, out, lse, scaling: flo
     return grad_query, grad_key, grad_value
 
 
+def _compile_sinks(kernel: WindowKernel) -> bool:
+    """Compile the sinks' share on its own, unless a compiled model is tracing it (it fuses it into its graph)."""
+    return kernel.compile_sinks and not torch.compiler.is_compiling()
+
+
 @functools.cache
 def _compiled(fn: Callable) -> Callable:
     return torch.compile(fn, fullgraph=True, dynamic=False)  # one graph per length, as the flex window
@@ -296,7 +301,7 @@ class SlidingWindowWithSinks(torch.autograd.Function):
         out, lse, state = kernel.forward(query, key, value, scaling, window)
         sinks = min(sink_tokens, max(length - window, 0))  # sink keys that some query sees beyond its window
         if sinks:
-            merge = _compiled(_sink_merge_forward) if kernel.compile_sinks else _sink_merge_forward
+            merge = _compiled(_sink_merge_forward) if _compile_sinks(kernel) else _sink_merge_forward
             out, lse = merge(query, key[:, :, :sinks], value[:, :, :sinks], out, lse, scaling, window)
         ctx.save_for_backward(query, key, value, out, lse, *state)
         ctx.settings = (scaling, window, sinks, kernel)
@@ -309,7 +314,7 @@ class SlidingWindowWithSinks(torch.autograd.Function):
         grad_query, grad_key, grad_value = kernel.backward(grad_out, query, key, value, out, lse, tuple(state),
                                                            scaling, window)
         if sinks:
-            sink_backward = _compiled(_sink_backward) if kernel.compile_sinks else _sink_backward
+            sink_backward = _compiled(_sink_backward) if _compile_sinks(kernel) else _sink_backward
             sink_query, sink_key, sink_value = sink_backward(grad_out, query, key[:, :, :sinks], value[:, :, :sinks],
                                                              out, lse, scaling, window)
             grad_query = grad_query.add_(sink_query)
