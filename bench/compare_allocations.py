@@ -7,7 +7,9 @@ per-sequence NLL difference to dense and its paired t statistic, plus each learn
 Searches and rules run at every ``--sparsities`` value unless a search names its own ``sparsity``. A search's
 overrides may set ``method`` (l0, scalar-l1, attention-mass), ``retrieval_fraction`` (synthetic retrieval
 calibration) and ``seq_len`` (the length of its calibration sequences; every row is still evaluated at
-``--seq-len``). ``--retrieval`` adds long-range retrieval accuracy per allocation (paired prompts for all rows).
+``--seq-len``) and ``seeds`` (as ``consa search --seeds N``: one search per seed, each with its own calibration
+draw, and the row is their vote; the row records the seeds, each unit's votes and every seed's mask). ``--retrieval``
+adds long-range retrieval accuracy per allocation (paired prompts for all rows).
 
 Example (the evidence in docs/results.md):
 
@@ -20,6 +22,7 @@ Example (the evidence in docs/results.md):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -40,6 +43,7 @@ from consa_cli.models import load_model_and_tokenizer, model_fingerprint
 from consa_cli.retrieval import evaluate_retrieval, haystack_filler
 from consa_cli.search import environment_versions, resolve_device, run_search
 from consa_cli.settings import SearchSettings
+from consa_cli.vote import vote
 
 
 def main() -> None:
@@ -123,6 +127,17 @@ def main() -> None:
                                              args.window, sinks)  # "native": the model's own pattern (Gemma3)
             score(f"rule:{rule} {allocation.granularity} s={sparsity:g}", allocation, {})
 
+    def calibration_for(settings: SearchSettings):
+        # Everything the calibration set depends on (a search may set its own seq_len, window or formats:
+        # calibrate at them, evaluate at --seq-len).
+        key = (settings.seq_len, settings.retrieval_fraction, settings.seed, settings.window,
+               settings.retrieval_formats)
+        if key not in calibrations:
+            text = load_token_sequences(args.data, tokenizer, settings.seq_len, "calibration")
+            calibrations[key] = mix_retrieval(text, tokenizer, settings.retrieval_fraction, settings.window,
+                                              settings.seed, settings.retrieval_formats)
+        return calibrations[key]
+
     def score_searches(sparsity: float) -> None:
         for overrides in json.loads(args.searches):
             overrides = dict(overrides)
@@ -134,20 +149,25 @@ def main() -> None:
                                          "data": args.data, "attention_backend": args.attention_backend,
                                          **overrides})
             settings.validate()
-            # Everything the calibration set depends on (a search may set its own seq_len, window or formats:
-            # calibrate at them, evaluate at --seq-len).
-            key = (settings.seq_len, settings.retrieval_fraction, settings.seed, settings.window,
-                   settings.retrieval_formats)
-            if key not in calibrations:
-                text = load_token_sequences(args.data, tokenizer, settings.seq_len, "calibration")
-                calibrations[key] = mix_retrieval(text, tokenizer, settings.retrieval_fraction, settings.window,
-                                                  settings.seed, settings.retrieval_formats)
             if settings.method == "attention-mass":
-                result = attention_mass_search(settings, model, calibrations[key], sinks, fingerprint)
+                result = attention_mass_search(settings, model, calibration_for(settings), sinks, fingerprint)
                 score(f"{name} s={sparsity:g}", result.allocation, {"settings": overrides,
                                                                     "scores": result.allocation.scores.tolist()})
                 continue
-            result = run_search(settings, model, calibrations[key], sinks, fingerprint)
+            if settings.seeds > 1:  # as `consa search --seeds N`: one search per seed, each its own calibration
+                runs = [dataclasses.replace(settings, seed=settings.seed + offset, seeds=1)
+                        for offset in range(settings.seeds)]
+                results = [run_search(run, model, calibration_for(run), sinks, fingerprint) for run in runs]
+                voted = vote([result.allocation for result in results], settings.sparsity)
+                score(f"{name} s={sparsity:g}", voted, {
+                    "settings": overrides, "seeds": [run.seed for run in runs],
+                    "unit_votes": voted.metadata.get("unit_votes"),
+                    "seed_fa_rows": [result.allocation.render_rows() for result in results],
+                    "seconds_per_step": sum(result.seconds for result in results) / (settings.steps * len(runs)),
+                    "scores": voted.scores.tolist(),
+                })
+                continue
+            result = run_search(settings, model, calibration_for(settings), sinks, fingerprint)
             last = result.metrics[-1]
             score(f"{name} s={sparsity:g}", result.allocation, {
                 "settings": overrides,
