@@ -279,3 +279,27 @@ def test_seeds_is_a_recipe_key_that_flags_override(tmp_path):
     recipe.write_text("seeds: 0\n")
     with pytest.raises(SettingsError, match="--seeds must be at least 1, got 0"):
         build_settings(SearchSettings, recipe)
+
+
+def test_compare_allocations_scores_a_search_with_seeds_as_their_vote(tmp_path, tiny_model_dir, tiny_text_file,
+                                                                      monkeypatch):
+    """bench/compare_allocations.py with ``"seeds": 2`` in a search: one search per seed, the row is their vote
+    (it used to run one seed silently)."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).parent.parent / "bench" / "compare_allocations.py"
+    spec = importlib.util.spec_from_file_location("compare_allocations", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.syspath_prepend(str(path.parent))
+    spec.loader.exec_module(module)
+    out = tmp_path / "compare.json"
+    monkeypatch.setattr(sys, "argv", [
+        "compare_allocations.py", "--model", str(tiny_model_dir), "--data", str(tiny_text_file), "--device", "cpu",
+        "--dtype", "float32", "--window", "8", "--seq-len", "32", "--steps", "3", "--eval-sequences", "4",
+        "--sparsities", "0.5", "--rules=", "--searches", '[{"name": "vote", "seeds": 2}]', "--json", str(out)])
+    module.main()
+    row = json.loads(out.read_text())["rows"][-1]
+    assert row["name"] == "vote s=0.5" and row["seeds"] == [0, 1] and len(row["seed_fa_rows"]) == 2
+    assert row["full_units"] == row["units"] // 2  # the vote keeps the target
+    assert sum(row["unit_votes"]) == 2 * row["full_units"]  # each seed's allocation voted once per full unit
