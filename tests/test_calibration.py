@@ -95,3 +95,39 @@ def test_search_on_a_mixture_hits_the_exact_count_and_differs_from_text_only(cha
     text_only = run_search(settings, tiny_model("llama"), text, sink_tokens=2)
     assert with_retrieval.allocation.num_full_units == with_retrieval.allocation.num_units // 2
     assert not torch.equal(with_retrieval.allocation.scores, text_only.allocation.scores)
+
+
+def _bench_module(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ceiling_calibration_scores_the_evaluation_answers_and_never_the_evaluated_prompts(char_tokenizer):
+    """bench/retrieval_ceiling.py: the evaluation tasks' prompts (another seed than consa eval's), their answers as
+    the only scored logits, rows of the text's length, seeded; seed 0 (consa eval's prompts) is refused."""
+    ceiling = _bench_module("retrieval_ceiling")
+    length = 1200  # characters: room for multikey's needles in a character-level prompt
+    ids = char_tokenizer("the quick brown fox jumps over the lazy dog. " * 120, add_special_tokens=False)["input_ids"]
+    text = torch.tensor(ids[: 4 * length]).view(4, length)
+    calibration = ceiling.evaluation_format_calibration(text, char_tokenizer, ["passkey", "multikey"], 0.5, "noise",
+                                                        seed=7)
+    assert calibration.sequences.shape == (8, length) and calibration.is_retrieval.tolist() == [False] * 4 + [True] * 4
+    assert torch.equal(calibration.sequences[:4], text)
+    for row, mask in zip(calibration.sequences[4:], calibration.loss_mask[4:], strict=True):
+        answer = char_tokenizer.decode(row[1:][mask[:-1]])
+        prompt = char_tokenizer.decode(row[: int(mask.nonzero()[0]) + 1])
+        assert answer.strip().isdigit()  # a pass key or a multikey value, as consa eval asks for
+        assert answer.strip() in prompt  # its needle lies in the prompt
+        assert len(prompt) == length - ceiling.ANSWER_ROOM
+    again = ceiling.evaluation_format_calibration(text, char_tokenizer, ["passkey", "multikey"], 0.5, "noise", seed=7)
+    other = ceiling.evaluation_format_calibration(text, char_tokenizer, ["passkey", "multikey"], 0.5, "noise", seed=8)
+    assert torch.equal(again.sequences, calibration.sequences)  # seeded
+    assert not torch.equal(other.sequences[4:], calibration.sequences[4:])  # another seed, other prompts
+    with pytest.raises(DataError, match="consa eval's retrieval seed"):
+        ceiling.evaluation_format_calibration(text, char_tokenizer, ["passkey"], 0.5, "noise", seed=0)
