@@ -17,10 +17,17 @@ from torch.profiler import ProfilerActivity, profile
 from consa_cli.attention import ATTENTION_BACKENDS
 
 
+def dense_causal(query, key, value, weight, scaling, window, sink_tokens):
+    """The dense model's attention call (transformers: causal SDPA with GQA), the same arguments as a backend."""
+    return torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+                                                            enable_gqa=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--backends", default="flash,flex", help="comma-separated search backends")
+    parser.add_argument("--backends", default="flash,flex",
+                        help="comma-separated search backends; 'dense' profiles the dense model's causal SDPA call")
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--sink-tokens", type=int, default=4)
     parser.add_argument("--passes", type=int, default=5)
@@ -34,7 +41,7 @@ def main() -> None:
                          .transpose(1, 2).requires_grad_() for h in (heads, kv_heads, kv_heads))
     weight = torch.rand(kv_heads, device="cuda").requires_grad_()
     for name in args.backends.split(","):
-        mix = ATTENTION_BACKENDS[name].full_and_sliding
+        mix = ATTENTION_BACKENDS[name].full_and_sliding if name != "dense" else dense_causal
 
         def once(mix=mix):
             out = mix(query, key, value, weight, dim ** -0.5, args.window, args.sink_tokens)
