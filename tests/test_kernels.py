@@ -192,10 +192,13 @@ def test_a_prepared_block_mask_is_read_by_a_compiled_graph_not_rebuilt_in_it():
     assert "arange" in graphs[-1].code
 
 
-def test_the_flash_mix_traces_into_one_graph_of_a_compiled_model():
+@pytest.mark.parametrize("sink_tokens", [4, 0])
+def test_the_flash_mix_traces_into_one_graph_of_a_compiled_model(sink_tokens):
     """`consa search --compile --attention-backend flash`: the autograd function, its window primitives and its
     sink share trace into the model's graph without a break (the sink share is then not compiled on its own),
-    with the eager function's output and gradients (aot_eager: the capture and the autograd split; CPU, float32)."""
+    with the eager function's output and gradients (aot_eager: the capture and the autograd split; CPU, float32).
+    With and without the sink merge: either way the float32 forward ends in a no-op cast, which under torch 2.11
+    gave every input a zero gradient until the function returned a fresh view."""
     from torch._dynamo.backends.registry import lookup_backend
 
     graphs = []
@@ -210,7 +213,7 @@ def test_the_flash_mix_traces_into_one_graph_of_a_compiled_model():
     results = []
     for run in (flash_full_and_sliding, torch.compile(flash_full_and_sliding, backend=backend)):
         inputs = tuple(t.clone().requires_grad_() for t in (query, key, value, weight))
-        out = run(*inputs, 0.4, 16, 4, window_kernel=kernel)
+        out = run(*inputs, 0.4, 16, sink_tokens, window_kernel=kernel)
         results.append((out, *torch.autograd.grad(out.square().sum(), inputs)))
     assert len(graphs) == 1
     for got, want in zip(results[1], results[0], strict=True):

@@ -305,7 +305,10 @@ class SlidingWindowWithSinks(torch.autograd.Function):
             out, lse = merge(query, key[:, :, :sinks], value[:, :, :sinks], out, lse, scaling, window)
         ctx.save_for_backward(query, key, value, out, lse, *state)
         ctx.settings = (scaling, window, sinks, kernel)
-        return out
+        # A fresh view, never the very tensor the forward computed: a no-op cast (``.to`` in float32) hands back
+        # that intermediate itself, and torch 2.11's dynamo then routes the traced function's incoming gradient
+        # to the intermediate's slot, so every input got a zero gradient (pytorch/pytorch#180642, fixed in 2.12).
+        return out.view_as(out)
 
     @staticmethod
     def backward(ctx, grad_out):
