@@ -17,6 +17,7 @@ from consa_cli.evaluate import (
     paired_difference,
     position_buckets,
     resolve_target,
+    resolve_targets,
 )
 from consa_cli.export import MASK_FILE, export_checkpoint
 from consa_cli.models import load_model_and_tokenizer, model_fingerprint
@@ -89,6 +90,23 @@ def test_resolve_target_classifies_every_kind(tmp_path, tiny_model_dir, fingerpr
     assert (model.kind, model.allocation, model.base_model) == ("model", None, str(tiny_model_dir))
     hub = resolve_target("Qwen/Qwen3-0.6B")
     assert (hub.kind, hub.label, hub.base_model) == ("model", "Qwen/Qwen3-0.6B", "Qwen/Qwen3-0.6B")
+
+
+def test_colliding_target_names_get_their_folders_and_every_row_keeps_its_own_label(tmp_path, tiny_model_dir,
+                                                                                    tiny_text_file, fingerprint):
+    """`consa eval runA/seed-0.safetensors runB/seed-0.safetensors`: rows are keyed by label, so equal names would
+    have merged two allocations' rows; they are labelled with their folders, as deep as it takes."""
+    first = write_allocation(tmp_path / "x" / "runA" / "seed-0", tiny_model_dir, fingerprint, full=True)
+    second = write_allocation(tmp_path / "y" / "runA" / "seed-0", tiny_model_dir, fingerprint, full=False)
+    third = write_allocation(tmp_path / "y" / "runB" / "seed-1", tiny_model_dir, fingerprint, full=False)
+    specs = [str(first), str(second), str(third), str(third), str(first / "allocation.safetensors")]
+    labels = [target.label for target in resolve_targets(specs)]
+    assert labels == ["x/runA/seed-0", "y/runA/seed-0", "seed-1", "seed-1 (2)", "allocation"]
+    files = [str(first / "allocation.safetensors"), str(second / "allocation.safetensors")]
+    assert [t.label for t in resolve_targets(files)] == ["x/runA/seed-0/allocation", "y/runA/seed-0/allocation"]
+    rows = evaluate(resolve_targets([str(first), str(second)]), eval_settings(tiny_text_file))
+    assert [row["label"] for row in rows[1:]] == ["x/runA/seed-0", "y/runA/seed-0"]
+    assert rows[1]["full_units"] != rows[2]["full_units"]  # two allocations, two rows
 
 
 def test_resolve_target_refuses_a_corrupt_allocation(tmp_path):

@@ -395,7 +395,7 @@ def eval_command(
                                          "compiled static-cache decode is slower), in the same run."),
 ):
     """Held-out perplexity of hybrids next to the dense original (paired per-sequence statistics)."""
-    from consa_cli.evaluate import DTYPES, EvalSettings, evaluate, resolve_target, write_eval_json
+    from consa_cli.evaluate import DTYPES, EvalSettings, evaluate, resolve_targets, write_eval_json
     from consa_cli.settings import SettingsError
 
     if efficiency:
@@ -422,7 +422,7 @@ def eval_command(
             from consa_cli.plots import require_matplotlib
 
             require_matplotlib()  # before the evaluation, not after it
-        resolved = [resolve_target(spec) for spec in targets]
+        resolved = resolve_targets(targets)
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console, transient=True) as progress:
             tasks: dict[str, int] = {}
@@ -500,7 +500,7 @@ def _efficiency_command(targets: list[str], dtype: str, device: str, dense_model
                         context_lengths: str, batch_sizes: str, decode_steps: int, compiled_decode: bool,
                         eager_reference: bool = False) -> None:
     from consa_cli.efficiency import EfficiencySettings, evaluate_efficiency
-    from consa_cli.evaluate import DTYPES, resolve_target
+    from consa_cli.evaluate import DTYPES, resolve_targets
     from consa_cli.settings import SettingsError
 
     with user_errors():
@@ -514,7 +514,7 @@ def _efficiency_command(targets: list[str], dtype: str, device: str, dense_model
         if (not settings.context_lengths or min(settings.context_lengths) < 2 or not settings.batch_sizes
                 or min(settings.batch_sizes) < 1 or decode_steps < 1):
             raise SettingsError("--context-lengths must be >= 2, --batch-sizes and --decode-steps >= 1")
-        rows = evaluate_efficiency([resolve_target(spec) for spec in targets], settings, DTYPES[dtype], device,
+        rows = evaluate_efficiency(resolve_targets(targets), settings, DTYPES[dtype], device,
                                    dense_model)
         table = Table(title="inference efficiency (KV measured from the cache tensors; ratios vs dense)")
         for column in ("model", "context", "batch", "KV MiB", "vs analytic", "vs dense", "prefill s",

@@ -88,6 +88,31 @@ def resolve_target(spec: str) -> Target:
     return Target(spec, "model", spec, None, base_model=spec)
 
 
+def resolve_targets(specs: list[str]) -> list[Target]:
+    """:func:`resolve_target` for each spec, with labels made unique: targets whose names collide (``a/seed-0`` and
+    ``b/seed-0``) are labelled with as many parent folders as it takes, and a target given twice gets ``(2)``.
+    Results are keyed by label (tables, the report, the JSON), so a collision would merge two rows."""
+    targets = [resolve_target(spec) for spec in specs]
+    where = [Path(target.path).resolve() if target.kind != "model" else target.path for target in targets]
+    firsts = [target for index, target in enumerate(targets) if where[index] not in where[:index]]
+    for components in range(2, 16):
+        counts = Counter(target.label for target in firsts)
+        colliding = [target for target in firsts if counts[target.label] > 1 and target.kind != "model"]
+        if not colliding:
+            break
+        for target in colliding:
+            path = Path(target.path).resolve()
+            parents = path.parent.parts[1:][-(components - 1):]
+            target.label = "/".join([*parents, path.stem if path.is_file() else path.name])
+    seen: Counter = Counter()
+    for index, target in enumerate(targets):  # the same target given more than once
+        if where[index] in where[:index]:
+            first = targets[where.index(where[index])]
+            seen[first.label] += 1
+            target.label = f"{first.label} ({seen[first.label] + 1})"
+    return targets
+
+
 def token_nll(model, sequences: torch.Tensor, batch_size: int = 1,
               on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
     """Next-token NLL ``[N, T - 1]`` (float64) of every sequence; entry ``q`` is the prediction made at query
