@@ -131,3 +131,32 @@ def test_ceiling_calibration_scores_the_evaluation_answers_and_never_the_evaluat
     assert not torch.equal(other.sequences[4:], calibration.sequences[4:])  # another seed, other prompts
     with pytest.raises(DataError, match="consa eval's retrieval seed"):
         ceiling.evaluation_format_calibration(text, char_tokenizer, ["passkey"], 0.5, "noise", seed=0)
+
+
+def test_greedy_ceiling_picks_the_unit_that_lowers_the_answer_nll_most_each_round(char_tokenizer):
+    """bench/retrieval_greedy.py on a tiny model: each pick is the best single addition to the picks before it
+    (checked by scoring every candidate again here), and it keeps exactly the target."""
+    from consa_cli.attention import hybrid_attention, set_fa_weights
+    from consa_cli.retrieval import haystack_filler, make_samples
+
+    greedy = _bench_module("retrieval_greedy")
+    model = tiny_model("llama")
+    layers, heads = model.config.num_hidden_layers, model.config.num_key_value_heads
+    samples = make_samples("passkey", char_tokenizer, [300, 360], [0.2, 0.8], 1, seed=5,
+                           filler=list(haystack_filler("noise")))
+    batches = greedy.answer_batches(samples, torch.device("cpu"))
+    assert [b[0].shape[1] - b[2] for b in batches] == [300, 360]  # one batch per prompt length
+    start = torch.zeros(layers, heads, dtype=torch.bool)
+    with hybrid_attention(model, start, 8, 0):
+        mask, picks = greedy.greedy_mask(model, batches, 2, layers, heads)
+        assert int(mask.sum()) == 2 and {(lay, hd) for lay, hd, _ in picks} == set(map(tuple, mask.nonzero().tolist()))
+        chosen = torch.zeros_like(start)
+        for layer, head, value in picks:
+            scores = {}
+            for unit in [(lay, hd) for lay in range(layers) for hd in range(heads) if not chosen[lay, hd]]:
+                trial = chosen.clone()
+                trial[unit] = True
+                set_fa_weights(model, trial)
+                scores[unit] = greedy.answer_nll(model, batches)
+            assert (layer, head) == min(scores, key=scores.get) and value == pytest.approx(scores[(layer, head)])
+            chosen[layer, head] = True
