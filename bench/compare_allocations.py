@@ -88,14 +88,19 @@ def main() -> None:
         result = evaluate_retrieval(model, tokenizer, tasks, [int(n) for n in args.retrieval_lengths.split(",")],
                                     [float(d) for d in args.retrieval_depths.split(",")], args.retrieval_samples,
                                     filler=list(haystack_filler(args.retrieval_haystack)))
-        return {"retrieval": result["overall"], "retrieval_by_task": result["by_task"],
-                "retrieval_cells": result["cells"]}
+        return {"retrieval": result["overall"], "retrieval_stderr": result["overall_stderr"],
+                "retrieval_by_task": result["by_task"], "retrieval_cells": result["cells"]}
+
+    def retrieval_text(row: dict) -> str:  # the overall score with its binomial standard error, as consa eval prints
+        if "retrieval" not in row:
+            return "retrieval -"
+        return f"retrieval {row['retrieval']:.3f} +- {row['retrieval_stderr']:.3f}"
 
     dense_nll = sequence_nll(model, evaluation)
     rows = [{"name": "dense", "method": "dense", "full_units": None, "units": None,
              "nll": dense_nll.mean().item(), "ppl": dense_nll.mean().exp().item(), **(retrieval() if tasks else {})}]
     print(f"dense: ppl {rows[0]['ppl']:.3f} on {evaluation.shape[0]} x {args.seq_len} tokens, "
-          f"retrieval {rows[0].get('retrieval')}", flush=True)
+          f"{retrieval_text(rows[0])}", flush=True)
 
     def score(name: str, allocation, extra: dict) -> None:
         with hybrid_attention(model, allocation.fa_mask.to(device), allocation.sliding_window,
@@ -115,7 +120,7 @@ def main() -> None:
             allocation.save(args.save_dir / (re.sub(r"[^A-Za-z0-9_.=-]+", "_", name) + ".safetensors"))
         write_report(args, device, sinks, evaluation.shape[0], rows, started)  # a killed run keeps its rows
         print(f"{name}: ppl {row['ppl']:.3f}  delta {delta:+.4f} (t {t_stat:.1f})  "
-              f"{allocation.num_full_units}/{allocation.num_units} FA  retrieval {row.get('retrieval')}  "
+              f"{allocation.num_full_units}/{allocation.num_units} FA  {retrieval_text(row)}  "
               f"{ {k: v for k, v in extra.items() if k in ('final_expected_sparsity', 'seconds_per_step')} }", flush=True)
 
     calibrations: dict[tuple[int, float, int], CalibrationSet] = {}

@@ -282,7 +282,7 @@ def test_seeds_is_a_recipe_key_that_flags_override(tmp_path):
 
 
 def test_compare_allocations_scores_a_search_with_seeds_as_their_vote(tmp_path, tiny_model_dir, tiny_text_file,
-                                                                      monkeypatch):
+                                                                      monkeypatch, capsys):
     """bench/compare_allocations.py with ``"seeds": 2`` in a search: one search per seed, the row is their vote
     (it used to run one seed silently)."""
     import importlib.util
@@ -297,9 +297,13 @@ def test_compare_allocations_scores_a_search_with_seeds_as_their_vote(tmp_path, 
     monkeypatch.setattr(sys, "argv", [
         "compare_allocations.py", "--model", str(tiny_model_dir), "--data", str(tiny_text_file), "--device", "cpu",
         "--dtype", "float32", "--window", "8", "--seq-len", "32", "--steps", "3", "--eval-sequences", "4",
-        "--sparsities", "0.5", "--rules=", "--searches", '[{"name": "vote", "seeds": 2}]', "--json", str(out)])
+        "--sparsities", "0.5", "--rules=", "--searches", '[{"name": "vote", "seeds": 2}]', "--json", str(out),
+        "--retrieval", "passkey", "--retrieval-lengths", "200", "--retrieval-depths", "0.5", "--retrieval-samples", "2"])
     module.main()
     row = json.loads(out.read_text())["rows"][-1]
+    assert row["retrieval_stderr"] == pytest.approx((row["retrieval"] * (1 - row["retrieval"]) / 2) ** 0.5)
+    printed = capsys.readouterr().out  # the overall score with its standard error, as consa eval prints it
+    assert f"retrieval {row['retrieval']:.3f} +- {row['retrieval_stderr']:.3f}" in printed
     assert row["name"] == "vote s=0.5" and row["seeds"] == [0, 1] and len(row["seed_fa_rows"]) == 2
     assert row["full_units"] == row["units"] // 2  # the vote keeps the target
     assert sum(row["unit_votes"]) == 2 * row["full_units"]  # each seed's allocation voted once per full unit
