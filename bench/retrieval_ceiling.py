@@ -33,6 +33,7 @@ from transformers import PreTrainedTokenizerBase
 
 from consa_cli.calibration import CalibrationSet
 from consa_cli.data import EMBEDDED_CORPUS, DataError, load_token_sequences
+from consa_cli.evaluate import EvalSettings
 from consa_cli.families import adapter_for
 from consa_cli.models import load_model_and_tokenizer, model_fingerprint
 from consa_cli.retrieval import TASKS, haystack_filler, make_samples
@@ -40,7 +41,8 @@ from consa_cli.search import environment_versions, resolve_device, run_search
 from consa_cli.settings import SearchSettings
 from consa_cli.vote import vote
 
-EVALUATION_SEED = 0  # consa eval's --retrieval-seed default: calibration prompts must come from another seed
+# consa eval's retrieval seed: calibration prompts must come from another one.
+EVALUATION_SEED = EvalSettings.retrieval_seed
 ANSWER_ROOM = 24  # tokens kept free after a prompt for its answer; the rest of the row is filler after it
 
 

@@ -29,12 +29,14 @@ import torch.nn.functional as F
 from consa_cli.allocation import Allocation, full_unit_count
 from consa_cli.attention import hybrid_attention, set_fa_weights
 from consa_cli.data import DataError
+from consa_cli.evaluate import EvalSettings
 from consa_cli.families import adapter_for
 from consa_cli.models import load_model_and_tokenizer, model_fingerprint
 from consa_cli.retrieval import TASKS, RetrievalSample, haystack_filler, make_samples
 from consa_cli.search import environment_versions, resolve_device
 
-EVALUATION_SEED = 0  # consa eval's --retrieval-seed default: the prompts chosen on must come from another seed
+# consa eval's retrieval seed: the prompts the greedy search chooses on must come from another one.
+EVALUATION_SEED = EvalSettings.retrieval_seed
 
 
 def answer_batches(samples: list[RetrievalSample], device) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
