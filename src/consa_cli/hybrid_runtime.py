@@ -383,6 +383,12 @@ class StaticHybridCacheLayer(HybridCacheLayer):
         self.full_key_tokens = self.full_value_tokens = None  # [B, max_cache_len, full_heads, D]
         self.sliding_key_tokens = self.sliding_value_tokens = None  # [B, sink_tokens + window, sliding_heads, D]
         self.position = None  # 0-d int64 device tensor: tokens cached so far
+        # The host's copy of ``position`` while it knows it without reading the device: 0 after initialisation or
+        # a reset, a prompt's end after writing it; None once a decode step (compiled: in a CUDA graph only the
+        # device counter moves) has run. A host read per layer makes the GPU wait for the host before every next
+        # layer's launches: the static prefill ran ~20 ms behind the dynamic one at 32K batch 1 and not at batch 8
+        # (H200, session 8), a fixed cost per forward like this one (to be confirmed on the GPU).
+        self.host_position: int | None = 0
         self.slot_positions = None  # [B, sink_tokens + window] int64: position held by each sliding slot, -1 if none
         self.ring_origin = None  # [B] int64: the position each row keeps in its first ring slot
         self.rows = None  # [B]: arange, the row index of a per-row write
@@ -413,6 +419,7 @@ class StaticHybridCacheLayer(HybridCacheLayer):
         self.rows = torch.arange(batch, device=device)
         self.slot_positions = torch.full((batch, slots), -1, dtype=torch.long, device=device)
         self.position = torch.zeros((), dtype=torch.long, device=device)
+        self.host_position = 0
         # CUDA graphs replay fixed addresses: tell the compiler these buffers are mutated in place, not inputs
         # that change (transformers' StaticLayer does the same; not allowed while tracing).
         if not torch.compiler.is_compiling():
@@ -448,6 +455,7 @@ class StaticHybridCacheLayer(HybridCacheLayer):
             sliding_keys = self.sliding_key_tokens.transpose(1, 2)
             sliding_values = self.sliding_value_tokens.transpose(1, 2)
         self.position.add_(1)
+        self.host_position = None
         known = self.left_padding is not None
         return (HybridKV(full_keys, sliding_keys, (0, 0), -1, slot_positions=self.slot_positions,
                          full_length=self.position, padding_known=known),
@@ -455,7 +463,8 @@ class StaticHybridCacheLayer(HybridCacheLayer):
                          full_length=self.position, padding_known=known))
 
     def _extend(self, keys, values):
-        start = int(self.position)  # a prompt is eager: one host read per layer
+        # A prompt is eager: one host read per layer, unless the host still knows the position.
+        start = self.host_position if self.host_position is not None else int(self.position)
         end = start + keys.shape[-2]
         if end > self.max_cache_len:
             raise ValueError(f"the static hybrid cache holds {self.max_cache_len} tokens; this input needs {end}")
@@ -467,6 +476,7 @@ class StaticHybridCacheLayer(HybridCacheLayer):
             self.full_values[:, :, start:end] = values[:, :heads]
             full_keys, full_values = self.full_keys[:, :, :end], self.full_values[:, :, :end]
         self.position.fill_(end)
+        self.host_position = end
         if keys.shape[1] == heads:
             return HybridKV(full_keys, None, None, end), HybridKV(full_values, None, None, end)
         new_keys, new_values = keys[:, heads:], values[:, heads:]
@@ -520,7 +530,10 @@ class StaticHybridCacheLayer(HybridCacheLayer):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if query_length == 1:  # decode: the whole buffer, a fixed shape
             return self.max_cache_len, 0
-        return (int(self.position) if self.is_initialized else 0) + query_length, 0
+        if not self.is_initialized:
+            return query_length, 0
+        start = self.host_position if self.host_position is not None else int(self.position)
+        return start + query_length, 0
 
     def get_max_length(self) -> int:
         return self.max_cache_len
@@ -546,6 +559,7 @@ class StaticHybridCacheLayer(HybridCacheLayer):
                 tensor.zero_()
             self.slot_positions.fill_(-1)
             self.position.zero_()
+            self.host_position = 0
 
 
 def _flash_decodable(query, key, value) -> bool:
