@@ -133,14 +133,15 @@ def main() -> None:
             score(f"rule:{rule} {allocation.granularity} s={sparsity:g}", allocation, {})
 
     def calibration_for(settings: SearchSettings):
-        # Everything the calibration set depends on (a search may set its own seq_len, window or formats:
-        # calibrate at them, evaluate at --seq-len).
+        # Everything the calibration set depends on (a search may set its own seq_len, window, formats or
+        # haystack: calibrate at them, evaluate at --seq-len).
         key = (settings.seq_len, settings.retrieval_fraction, settings.seed, settings.window,
-               settings.retrieval_formats)
+               settings.retrieval_formats, settings.calibration_haystack)
         if key not in calibrations:
             text = load_token_sequences(args.data, tokenizer, settings.seq_len, "calibration")
             calibrations[key] = mix_retrieval(text, tokenizer, settings.retrieval_fraction, settings.window,
-                                              settings.seed, settings.retrieval_formats)
+                                              settings.seed, settings.retrieval_formats,
+                                              settings.calibration_haystack)
         return calibrations[key]
 
     def score_searches(sparsity: float) -> None:

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
+import re
 
 import pytest
 import torch
 from conftest import tiny_model
 
 from consa_cli.calibration import (
+    CALIBRATION_FILLER,
     CALIBRATION_FORMATS,
     DEFAULT_CALIBRATION_FORMATS,
     CalibrationSet,
+    filler_haystack,
     mix_retrieval,
     retrieval_sample,
 )
 from consa_cli.data import DataError
-from consa_cli.retrieval import TASKS
+from consa_cli.retrieval import NOISE_FILLER, TASKS
 from consa_cli.search import run_search
 from consa_cli.settings import SearchSettings
 
@@ -28,10 +32,11 @@ def text_sequences(tokenizer, count=6):
     return torch.tensor(ids[: count * LENGTH]).view(count, LENGTH)
 
 
+@pytest.mark.parametrize("haystack", ["text", "filler"])
 @pytest.mark.parametrize("fmt", CALIBRATION_FORMATS)
-def test_sample_asks_for_a_fact_beyond_the_window_and_scores_only_its_answer(char_tokenizer, fmt):
-    text = text_sequences(char_tokenizer)[0]
+def test_sample_asks_for_a_fact_beyond_the_window_and_scores_only_its_answer(char_tokenizer, fmt, haystack):
     for seed in range(5):
+        text = text_sequences(char_tokenizer)[0] if haystack == "text" else filler_haystack(char_tokenizer, LENGTH, seed)
         ids, mask = retrieval_sample(char_tokenizer, text, fmt, random.Random(seed), WINDOW)
         assert ids.shape == mask.shape == (LENGTH,)
         decoded = char_tokenizer.decode(ids)
@@ -73,6 +78,66 @@ def test_formats_are_taken_in_turn_and_the_default_is_the_first_two(char_tokeniz
     for bad in ("passkey", "", "room-code,nope"):
         with pytest.raises(DataError, match="unknown calibration format"):
             mix_retrieval(text, char_tokenizer, 0.5, WINDOW, 0, bad)
+
+
+def digest(calibration: CalibrationSet) -> str:
+    return hashlib.sha256(calibration.sequences.numpy().tobytes() + calibration.loss_mask.numpy().tobytes()).hexdigest()
+
+
+def test_the_default_text_haystack_reproduces_the_sets_of_earlier_runs(char_tokenizer):
+    """--calibration-haystack text (the default): the digests are those of the sets consa made before the option."""
+    text = text_sequences(char_tokenizer)
+    for formats, expected in (("room-code,home-city", "a13b70178fc02eac"),
+                              ("locker-number,room-code,home-city", "58e285f05964cf94")):
+        before = mix_retrieval(text, char_tokenizer, 0.5, WINDOW, 0, formats)
+        assert digest(before)[:16] == expected
+        assert digest(mix_retrieval(text, char_tokenizer, 0.5, WINDOW, 0, formats, "text")) == digest(before)
+
+
+NEEDLE = re.compile(r" (The door of the [a-z]+ room opens with the code [A-Z]{4}\.|[A-Z][a-z]+ [A-Z][a-z]+ has lived "
+                    r"in [A-Z][a-z]+ for many years\.|At the station, [A-Z][a-z]+ [A-Z][a-z]+ keeps a bag in locker "
+                    r"number [0-9]{6}\.)")
+
+
+def test_a_filler_haystack_is_the_filler_sentences_cycled_and_none_of_the_evaluations(char_tokenizer):
+    """Between its needles and its question a filler sample is the calibration filler cycled from one of its
+    sentences, cut at the sample's length; not a sentence of the evaluation's noise haystack appears."""
+    assert not set(CALIBRATION_FILLER) & set(NOISE_FILLER)
+    cycles = [" " + " ".join(CALIBRATION_FILLER[i:] + CALIBRATION_FILLER[:i]) for i in range(len(CALIBRATION_FILLER))]
+    mixed = mix_retrieval(text_sequences(char_tokenizer), char_tokenizer, 0.5, WINDOW, 0,
+                          "room-code,home-city,locker-number", "filler")
+    starts = set()
+    for ids, mask in zip(mixed.sequences[6:], mixed.loss_mask[6:], strict=True):
+        decoded = char_tokenizer.decode(ids)
+        answer = char_tokenizer.decode(ids[1:][mask[:-1]])
+        body, question = decoded[: len(decoded) - len(answer)].rsplit("\n", 1)
+        assert question.endswith(("The code is", "lives in", "It is locker number")) and answer.strip()
+        assert len(NEEDLE.findall(body)) >= 1
+        haystack = NEEDLE.sub("", body)
+        start = next(i for i, cycle in enumerate(cycles) if (cycle * 10)[: len(haystack)] == haystack)
+        starts.add(start)
+        assert not any(sentence in decoded for sentence in NOISE_FILLER)
+    assert len(starts) > 1  # seeded starting sentences, not one haystack for all
+
+
+def test_the_haystack_changes_the_sequences_but_not_the_facts_or_the_scored_positions(char_tokenizer):
+    text = text_sequences(char_tokenizer)
+    prose = mix_retrieval(text, char_tokenizer, 0.5, WINDOW, 3, "room-code,home-city,locker-number", "text")
+    filler = mix_retrieval(text, char_tokenizer, 0.5, WINDOW, 3, "room-code,home-city,locker-number", "filler")
+    again = mix_retrieval(text, char_tokenizer, 0.5, WINDOW, 3, "room-code,home-city,locker-number", "filler")
+    assert torch.equal(again.sequences, filler.sequences) and torch.equal(again.loss_mask, filler.loss_mask)
+    other_seed = mix_retrieval(text, char_tokenizer, 0.5, WINDOW, 4, "room-code,home-city,locker-number", "filler")
+    assert not torch.equal(other_seed.sequences[6:], filler.sequences[6:])
+    assert torch.equal(filler.sequences[:6], text)  # the natural-text rows are the text's either way
+    assert torch.equal(filler.loss_mask, prose.loss_mask) and torch.equal(filler.is_retrieval, prose.is_retrieval)
+    for a, b in zip(prose.sequences[6:], filler.sequences[6:], strict=True):
+        assert not torch.equal(a, b)
+        decoded_a, decoded_b = char_tokenizer.decode(a), char_tokenizer.decode(b)
+        assert decoded_a.rsplit("\n", 1)[1] == decoded_b.rsplit("\n", 1)[1]  # same question, same answer
+        needles_a, needles_b = list(NEEDLE.finditer(decoded_a)), list(NEEDLE.finditer(decoded_b))
+        assert [(m.group(), m.start()) for m in needles_a] == [(m.group(), m.start()) for m in needles_b]  # same places
+    with pytest.raises(DataError, match="unknown calibration haystack 'noise'; choose from text, filler"):
+        mix_retrieval(text, char_tokenizer, 0.5, WINDOW, 3, "room-code", "noise")
 
 
 def test_calibration_formats_differ_from_the_evaluation_tasks():

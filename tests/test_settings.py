@@ -14,7 +14,7 @@ from consa_cli.calibration import CalibrationSet
 from consa_cli.checkpoint import load_checkpoint
 from consa_cli.cli import app
 from consa_cli.search import run_search
-from consa_cli.settings import SearchSettings, build_settings, resumed_settings
+from consa_cli.settings import SearchSettings, SettingsError, build_settings, resumed_settings
 
 SEQUENCES = torch.randint(0, 96, (8, 32), generator=torch.Generator().manual_seed(5))
 
@@ -87,3 +87,21 @@ def test_a_sparsity_that_is_neither_is_refused(text):
     with pytest.raises(ValueError, match="a number like 0.75 or a ratio like 5/6"):
         fraction(text)
 
+
+
+def test_the_calibration_haystack_comes_from_a_recipe_or_a_flag_and_old_runs_resume_on_text(tmp_path):
+    recipe = tmp_path / "filler.yaml"
+    recipe.write_text("retrieval_fraction: 0.5\ncalibration_haystack: filler\n")
+    assert build_settings(SearchSettings, recipe).calibration_haystack == "filler"
+    assert build_settings(SearchSettings, recipe, calibration_haystack="text").calibration_haystack == "text"
+    assert build_settings(SearchSettings, None).calibration_haystack == "text"
+    recipe.write_text("calibration_haystack: noise\n")
+    with pytest.raises(SettingsError, match="--calibration-haystack must be one of text, filler, got 'noise'"):
+        build_settings(SearchSettings, recipe)
+    search(tmp_path, steps=2)
+    checkpoint = load_checkpoint(tmp_path)
+    assert checkpoint.settings["calibration_haystack"] == "text"  # recorded with the run's other settings
+    del checkpoint.settings["calibration_haystack"]  # as a run checkpointed before the option wrote it
+    assert resumed_settings(checkpoint.settings, tmp_path, checkpoint.step, steps=4).calibration_haystack == "text"
+    with pytest.raises(SettingsError, match="--calibration-haystack differs"):
+        resumed_settings(checkpoint.settings, tmp_path, checkpoint.step, calibration_haystack="filler")

@@ -12,6 +12,11 @@ locker numbers, asked in other words, so retrieval accuracy measured afterwards 
 saw. ``locker-number`` is the one whose answer is a digit string, as the passkey's is (copying digits is what
 passkey retrieval needs; the wording, keys and length differ); the default keeps the first two, the formats every
 measured run so far used, so their runs resume and reproduce exactly.
+
+The haystack the needles lie in is calibration-split text (``text``, the default and what every measured run used)
+or :data:`CALIBRATION_FILLER` cycled (``filler``): a repetitive haystack like the evaluation's pass-key filler, to
+measure whether the kind of haystack, rather than the evaluation's own formats, is what retrieval calibration
+misses. The facts, questions and needle positions of a seed are the same in both.
 """
 
 from __future__ import annotations
@@ -29,6 +34,13 @@ if TYPE_CHECKING:
 
 CALIBRATION_FORMATS = ("room-code", "home-city", "locker-number")
 DEFAULT_CALIBRATION_FORMATS = "room-code,home-city"
+CALIBRATION_HAYSTACKS = ("text", "filler")
+DEFAULT_CALIBRATION_HAYSTACK = "text"
+# Repetitive like the evaluation's "noise" haystack (consa_cli.retrieval.NOISE_FILLER) but none of its sentences:
+# calibrating on the evaluation's own filler would measure memorised text, not the kind of haystack.
+CALIBRATION_FILLER = ("The river runs past the old mill.", "The hills are low and round.",
+                      "A long road leads to the town.", "The wind blows over the fields.",
+                      "Rain falls on the roofs at night.")
 MAX_NEEDLES = 3  # facts per sample: the queried one and up to two distractors of the same format
 
 _ROOMS = ("amber", "birch", "cobalt", "copper", "coral", "crimson", "ivory", "jade", "lilac", "maple", "marble",
@@ -94,6 +106,30 @@ def parse_formats(text: str) -> tuple[str, ...]:
     return formats
 
 
+def check_haystack(haystack: str) -> str:
+    """``haystack`` if it names a calibration haystack; a clear error otherwise."""
+    if haystack not in CALIBRATION_HAYSTACKS:
+        raise DataError(f"unknown calibration haystack '{haystack}'; choose from {', '.join(CALIBRATION_HAYSTACKS)}")
+    return haystack
+
+
+def filler_haystack(tokenizer: PreTrainedTokenizerBase, length: int, start: int) -> torch.LongTensor:
+    """``length`` tokens of :data:`CALIBRATION_FILLER` cycled from sentence ``start``, the last one cut to fit.
+
+    Tokenized as one text (not sentence by sentence), as a calibration-split text sequence is.
+    """
+    first = start % len(CALIBRATION_FILLER)
+    cycle = " " + " ".join(CALIBRATION_FILLER[first:] + CALIBRATION_FILLER[:first])
+    def encode(text: str) -> list[int]:
+        # verbose=False: a long haystack exceeds model_max_length by design; the warning is noise.
+        return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+    repeats = length // len(encode(cycle)) + 1
+    while len(ids := encode(cycle * repeats)) < length:
+        repeats += 1
+    return torch.tensor(ids[:length], dtype=torch.long)
+
+
 def retrieval_sample(tokenizer: PreTrainedTokenizerBase, text_ids: torch.LongTensor, fmt: str,
                      rng: random.Random, window: int) -> tuple[torch.LongTensor, torch.BoolTensor]:
     """One retrieval calibration sample as long as ``text_ids``: text with needles, then question and answer.
@@ -132,13 +168,16 @@ def retrieval_sample(tokenizer: PreTrainedTokenizerBase, text_ids: torch.LongTen
 
 
 def mix_retrieval(text: torch.LongTensor, tokenizer: PreTrainedTokenizerBase, retrieval_fraction: float,
-                  window: int, seed: int, formats: str = DEFAULT_CALIBRATION_FORMATS) -> CalibrationSet:
+                  window: int, seed: int, formats: str = DEFAULT_CALIBRATION_FORMATS,
+                  haystack: str = DEFAULT_CALIBRATION_HAYSTACK) -> CalibrationSet:
     """Calibration set of ``text`` sequences plus retrieval samples making up ``retrieval_fraction`` of it.
 
-    The retrieval samples are built on text sequences of the same calibration split (cycled), taking the
-    ``formats`` (comma-separated) in turn; everything depends only on ``seed``.
+    The retrieval samples take the ``formats`` (comma-separated) in turn; their ``haystack`` is text sequences of
+    the same calibration split (``text``, cycled) or :func:`filler_haystack` from a seeded sentence (``filler``).
+    Everything depends only on ``seed``; the facts and needle positions do not depend on ``haystack``.
     """
     cycle = parse_formats(formats)
+    check_haystack(haystack)
     if not 0.0 <= retrieval_fraction < 1.0:
         raise DataError(f"--retrieval-fraction must lie in [0, 1), got {retrieval_fraction}")
     base = CalibrationSet.text_only(text)
@@ -146,8 +185,14 @@ def mix_retrieval(text: torch.LongTensor, tokenizer: PreTrainedTokenizerBase, re
     if count == 0:
         return base
     rng = random.Random(f"consa-calibration/{seed}")
-    samples = [retrieval_sample(tokenizer, text[(i * 7 + 3) % len(text)], cycle[i % len(cycle)], rng, window)
-               for i in range(count)]
+    # Its own generator: the facts drawn from rng stay those of the text haystack, which keeps earlier runs exact.
+    filler_rng = random.Random(f"consa-calibration-filler/{seed}")
+    length = text.shape[1]
+    bases = [text[(i * 7 + 3) % len(text)] if haystack == "text"
+             else filler_haystack(tokenizer, length, filler_rng.randrange(len(CALIBRATION_FILLER)))
+             for i in range(count)]  # fmt: skip
+    samples = [retrieval_sample(tokenizer, base, cycle[i % len(cycle)], rng, window)
+               for i, base in enumerate(bases)]
     return CalibrationSet(torch.cat([base.sequences, torch.stack([ids for ids, _ in samples])]),
                           torch.cat([base.loss_mask, torch.stack([mask for _, mask in samples])]),
                           torch.cat([base.is_retrieval, torch.ones(count, dtype=torch.bool)]))

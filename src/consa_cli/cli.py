@@ -138,6 +138,10 @@ def search(
     retrieval_formats: str = typer.Option(None, metavar="FORMATS", help="Comma-separated formats of the synthetic "
                                           "retrieval samples, taken in turn: room-code, home-city, locker-number. "
                                           f"{_default('retrieval_formats')}"),
+    calibration_haystack: str = typer.Option(None, metavar="HAYSTACK", help="What the synthetic retrieval samples' "
+                                             "needles lie in: text (calibration-split text) or filler (a few plain "
+                                             "sentences repeated, none of them the evaluation's). "
+                                             f"{_default('calibration_haystack')}"),
     seed: int = typer.Option(None, help=f"Seed for data order and gate noise. {_default('seed')}"),
     seeds: int = typer.Option(None, metavar="N", help="Search with N seeds (--seed, --seed+1, ...), each in "
                               "OUTPUT/seed-<seed>, and write the vote over them: the units most seeds keep full, "
@@ -186,7 +190,7 @@ def search(
             seq_len=seq_len, data=data, steps=steps, batch_size=batch_size, loss=loss,
             retrieval_loss=retrieval_loss, method=method,
             l1_weight=l1_weight, retrieval_fraction=retrieval_fraction, retrieval_formats=retrieval_formats,
-            seed=seed, seeds=seeds, gate_lr=gate_lr,
+            calibration_haystack=calibration_haystack, seed=seed, seeds=seeds, gate_lr=gate_lr,
             multiplier_lr=multiplier_lr, target_warmup_steps=target_warmup_steps, penalty_init=penalty_init,
             dtype=dtype, device=device, attention_backend=attention_backend, compile=compile, output=output,
             checkpoint_every=checkpoint_every,
@@ -642,6 +646,8 @@ def sweep(
                                              f"calibration data (see search). {_default('retrieval_fraction')}"),
     retrieval_formats: str = typer.Option(None, metavar="FORMATS", help="Formats of those samples (see search). "
                                           f"{_default('retrieval_formats')}"),
+    calibration_haystack: str = typer.Option(None, metavar="HAYSTACK", help="Haystack of those samples: text or "
+                                             f"filler (see search). {_default('calibration_haystack')}"),
     seed: int = typer.Option(None, help=f"Seed of searches and of the random rule. {_default('seed')}"),
     seeds: int = typer.Option(None, metavar="N", help="Seeds per search, the allocation their vote (see search). "
                               f"{_default('seeds')}"),
@@ -674,8 +680,8 @@ def sweep(
     with user_errors():
         flags = dict(model=model, window=window, sink_tokens=sink_tokens, seq_len=seq_len, data=data, steps=steps,
                      batch_size=batch_size, loss=loss, retrieval_loss=retrieval_loss,
-                     retrieval_fraction=retrieval_fraction, retrieval_formats=retrieval_formats, seed=seed,
-                     seeds=seeds, dtype=dtype, device=device)
+                     retrieval_fraction=retrieval_fraction, retrieval_formats=retrieval_formats,
+                     calibration_haystack=calibration_haystack, seed=seed, seeds=seeds, dtype=dtype, device=device)
         search_settings = build_settings(SearchSettings, recipe, **flags)
         evaluation = EvalSettings(data=search_settings.data, seq_lens=eval_seq_len or [search_settings.seq_len],
                                   batch_size=search_settings.batch_size, dtype=search_settings.dtype,

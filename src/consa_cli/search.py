@@ -513,7 +513,7 @@ def search(settings: SearchSettings, force: bool = False, on_start: Callable[[di
     # All calibration sequences: the seeded order draws from the whole split, not just its first articles.
     sequences = load_token_sequences(settings.data, tokenizer, settings.seq_len, "calibration")
     calibration = mix_retrieval(sequences, tokenizer, settings.retrieval_fraction, settings.window, settings.seed,
-                                settings.retrieval_formats)
+                                settings.retrieval_formats, settings.calibration_haystack)
     if resume is None:
         output = prepare_run_dir(settings.output, force)
         # An overwritten run's checkpoint must not be left for a later --resume to continue.

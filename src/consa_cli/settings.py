@@ -13,7 +13,12 @@ from typing import Any
 import yaml
 
 from consa_cli.allocation import GRANULARITIES
-from consa_cli.calibration import DEFAULT_CALIBRATION_FORMATS, parse_formats
+from consa_cli.calibration import (
+    CALIBRATION_HAYSTACKS,
+    DEFAULT_CALIBRATION_FORMATS,
+    DEFAULT_CALIBRATION_HAYSTACK,
+    parse_formats,
+)
 from consa_cli.data import EMBEDDED_CORPUS, DataError
 
 LOSSES = ("kl", "lm")
@@ -67,6 +72,7 @@ class SearchSettings:
     l1_weight: float = 0.1  # scalar-l1 only: weight of the mean gate value in the loss
     retrieval_fraction: float = 0.0  # share of calibration sequences that are synthetic retrieval samples
     retrieval_formats: str = DEFAULT_CALIBRATION_FORMATS  # their formats, taken in turn (consa_cli.calibration)
+    calibration_haystack: str = DEFAULT_CALIBRATION_HAYSTACK  # what their needles lie in: text, or a repeated filler
     seed: int = 0
     # Searches with seeds seed .. seed+seeds-1, the allocation their vote (consa_cli.vote): on SmolLM2-135M the vote
     # of four seeds kept more retrieval (0.635) than any one of them (0.27-0.54) at the same perplexity.
@@ -105,6 +111,9 @@ class SearchSettings:
             parse_formats(self.retrieval_formats)
         except DataError as error:
             raise SettingsError(f"--retrieval-formats: {error}") from None
+        if self.calibration_haystack not in CALIBRATION_HAYSTACKS:
+            raise SettingsError(f"--calibration-haystack must be one of {', '.join(CALIBRATION_HAYSTACKS)}, "
+                                f"got '{self.calibration_haystack}'")
         if self.l1_weight < 0:
             raise SettingsError(f"--l1-weight must be >= 0, got {self.l1_weight}")
         if self.attention_backend not in ATTENTION_BACKENDS:
