@@ -545,3 +545,33 @@ def test_static_prefill_reads_nothing_on_the_host_and_a_chunk_after_compiled_ste
                                                                                          ("dynamic", dynamic))}
     assert int(static.get_seq_length()) == PROMPT.shape[1]
     torch.testing.assert_close(chunk["static"], chunk["dynamic"], rtol=1e-5, atol=1e-5)
+
+
+def test_static_generate_reuses_its_cache_across_calls_that_fit_it():
+    """Compiled decoding replays CUDA graphs over the cache's buffers: generate() calls of the same shape reuse one
+    static hybrid cache (reset in place, the buffers' addresses kept), as transformers does with its StaticCache;
+    another batch size, padding or length gets a new one. Every call decodes what the dynamic cache decodes."""
+    model = tiny_model("llama")
+    prompt = PROMPT.clone()
+    attention_mask = torch.ones_like(prompt)
+    prompt[1, :5], attention_mask[1, :5] = 0, 0
+    with hybrid_inference(model, _allocation(MIXED)):
+        def generate(tokens, mask, **extra):
+            settings = dict(max_new_tokens=10, do_sample=False, pad_token_id=0) | extra
+            static = model.generate(tokens, attention_mask=mask, cache_implementation="static",
+                                    return_dict_in_generate=True, **settings)
+            assert torch.equal(static.sequences, model.generate(tokens, attention_mask=mask, **settings))
+            return _cache(static)
+
+        first = generate(prompt, attention_mask)
+        buffers = [t.data_ptr() for layer in first.layers for t in layer._storage()]
+        again = generate(prompt, attention_mask)
+        assert again is first and [t.data_ptr() for layer in again.layers for t in layer._storage()] == buffers
+        assert generate(prompt, attention_mask, max_new_tokens=4) is not first  # another capacity
+        unpadded = generate(prompt[:1, 5:], attention_mask[:1, 5:])  # another batch size and padding
+        assert unpadded is not first
+        assert generate(prompt[:1, 5:], attention_mask[:1, 5:]) is unpadded
+        beams = generate(prompt, attention_mask, num_beams=3)  # three rows per prompt
+        assert beams is not unpadded and generate(prompt, attention_mask, num_beams=3) is beams
+        assert model._consa_static_cache is beams
+    assert not hasattr(model, "_consa_static_cache")  # the plain model again holds no cache

@@ -434,8 +434,11 @@ class StaticHybridCacheLayer(HybridCacheLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if key_states.shape[-2] == 1:
+        if key_states.shape[-2] == 1:  # (a compiled step: it reads no host state that changes between steps)
             return self._decode(key_states, value_states)
+        if self.host_position == 0 and key_states.shape[0] != self.rows.shape[0]:
+            # a reused, empty cache given another batch size: new buffers rather than a shape error
+            self.lazy_initialization(key_states, value_states)
         return self._extend(key_states, value_states)
 
     def _decode(self, keys, values):
@@ -789,6 +792,35 @@ def cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
+def reusable_static_cache(model, batch_size: int, max_cache_len: int, left_padding: int | list[int] | None) -> Cache:
+    """The static hybrid cache of ``model``'s previous ``generate()`` call, reset, when it fits this call (batch
+    size, capacity, left padding, the model's dtype and device), else a new one, kept on the model for the next.
+
+    Compiled decoding replays CUDA graphs that read the cache's buffers at fixed addresses: a new cache per call
+    makes them re-record every call and, past torch's re-record limit, fall back to running without graphs.
+    transformers reuses its own StaticCache across calls for the same reason.
+    """
+    previous = getattr(model, "_consa_static_cache", None)
+    if previous is not None and _fits(previous, model, batch_size, max_cache_len, left_padding):
+        previous.reset()
+        return previous
+    cache = hybrid_cache(model, max_cache_len, left_padding)
+    model._consa_static_cache = cache
+    return cache
+
+
+def _fits(cache: Cache, model, batch_size: int, max_cache_len: int, left_padding: int | list[int] | None) -> bool:
+    layers = cache.layers
+    if not layers or not all(isinstance(layer, StaticHybridCacheLayer) for layer in layers):
+        return False
+    if any(layer.max_cache_len != max_cache_len or layer.left_padding != left_padding for layer in layers):
+        return False
+    parameter = next(model.parameters())
+    return all(not layer.is_initialized or (storage.shape[0] == batch_size and storage.dtype == parameter.dtype
+                                            and storage.device == parameter.device)
+               for layer in layers for storage in layer._storage()[:1])
+
+
 def prepare_hybrid_cache(model, generation_config, model_kwargs, *args, **kwargs):
     """``generate()`` hook: the hybrid cache unless the caller passed a cache; ``cache_implementation="static"``
     gives the static hybrid cache (transformers then compiles decoding on CUDA), any other implementation is
@@ -800,7 +832,10 @@ def prepare_hybrid_cache(model, generation_config, model_kwargs, *args, **kwargs
         if implementation == "static":  # _prepare_cache_for_generation(config, kwargs, mode, batch, max_length)
             max_cache_len = kwargs.get("max_cache_length", args[2] if len(args) > 2 else generation_config.max_length)
             left_padding = left_padding_of(model_kwargs.get("attention_mask"))  # one look, before any step
-            model_kwargs[name] = hybrid_cache(model, max_cache_len, left_padding)
+            batch_size = kwargs.get("batch_size", args[1] if len(args) > 1 else 1)
+            # The rows the cache will hold: beam search and several returned sequences widen the batch.
+            batch_size *= max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
+            model_kwargs[name] = reusable_static_cache(model, batch_size, max_cache_len, left_padding)
         else:
             model_kwargs[name] = hybrid_cache(model)
         return None

@@ -99,6 +99,8 @@ def remove_inference(model: nn.Module) -> None:
     for module in attention_modules(model):
         del module.consa_prefix
     del model._prepare_cache_for_generation, model._consa_inference_order
+    if hasattr(model, "_consa_static_cache"):  # generate()'s kept static cache (hybrid_runtime.reusable_static_cache)
+        del model._consa_static_cache
     model.set_attn_implementation(model._consa_inference_attn)
     del model._consa_inference_attn
 
