@@ -154,3 +154,28 @@ def test_eval_efficiency_passes_the_eager_reference_on(tmp_path, tiny_model_dir,
                                       "--eager-reference"])
     assert result.exit_code == 0, result.output
     assert seen[0].compiled_decode and seen[0].eager_reference
+
+
+def test_generate_speed_times_plain_generate_with_the_hybrid_caches(monkeypatch):
+    """bench/generate_speed.py measures nothing but model.generate(): the static hybrid cache (kept on the model,
+    reused by the timed calls) decodes what the dynamic one does, and every call produced exactly the new tokens."""
+    import importlib.util
+    from pathlib import Path
+
+    from consa_cli.hybrid_runtime import StaticHybridCacheLayer
+
+    path = Path(__file__).parent.parent / "bench" / "generate_speed.py"
+    spec = importlib.util.spec_from_file_location("generate_speed", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.syspath_prepend(str(path.parent))
+    spec.loader.exec_module(module)
+    model = tiny_model("qwen3")
+    with torch.no_grad(), hybrid_inference(model, Allocation(MIXED, "kv-head", sliding_window=8, sink_tokens=2)):
+        rows = {kind: module.measure(model, 24, 2, 5, kind, repeats=2) for kind in ("dynamic", "static")}
+        kept = model._consa_static_cache
+    assert rows["static"]["generated"] == rows["dynamic"]["generated"]
+    assert all(len(tokens) == 5 for tokens in rows["static"]["generated"])
+    assert all(isinstance(layer, StaticHybridCacheLayer) and 24 + 4 <= layer.max_cache_len <= 24 + 5 for layer in kept.layers)
+    for row in rows.values():
+        assert 0 < row["first_token_s"] and 0 < row["generate_s"]
+        assert row["decode_tokens_per_s"] is None or row["decode_tokens_per_s"] > 0
