@@ -275,3 +275,27 @@ def test_gated_search_step_runs_with_the_flash_backend_and_agrees_with_sdpa():
     assert (flash.allocation.scores != settings.log_alpha_init).all()
     for got, want in zip(flash.metrics, sdpa.metrics, strict=True):
         assert abs(got["task_loss"] - want["task_loss"]) < 1e-2 * abs(want["task_loss"]), (got, want)
+
+
+def test_the_chunked_sink_backward_of_the_bench_equals_the_backends(monkeypatch):
+    """bench/sink_variants.py's two-stage sums over the queries give the sinks' share of the gradients exactly as
+    the flash backend's own (float64 on the CPU; chunks that divide the rows, and a single chunk when none does)."""
+    import importlib.util
+    from pathlib import Path
+
+    from consa_cli import kernels as consa_kernels
+
+    path = Path(__file__).parent.parent / "bench" / "sink_variants.py"
+    spec = importlib.util.spec_from_file_location("sink_variants", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.syspath_prepend(str(path.parent))
+    spec.loader.exec_module(module)
+    generator = torch.Generator().manual_seed(0)
+    for length, chunk_rows in ((48, 8), (50, 8)):
+        query, grad_out, out = (torch.randn(1, 4, length, 8, generator=generator, dtype=torch.float64) for _ in range(3))
+        sink_key, sink_value = (torch.randn(1, 2, 3, 8, generator=generator, dtype=torch.float64) for _ in range(2))
+        lse = torch.randn(1, 4, length, generator=generator, dtype=torch.float64) + 3
+        expected = consa_kernels._sink_backward(grad_out, query, sink_key, sink_value, out, lse, 0.3, 16)
+        chunked = module.chunked_sink_backward(grad_out, query, sink_key, sink_value, out, lse, 0.3, 16, chunk_rows)
+        for got, want in zip(chunked, expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
