@@ -225,3 +225,40 @@ def test_greedy_ceiling_picks_the_unit_that_lowers_the_answer_nll_most_each_roun
                 scores[unit] = greedy.answer_nll(model, batches)
             assert (layer, head) == min(scores, key=scores.get) and value == pytest.approx(scores[(layer, head)])
             chosen[layer, head] = True
+
+
+def test_calibration_answers_bench_scores_exactly_the_searchs_lm_loss(monkeypatch):
+    """bench/calibration_answers.py's per-sample answer NLL is the search's own ``lm`` loss on that sample (same
+    positions, same targets), and its exact match is greedy decoding of the answer tokens."""
+    import importlib.util
+    from pathlib import Path
+
+    from consa_cli.losses import search_loss
+
+    path = Path(__file__).parent.parent / "bench" / "calibration_answers.py"
+    spec = importlib.util.spec_from_file_location("calibration_answers", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.syspath_prepend(str(path.parent))
+    spec.loader.exec_module(module)
+    model = tiny_model("qwen3")
+    sequences = torch.randint(2, 96, (3, 40), generator=torch.Generator().manual_seed(1))
+    loss_mask = torch.zeros(3, 40, dtype=torch.bool)
+    loss_mask[0, 30:33], loss_mask[1, 36:39], loss_mask[2, 20:21] = True, True, True
+    nlls, exact = module.answer_scores(model, sequences, loss_mask)
+    with torch.no_grad():
+        for i in range(3):
+            logits = model(input_ids=sequences[i : i + 1]).logits
+            expected = search_loss(logits, sequences[i : i + 1], loss_mask[i : i + 1], "lm")
+            assert nlls[i] == pytest.approx(float(expected), rel=1e-5)
+            scored = loss_mask[i, :-1]
+            greedy = logits[0, :-1][scored].argmax(dim=-1)
+            assert exact[i] == bool(torch.equal(greedy, sequences[i, 1:][scored]))
+    # A sample whose answer is what the model predicts counts as answered.
+    logits = model(input_ids=sequences[:1]).logits[0]
+    answered = sequences[:1].clone()
+    answered[0, 31:34] = logits[30:33].argmax(dim=-1)
+    logits = model(input_ids=answered).logits[0]
+    answered[0, 32:34] = logits[31:33].argmax(dim=-1)
+    logits = model(input_ids=answered).logits[0]
+    answered[0, 33] = logits[32].argmax()
+    assert module.answer_scores(model, answered, loss_mask[:1])[1] == [True]

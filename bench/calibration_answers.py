@@ -1,0 +1,93 @@
+"""How well allocations answer the search's own retrieval calibration samples: mean answer NLL and exact match.
+
+The question this answers: when a mask retrieves better on the evaluation's tasks, does the search's calibration
+data see it too? If the better mask also answers the calibration samples better, the search could have found it
+(an optimisation problem); if not, the calibration data does not reward it (a transfer problem). The samples are
+built exactly as ``consa search`` builds them (``mix_retrieval``: calibration split, ``--seq-len``, ``--window``,
+``--seed``, ``--retrieval-formats``, ``--calibration-haystack``); every allocation (and the dense model) is run
+with a hard mask on the same samples, and answer NLLs are paired per sample.
+
+    python bench/calibration_answers.py A.safetensors B.safetensors --seq-len 1024 --samples 32 \
+        --calibration-haystack text --json answers.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from consa_cli.allocation import Allocation
+from consa_cli.attention import hybrid_attention
+from consa_cli.calibration import DEFAULT_CALIBRATION_FORMATS, DEFAULT_CALIBRATION_HAYSTACK, mix_retrieval
+from consa_cli.data import load_token_sequences
+from consa_cli.models import load_model_and_tokenizer
+
+
+@torch.no_grad()
+def answer_scores(model, sequences: torch.Tensor, loss_mask: torch.Tensor) -> tuple[list[float], list[bool]]:
+    """Per sample: the mean NLL of its answer tokens, and whether greedy decoding reproduces them all."""
+    device = next(model.parameters()).device
+    nlls, exact = [], []
+    for ids, mask in zip(sequences, loss_mask, strict=True):
+        logits = model(input_ids=ids.unsqueeze(0).to(device), use_cache=False).logits[0, :-1].float().cpu()
+        scored = mask[:-1]
+        targets = ids[1:][scored]
+        nlls.append(float(F.cross_entropy(logits[scored], targets)))
+        exact.append(bool(torch.equal(logits[scored].argmax(dim=-1), targets)))
+    return nlls, exact
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("allocations", nargs="+", type=Path)
+    parser.add_argument("--model", default=None, help="default: the first allocation's model")
+    parser.add_argument("--data", default="embedded:enwiki")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--samples", type=int, default=32, help="retrieval samples scored")
+    parser.add_argument("--seed", type=int, default=0, help="the calibration seed (a search's --seed)")
+    parser.add_argument("--retrieval-formats", default=DEFAULT_CALIBRATION_FORMATS)
+    parser.add_argument("--calibration-haystack", default=DEFAULT_CALIBRATION_HAYSTACK)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    allocations = [Allocation.load(path) for path in args.allocations]
+    first = allocations[0]
+    model, tokenizer = load_model_and_tokenizer(args.model or first.model, dtype=getattr(torch, args.dtype),
+                                                device=args.device)
+    text = load_token_sequences(args.data, tokenizer, args.seq_len, "calibration")
+    # As many text sequences as give `samples` retrieval ones at a retrieval fraction of 0.5.
+    calibration = mix_retrieval(text[: args.samples], tokenizer, 0.5, first.sliding_window, args.seed,
+                                args.retrieval_formats, args.calibration_haystack)
+    retrieval = calibration.is_retrieval
+    sequences, loss_mask = calibration.sequences[retrieval], calibration.loss_mask[retrieval]
+    rows = []
+    dense_nll = None
+    for label, allocation in [("dense", None), *zip((p.stem for p in args.allocations), allocations, strict=True)]:
+        if allocation is None:
+            nlls, exact = answer_scores(model, sequences, loss_mask)
+            dense_nll = nlls
+        else:
+            allocation.check_fits(model.config.num_hidden_layers, model.config.num_key_value_heads)
+            with hybrid_attention(model, allocation.fa_mask, allocation.sliding_window, allocation.sink_tokens):
+                nlls, exact = answer_scores(model, sequences, loss_mask)
+        deltas = [a - b for a, b in zip(nlls, dense_nll, strict=True)]
+        mean = sum(deltas) / len(deltas)
+        spread = math.sqrt(sum((d - mean) ** 2 for d in deltas) / max(len(deltas) - 1, 1) / len(deltas))
+        row = {"label": label, "answer_nll": sum(nlls) / len(nlls), "exact_match": sum(exact) / len(exact),
+               "delta_vs_dense": mean, "delta_stderr": spread, "answer_nll_per_sample": nlls}
+        rows.append(row)
+        print(f"{label:45s} answer NLL {row['answer_nll']:.4f} (vs dense {mean:+.4f} +- {spread:.4f}) "
+              f"exact {row['exact_match']:.3f}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
+                                         "samples": int(sequences.shape[0]), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
