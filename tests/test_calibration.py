@@ -262,3 +262,46 @@ def test_calibration_answers_bench_scores_exactly_the_searchs_lm_loss(monkeypatc
     logits = model(input_ids=answered).logits[0]
     answered[0, 33] = logits[32].argmax()
     assert module.answer_scores(model, answered, loss_mask[:1])[1] == [True]
+
+
+def test_a_retrieval_filter_keeps_only_accepted_samples_and_fails_clearly_when_too_few_pass(char_tokenizer):
+    """``keep``: samples are drawn until ``count`` pass it (the rest of the set unchanged); without it the set is
+    the unfiltered one; when almost none pass, a one-line error names the remedies."""
+    text = text_sequences(char_tokenizer)
+    plain = mix_retrieval(text, char_tokenizer, 0.5, WINDOW, seed=0)
+    seen = []
+
+    def every_other(ids, loss_mask):
+        seen.append(ids)
+        return len(seen) % 2 == 0
+
+    kept = mix_retrieval(text, char_tokenizer, 0.5, WINDOW, seed=0, keep=every_other)
+    count = plain.retrieval_count
+    assert kept.retrieval_count == count and len(seen) == 2 * count
+    assert torch.equal(kept.sequences[~kept.is_retrieval], plain.sequences[~plain.is_retrieval])
+    assert all(torch.equal(row, seen[2 * i + 1]) for i, row in enumerate(kept.sequences[kept.is_retrieval]))
+    assert torch.equal(kept.sequences[kept.is_retrieval][0], plain.sequences[plain.is_retrieval][1])
+    with pytest.raises(DataError, match=rf"answers only 0 of {20 * count} retrieval calibration samples, {count} "
+                                        r"needed: try --calibration-haystack filler"):
+        mix_retrieval(text, char_tokenizer, 0.5, WINDOW, seed=0, keep=lambda ids, mask: False)
+
+
+def test_answered_by_is_greedy_decoding_of_the_answer_tokens(char_tokenizer):
+    """The dense model's filter: True exactly when its argmax at every answer position is the answer token."""
+    from consa_cli.calibration import answered_by
+
+    model = tiny_model("llama")
+    text = text_sequences(char_tokenizer) % 96
+    samples = mix_retrieval(text, char_tokenizer, 0.5, WINDOW, seed=0)
+    answered = answered_by(model)
+    for ids, loss_mask in zip(samples.sequences[samples.is_retrieval] % 96, samples.loss_mask[samples.is_retrieval],
+                              strict=True):
+        with torch.no_grad():
+            greedy = model(input_ids=ids.unsqueeze(0)).logits[0, :-1][loss_mask[:-1]].argmax(dim=-1)
+        assert answered(ids, loss_mask) == bool(torch.equal(greedy, ids[1:][loss_mask[:-1]]))
+        # The same sample with its answer replaced by the model's own greedy answer is answered.
+        made = ids.clone()
+        for position in loss_mask[:-1].nonzero().flatten().tolist():
+            with torch.no_grad():
+                made[position + 1] = model(input_ids=made[: position + 1].unsqueeze(0)).logits[0, -1].argmax()
+        assert answered(made, loss_mask)

@@ -214,6 +214,8 @@ def _bad_inputs() -> dict[str, tuple]:
                                                                   "--calibration-haystack", "prose", "--output",
                                                                   tmp / "sweep"],
                                                "--calibration-haystack must be one of text, filler, got 'prose'"),
+        "search-unknown-retrieval-filter": (search("--retrieval-filter", "correct"),
+                                            "--retrieval-filter must be one of none, answered, got 'correct'"),
         "eval-seq-len-1": (eval_("--seq-len", "1"), "--seq-len must be >= 2"),
         "eval-dtype": (eval_("--dtype", "int8"), "--dtype must be one of"),
         "eval-max-sequences-0": (eval_("--max-sequences", "0"), "--max-sequences and --batch-size >= 1"),

@@ -22,6 +22,7 @@ misses. The facts, questions and needle positions of a seed are the same in both
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -42,6 +43,10 @@ CALIBRATION_FILLER = ("The river runs past the old mill.", "The hills are low an
                       "A long road leads to the town.", "The wind blows over the fields.",
                       "Rain falls on the roofs at night.")
 MAX_NEEDLES = 3  # facts per sample: the queried one and up to two distractors of the same format
+# With a retrieval filter, draws per sample needed before giving up (the dense SmolLM2-135M answers ~1 in 6 of the
+# default text-haystack samples: docs/results.md 1g.7).
+MAX_DRAWS_PER_SAMPLE = 20
+RETRIEVAL_FILTERS = ("none", "answered")
 
 _ROOMS = ("amber", "birch", "cobalt", "copper", "coral", "crimson", "ivory", "jade", "lilac", "maple", "marble",
           "olive", "onyx", "pearl", "quartz", "ruby", "sable", "slate", "topaz", "velvet")  # fmt: skip
@@ -169,12 +174,15 @@ def retrieval_sample(tokenizer: PreTrainedTokenizerBase, text_ids: torch.LongTen
 
 def mix_retrieval(text: torch.LongTensor, tokenizer: PreTrainedTokenizerBase, retrieval_fraction: float,
                   window: int, seed: int, formats: str = DEFAULT_CALIBRATION_FORMATS,
-                  haystack: str = DEFAULT_CALIBRATION_HAYSTACK) -> CalibrationSet:
+                  haystack: str = DEFAULT_CALIBRATION_HAYSTACK,
+                  keep: Callable[[torch.LongTensor, torch.BoolTensor], bool] | None = None) -> CalibrationSet:
     """Calibration set of ``text`` sequences plus retrieval samples making up ``retrieval_fraction`` of it.
 
     The retrieval samples take the ``formats`` (comma-separated) in turn; their ``haystack`` is text sequences of
     the same calibration split (``text``, cycled) or :func:`filler_haystack` from a seeded sentence (``filler``).
-    Everything depends only on ``seed``; the facts and needle positions do not depend on ``haystack``.
+    Everything depends only on ``seed``; the facts and needle positions do not depend on ``haystack``. ``keep``
+    (``sample ids, loss mask -> bool``): only samples it accepts are used, drawn until ``count`` are (at most
+    :data:`MAX_DRAWS_PER_SAMPLE` draws per sample needed; see :func:`answered_by`).
     """
     cycle = parse_formats(formats)
     check_haystack(haystack)
@@ -188,11 +196,36 @@ def mix_retrieval(text: torch.LongTensor, tokenizer: PreTrainedTokenizerBase, re
     # Its own generator: the facts drawn from rng stay those of the text haystack, which keeps earlier runs exact.
     filler_rng = random.Random(f"consa-calibration-filler/{seed}")
     length = text.shape[1]
-    bases = [text[(i * 7 + 3) % len(text)] if haystack == "text"
-             else filler_haystack(tokenizer, length, filler_rng.randrange(len(CALIBRATION_FILLER)))
-             for i in range(count)]  # fmt: skip
-    samples = [retrieval_sample(tokenizer, base, cycle[i % len(cycle)], rng, window)
-               for i, base in enumerate(bases)]
+    samples, tries = [], 0
+    while len(samples) < count:
+        if tries == count * MAX_DRAWS_PER_SAMPLE:
+            raise DataError(f"the model answers only {len(samples)} of {tries} retrieval calibration samples, "
+                            f"{count} needed: try --calibration-haystack filler, other --retrieval-formats, or "
+                            "--retrieval-filter none")
+        haystack_ids = (text[(tries * 7 + 3) % len(text)] if haystack == "text"
+                        else filler_haystack(tokenizer, length, filler_rng.randrange(len(CALIBRATION_FILLER))))
+        sample = retrieval_sample(tokenizer, haystack_ids, cycle[tries % len(cycle)], rng, window)
+        tries += 1
+        if keep is None or keep(*sample):
+            samples.append(sample)
     return CalibrationSet(torch.cat([base.sequences, torch.stack([ids for ids, _ in samples])]),
                           torch.cat([base.loss_mask, torch.stack([mask for _, mask in samples])]),
                           torch.cat([base.is_retrieval, torch.ones(count, dtype=torch.bool)]))
+
+
+def answered_by(model) -> Callable[[torch.LongTensor, torch.BoolTensor], bool]:
+    """``keep`` for :func:`mix_retrieval`: whether ``model`` (the dense model, before the search changes anything)
+    answers a sample, i.e. greedy decoding reproduces every answer token. Calibrating on answers the full model
+    does not produce rewards whatever happens to produce them, not keeping what the model retrieves: the dense
+    SmolLM2-135M answers 17% of the default samples (docs/results.md 1g.7)."""
+    device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def answered(ids: torch.LongTensor, loss_mask: torch.BoolTensor) -> bool:
+        scored = loss_mask[:-1]
+        first = int(scored.nonzero()[0])  # the answer is the sample's end: only its logits are computed
+        logits = model(input_ids=ids.unsqueeze(0).to(device), use_cache=False,
+                       logits_to_keep=len(ids) - first).logits[0, :-1]
+        return bool(torch.equal(logits.argmax(dim=-1).cpu(), ids[first + 1 :]))
+
+    return answered

@@ -142,6 +142,10 @@ def search(
                                              "needles lie in: text (calibration-split text) or filler (a few plain "
                                              "sentences repeated, none of them the evaluation's). "
                                              f"{_default('calibration_haystack')}"),
+    retrieval_filter: str = typer.Option(None, metavar="FILTER", help="Which synthetic retrieval samples to "
+                                         "calibrate on: none (all) or answered (only those the dense model "
+                                         "answers, drawn until there are enough; one forward each). "
+                                         f"{_default('retrieval_filter')}"),
     seed: int = typer.Option(None, help=f"Seed for data order and gate noise. {_default('seed')}"),
     seeds: int = typer.Option(None, metavar="N", help="Search with N seeds (--seed, --seed+1, ...), each in "
                               "OUTPUT/seed-<seed>, and write the vote over them: the units most seeds keep full, "
@@ -190,7 +194,8 @@ def search(
             seq_len=seq_len, data=data, steps=steps, batch_size=batch_size, loss=loss,
             retrieval_loss=retrieval_loss, method=method,
             l1_weight=l1_weight, retrieval_fraction=retrieval_fraction, retrieval_formats=retrieval_formats,
-            calibration_haystack=calibration_haystack, seed=seed, seeds=seeds, gate_lr=gate_lr,
+            calibration_haystack=calibration_haystack, retrieval_filter=retrieval_filter, seed=seed, seeds=seeds,
+            gate_lr=gate_lr,
             multiplier_lr=multiplier_lr, target_warmup_steps=target_warmup_steps, penalty_init=penalty_init,
             dtype=dtype, device=device, attention_backend=attention_backend, compile=compile, output=output,
             checkpoint_every=checkpoint_every,
@@ -648,6 +653,8 @@ def sweep(
                                           f"{_default('retrieval_formats')}"),
     calibration_haystack: str = typer.Option(None, metavar="HAYSTACK", help="Haystack of those samples: text or "
                                              f"filler (see search). {_default('calibration_haystack')}"),
+    retrieval_filter: str = typer.Option(None, metavar="FILTER", help="Which of those samples to calibrate on: "
+                                         f"none or answered (see search). {_default('retrieval_filter')}"),
     seed: int = typer.Option(None, help=f"Seed of searches and of the random rule. {_default('seed')}"),
     seeds: int = typer.Option(None, metavar="N", help="Seeds per search, the allocation their vote (see search). "
                               f"{_default('seeds')}"),
@@ -681,7 +688,8 @@ def sweep(
         flags = dict(model=model, window=window, sink_tokens=sink_tokens, seq_len=seq_len, data=data, steps=steps,
                      batch_size=batch_size, loss=loss, retrieval_loss=retrieval_loss,
                      retrieval_fraction=retrieval_fraction, retrieval_formats=retrieval_formats,
-                     calibration_haystack=calibration_haystack, seed=seed, seeds=seeds, dtype=dtype, device=device)
+                     calibration_haystack=calibration_haystack, retrieval_filter=retrieval_filter, seed=seed,
+                     seeds=seeds, dtype=dtype, device=device)
         search_settings = build_settings(SearchSettings, recipe, **flags)
         evaluation = EvalSettings(data=search_settings.data, seq_lens=eval_seq_len or [search_settings.seq_len],
                                   batch_size=search_settings.batch_size, dtype=search_settings.dtype,

@@ -43,7 +43,7 @@ from consa_cli.attention import (
     set_fa_weights,
 )
 from consa_cli.baselines import native_allocation, native_sparsity
-from consa_cli.calibration import CalibrationSet, mix_retrieval
+from consa_cli.calibration import CalibrationSet, answered_by, mix_retrieval
 from consa_cli.checkpoint import (
     CHECKPOINT_FILE,
     CheckpointError,
@@ -512,8 +512,9 @@ def search(settings: SearchSettings, force: bool = False, on_start: Callable[[di
         sink_tokens = adapter_for(model.config.model_type).default_sink_tokens
     # All calibration sequences: the seeded order draws from the whole split, not just its first articles.
     sequences = load_token_sequences(settings.data, tokenizer, settings.seq_len, "calibration")
+    keep = answered_by(model) if settings.retrieval_filter == "answered" else None  # (the dense model, no gates yet)
     calibration = mix_retrieval(sequences, tokenizer, settings.retrieval_fraction, settings.window, settings.seed,
-                                settings.retrieval_formats, settings.calibration_haystack)
+                                settings.retrieval_formats, settings.calibration_haystack, keep)
     if resume is None:
         output = prepare_run_dir(settings.output, force)
         # An overwritten run's checkpoint must not be left for a later --resume to continue.

@@ -17,6 +17,7 @@ from consa_cli.calibration import (
     CALIBRATION_HAYSTACKS,
     DEFAULT_CALIBRATION_FORMATS,
     DEFAULT_CALIBRATION_HAYSTACK,
+    RETRIEVAL_FILTERS,
     parse_formats,
 )
 from consa_cli.data import EMBEDDED_CORPUS, DataError
@@ -73,6 +74,8 @@ class SearchSettings:
     retrieval_fraction: float = 0.0  # share of calibration sequences that are synthetic retrieval samples
     retrieval_formats: str = DEFAULT_CALIBRATION_FORMATS  # their formats, taken in turn (consa_cli.calibration)
     calibration_haystack: str = DEFAULT_CALIBRATION_HAYSTACK  # what their needles lie in: text, or a repeated filler
+    # answered: only samples the dense model answers (greedy reproduces the answer), drawn until there are enough
+    retrieval_filter: str = "none"
     seed: int = 0
     # Searches with seeds seed .. seed+seeds-1, the allocation their vote (consa_cli.vote): on SmolLM2-135M the vote
     # of four seeds kept more retrieval (0.635) than any one of them (0.27-0.54) at the same perplexity.
@@ -111,6 +114,9 @@ class SearchSettings:
             parse_formats(self.retrieval_formats)
         except DataError as error:
             raise SettingsError(f"--retrieval-formats: {error}") from None
+        if self.retrieval_filter not in RETRIEVAL_FILTERS:
+            raise SettingsError(f"--retrieval-filter must be one of {', '.join(RETRIEVAL_FILTERS)}, "
+                                f"got '{self.retrieval_filter}'")
         if self.calibration_haystack not in CALIBRATION_HAYSTACKS:
             raise SettingsError(f"--calibration-haystack must be one of {', '.join(CALIBRATION_HAYSTACKS)}, "
                                 f"got '{self.calibration_haystack}'")
