@@ -417,3 +417,34 @@ def test_retrieval_table_prints_each_models_overall_with_its_standard_error(monk
     text = out.getvalue()
     assert "vote4: overall 0.750 +- 0.153 (8 prompts; +- one binomial standard error)" in text
     assert "old run: overall" not in text  # a result from before the standard error: the table only
+
+
+def test_search_with_a_retrieval_filter_says_how_many_samples_it_drew_and_fails_cleanly(tmp_path, tiny_model_dir,
+                                                                                         tiny_text_file, monkeypatch):
+    """--retrieval-filter answered: the start line says how many samples were drawn for the ones kept; a model
+    that answers none is a one-line error with nothing written."""
+    import re
+
+    import consa_cli.search as search_module
+
+    drawn = []
+
+    def every_third(model):
+        def answered(ids, loss_mask):
+            drawn.append(ids)
+            return len(drawn) % 3 == 0
+        return answered
+
+    monkeypatch.setattr(search_module, "answered_by", every_third)
+    flags = ["--model", tiny_model_dir, "--data", tiny_text_file, "--seq-len", "128", "--window", "8", "--steps", "2",
+             "--sparsity", "0.5", "--retrieval-fraction", "0.5", "--retrieval-filter", "answered"]
+    result = invoke("search", *flags, "--output", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    kept, of = map(int, re.search(r"\((\d+) retrieval, those the dense model answered of (\d+) drawn\)",
+                                  result.stdout.replace("\n", " ")).groups())
+    assert kept > 0 and of == 3 * kept == len(drawn)
+    monkeypatch.setattr(search_module, "answered_by", lambda model: lambda ids, loss_mask: False)
+    result = invoke("search", *flags, "--output", tmp_path / "none")
+    assert result.exit_code != 0 and result.stderr.count("\n") == 1
+    assert re.search(r"answers only 0 of \d+ retrieval calibration samples", result.stderr)
+    assert not (tmp_path / "none").exists()

@@ -230,6 +230,9 @@ def search(
         def on_start(info: dict) -> None:
             resumed = f", continuing after step {info['resumed_from']}" if info["resumed_from"] else ""
             retrieval = f" ({info['retrieval_sequences']} retrieval)" if info["retrieval_sequences"] else ""
+            if info.get("retrieval_drawn"):  # --retrieval-filter answered
+                retrieval = (f" ({info['retrieval_sequences']} retrieval, those the dense model answered of "
+                             f"{info['retrieval_drawn']} drawn)")
             retrieval_loss = f" ({settings.retrieval_loss} on retrieval)" if info["retrieval_sequences"] else ""
             console.print(
                 f"model [bold]{info['model']}[/] on {info['device']} ({info['attention_backend']} attention): "

@@ -512,7 +512,15 @@ def search(settings: SearchSettings, force: bool = False, on_start: Callable[[di
         sink_tokens = adapter_for(model.config.model_type).default_sink_tokens
     # All calibration sequences: the seeded order draws from the whole split, not just its first articles.
     sequences = load_token_sequences(settings.data, tokenizer, settings.seq_len, "calibration")
-    keep = answered_by(model) if settings.retrieval_filter == "answered" else None  # (the dense model, no gates yet)
+    drawn = []  # every retrieval sample the filter looked at (reported: what share the dense model answers)
+    if settings.retrieval_filter == "answered":
+        answered = answered_by(model)  # the dense model: no gates are installed yet
+
+        def keep(ids, loss_mask):
+            drawn.append(answered(ids, loss_mask))
+            return drawn[-1]
+    else:
+        keep = None
     calibration = mix_retrieval(sequences, tokenizer, settings.retrieval_fraction, settings.window, settings.seed,
                                 settings.retrieval_formats, settings.calibration_haystack, keep)
     if resume is None:
@@ -528,7 +536,8 @@ def search(settings: SearchSettings, force: bool = False, on_start: Callable[[di
         on_start({"model": model.config.name_or_path, "sink_tokens": sink_tokens,
                   "attention_backend": attention_backend,
                   "calibration_sequences": calibration.sequences.shape[0],
-                  "retrieval_sequences": calibration.retrieval_count, "device": str(device),
+                  "retrieval_sequences": calibration.retrieval_count, "retrieval_drawn": len(drawn) or None,
+                  "device": str(device),
                   "units": UnitLayout(settings.granularity, model.config.num_hidden_layers,
                                       model.config.num_key_value_heads).num_units,
                   "native_sparsity": native_sparsity(model.config),
