@@ -549,8 +549,9 @@ def test_static_prefill_reads_nothing_on_the_host_and_a_chunk_after_compiled_ste
 
 def test_static_generate_reuses_its_cache_across_calls_that_fit_it():
     """Compiled decoding replays CUDA graphs over the cache's buffers: generate() calls of the same shape reuse one
-    static hybrid cache (reset in place, the buffers' addresses kept), as transformers does with its StaticCache;
-    another batch size, padding or length gets a new one. Every call decodes what the dynamic cache decodes."""
+    static hybrid cache (reset in place, the buffers' addresses kept, another left padding moved in), as
+    transformers does with its StaticCache; another batch size or length gets a new one. Every call decodes what
+    the dynamic cache decodes."""
     model = tiny_model("llama")
     prompt = PROMPT.clone()
     attention_mask = torch.ones_like(prompt)
@@ -567,6 +568,9 @@ def test_static_generate_reuses_its_cache_across_calls_that_fit_it():
         buffers = [t.data_ptr() for layer in first.layers for t in layer._storage()]
         again = generate(prompt, attention_mask)
         assert again is first and [t.data_ptr() for layer in again.layers for t in layer._storage()] == buffers
+        repadded, repadded_mask = PROMPT.clone(), torch.ones_like(PROMPT)  # the same shape, other rows padded
+        repadded[0, :3], repadded_mask[0, :3] = 0, 0
+        assert generate(repadded, repadded_mask) is first  # the rings' origins move, the buffers stay
         assert generate(prompt, attention_mask, max_new_tokens=4) is not first  # another capacity
         unpadded = generate(prompt[:1, 5:], attention_mask[:1, 5:])  # another batch size and padding
         assert unpadded is not first
@@ -575,3 +579,18 @@ def test_static_generate_reuses_its_cache_across_calls_that_fit_it():
         assert beams is not unpadded and generate(prompt, attention_mask, num_beams=3) is beams
         assert model._consa_static_cache is beams
     assert not hasattr(model, "_consa_static_cache")  # the plain model again holds no cache
+
+
+def test_a_reused_static_cache_takes_new_left_padding_in_place_and_refuses_a_mismatch():
+    layer = StaticHybridCacheLayer(full_heads=1, sliding_window=WINDOW, sink_tokens=2, max_cache_len=64,
+                                   left_padding=[0, 5])
+    keys = torch.zeros(2, 3, 12, 4)
+    layer.update(keys, keys)
+    origin = layer.ring_origin
+    layer.reset()
+    layer.set_left_padding([4, 1])
+    assert layer.ring_origin is origin and layer.ring_origin.tolist() == [4, 2] and layer.pads == [4, 1]
+    with pytest.raises(ValueError, match="left_padding has 3 rows, the cache 2"):
+        layer.set_left_padding([0, 0, 0])
+    with pytest.raises(ValueError, match="left padding known must stay so"):
+        layer.set_left_padding(None)

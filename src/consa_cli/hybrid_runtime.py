@@ -530,6 +530,21 @@ class StaticHybridCacheLayer(HybridCacheLayer):
     def get_seq_length(self):
         return self.position if self.is_initialized else 0
 
+    def set_left_padding(self, left_padding: int | list[int] | None) -> None:
+        """Each row's left padding for the next prompt into this (empty, reset) cache, e.g. the next ``generate()``
+        call reusing it: the rings' origins move in place, so compiled decode graphs keep their addresses."""
+        if (left_padding is None) != (self.left_padding is None):
+            raise ValueError("a cache reused with left padding known must stay so (the decode path depends on it)")
+        self.left_padding = left_padding
+        if self.is_initialized:
+            padding = left_padding if left_padding is not None else 0
+            batch = self.rows.shape[0]
+            pads = [padding] * batch if isinstance(padding, int) else [int(p) for p in padding]
+            if len(pads) != batch:
+                raise ValueError(f"left_padding has {len(pads)} rows, the cache {batch}")
+            self.pads, self.origins = pads, [max(pad, self.sink_tokens) for pad in pads]
+            self.ring_origin.copy_(torch.tensor(self.origins, dtype=torch.long))
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if query_length == 1:  # decode: the whole buffer, a fixed shape
             return self.max_cache_len, 0
@@ -793,8 +808,9 @@ def cache_argument(model) -> str:
 
 
 def reusable_static_cache(model, batch_size: int, max_cache_len: int, left_padding: int | list[int] | None) -> Cache:
-    """The static hybrid cache of ``model``'s previous ``generate()`` call, reset, when it fits this call (batch
-    size, capacity, left padding, the model's dtype and device), else a new one, kept on the model for the next.
+    """The static hybrid cache of ``model``'s previous ``generate()`` call, reset and given this call's left
+    padding, when it fits this call (batch size, capacity, whether the padding is known, the model's dtype and
+    device), else a new one, kept on the model for the next.
 
     Compiled decoding replays CUDA graphs that read the cache's buffers at fixed addresses: a new cache per call
     makes them re-record every call and, past torch's re-record limit, fall back to running without graphs.
@@ -803,6 +819,8 @@ def reusable_static_cache(model, batch_size: int, max_cache_len: int, left_paddi
     previous = getattr(model, "_consa_static_cache", None)
     if previous is not None and _fits(previous, model, batch_size, max_cache_len, left_padding):
         previous.reset()
+        for layer in previous.layers:
+            layer.set_left_padding(left_padding)
         return previous
     cache = hybrid_cache(model, max_cache_len, left_padding)
     model._consa_static_cache = cache
@@ -813,7 +831,11 @@ def _fits(cache: Cache, model, batch_size: int, max_cache_len: int, left_padding
     layers = cache.layers
     if not layers or not all(isinstance(layer, StaticHybridCacheLayer) for layer in layers):
         return False
-    if any(layer.max_cache_len != max_cache_len or layer.left_padding != left_padding for layer in layers):
+    # Another padding is fine (set_left_padding), but whether it is known at all changes the decode path.
+    if any(layer.max_cache_len != max_cache_len or (layer.left_padding is None) != (left_padding is None)
+           for layer in layers):
+        return False
+    if isinstance(left_padding, list) and len(left_padding) != batch_size:
         return False
     parameter = next(model.parameters())
     return all(not layer.is_initialized or (storage.shape[0] == batch_size and storage.dtype == parameter.dtype
