@@ -131,3 +131,18 @@ def tiny_char_tokenizer():
 @pytest.fixture(scope="session")
 def char_tokenizer():
     return tiny_char_tokenizer()
+
+
+def bench_module(name: str, monkeypatch=None):
+    """A script of bench/ imported as a module (``bench/NAME.py``); with ``monkeypatch``, bench/ is also on the
+    import path for the test, for scripts that import their neighbours."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "bench" / f"{name}.py"
+    if monkeypatch is not None:
+        monkeypatch.syspath_prepend(str(path.parent))
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

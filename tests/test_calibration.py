@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import bench_module, tiny_model
 
 from consa_cli.calibration import (
     CALIBRATION_FILLER,
@@ -162,21 +162,10 @@ def test_search_on_a_mixture_hits_the_exact_count_and_differs_from_text_only(cha
     assert not torch.equal(with_retrieval.allocation.scores, text_only.allocation.scores)
 
 
-def _bench_module(name):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parent.parent / "bench" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_ceiling_calibration_scores_the_evaluation_answers_and_never_the_evaluated_prompts(char_tokenizer):
     """bench/retrieval_ceiling.py: the evaluation tasks' prompts (another seed than consa eval's), their answers as
     the only scored logits, rows of the text's length, seeded; seed 0 (consa eval's prompts) is refused."""
-    ceiling = _bench_module("retrieval_ceiling")
+    ceiling = bench_module("retrieval_ceiling")
     length = 1200  # characters: room for multikey's needles in a character-level prompt
     ids = char_tokenizer("the quick brown fox jumps over the lazy dog. " * 120, add_special_tokens=False)["input_ids"]
     text = torch.tensor(ids[: 4 * length]).view(4, length)
@@ -204,7 +193,7 @@ def test_greedy_ceiling_picks_the_unit_that_lowers_the_answer_nll_most_each_roun
     from consa_cli.attention import hybrid_attention, set_fa_weights
     from consa_cli.retrieval import haystack_filler, make_samples
 
-    greedy = _bench_module("retrieval_greedy")
+    greedy = bench_module("retrieval_greedy")
     model = tiny_model("llama")
     layers, heads = model.config.num_hidden_layers, model.config.num_key_value_heads
     samples = make_samples("passkey", char_tokenizer, [300, 360], [0.2, 0.8], 1, seed=5,
@@ -230,16 +219,9 @@ def test_greedy_ceiling_picks_the_unit_that_lowers_the_answer_nll_most_each_roun
 def test_calibration_answers_bench_scores_exactly_the_searchs_lm_loss(monkeypatch):
     """bench/calibration_answers.py's per-sample answer NLL is the search's own ``lm`` loss on that sample (same
     positions, same targets), and its exact match is greedy decoding of the answer tokens."""
-    import importlib.util
-    from pathlib import Path
-
     from consa_cli.losses import search_loss
 
-    path = Path(__file__).parent.parent / "bench" / "calibration_answers.py"
-    spec = importlib.util.spec_from_file_location("calibration_answers", path)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.syspath_prepend(str(path.parent))
-    spec.loader.exec_module(module)
+    module = bench_module("calibration_answers", monkeypatch)
     model = tiny_model("qwen3")
     sequences = torch.randint(2, 96, (3, 40), generator=torch.Generator().manual_seed(1))
     loss_mask = torch.zeros(3, 40, dtype=torch.bool)

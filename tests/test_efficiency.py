@@ -7,7 +7,7 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import bench_module, tiny_model
 from typer.testing import CliRunner
 
 from consa_cli.allocation import Allocation
@@ -159,16 +159,9 @@ def test_eval_efficiency_passes_the_eager_reference_on(tmp_path, tiny_model_dir,
 def test_generate_speed_times_plain_generate_with_the_hybrid_caches(monkeypatch):
     """bench/generate_speed.py measures nothing but model.generate(): the static hybrid cache (kept on the model,
     reused by the timed calls) decodes what the dynamic one does, and every call produced exactly the new tokens."""
-    import importlib.util
-    from pathlib import Path
-
     from consa_cli.hybrid_runtime import StaticHybridCacheLayer
 
-    path = Path(__file__).parent.parent / "bench" / "generate_speed.py"
-    spec = importlib.util.spec_from_file_location("generate_speed", path)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.syspath_prepend(str(path.parent))
-    spec.loader.exec_module(module)
+    module = bench_module("generate_speed", monkeypatch)  # (it imports bench/inference_speed.py)
     model = tiny_model("qwen3")
     with torch.no_grad(), hybrid_inference(model, Allocation(MIXED, "kv-head", sliding_window=8, sink_tokens=2)):
         rows = {kind: module.measure(model, 24, 2, 5, kind, repeats=2) for kind in ("dynamic", "static")}

@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import bench_module, tiny_model
 
 from consa_cli.attention import (
     ATTENTION_BACKENDS,
@@ -280,16 +280,9 @@ def test_gated_search_step_runs_with_the_flash_backend_and_agrees_with_sdpa():
 def test_the_chunked_sink_backward_of_the_bench_equals_the_backends(monkeypatch):
     """bench/sink_variants.py's two-stage sums over the queries give the sinks' share of the gradients exactly as
     the flash backend's own (float64 on the CPU; chunks that divide the rows, and a single chunk when none does)."""
-    import importlib.util
-    from pathlib import Path
-
     from consa_cli import kernels as consa_kernels
 
-    path = Path(__file__).parent.parent / "bench" / "sink_variants.py"
-    spec = importlib.util.spec_from_file_location("sink_variants", path)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.syspath_prepend(str(path.parent))
-    spec.loader.exec_module(module)
+    module = bench_module("sink_variants", monkeypatch)
     generator = torch.Generator().manual_seed(0)
     for length, chunk_rows in ((48, 8), (50, 8)):
         query, grad_out, out = (torch.randn(1, 4, length, 8, generator=generator, dtype=torch.float64) for _ in range(3))
