@@ -39,18 +39,20 @@ def qkv(length, query_heads=4, kv_heads=2, dim=16, dtype=torch.float64, device="
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-@pytest.mark.parametrize("block_size", [128, 16])
-def test_flex_window_graph_forward_on_cpu_equals_the_reference(block_size):
+@pytest.mark.parametrize(("block_size", "sink_merge"), [(128, False), (16, False), (128, True), (16, True)])
+def test_flex_window_graph_forward_on_cpu_equals_the_reference(block_size, sink_merge):
     """The flex graph, uncompiled (FlexAttention's CPU forward), against two SDPA calls; window 8 + 2 sinks, with
-    the default tile and a tile smaller than the sequence (the tuning knob of bench/search_speed.py)."""
+    the default tile and a tile smaller than the sequence (the tuning knob of bench/search_speed.py), the sinks in
+    the block mask or merged by log-sum-exp after a window-only pass."""
     length, window, sinks, scaling = 64, 8, 2, 0.25
     query, key, value = (t.detach().float() for t in qkv(length))
     weight = torch.tensor([0.2, 0.7])
     reference = ATTENTION_BACKENDS["sdpa"].full_and_sliding(query, key, value, weight, scaling, window, sinks)
     full = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
                                                             enable_gqa=True)
-    mixed = window_mix(query, key, value, full, weight.repeat_interleave(2),
-                       window_block_mask(length, window, sinks, "cpu", block_size), scaling)
+    mask = window_block_mask(length, window, 0 if sink_merge else sinks, "cpu", block_size)
+    mixed = window_mix(query, key, value, full, weight.repeat_interleave(2), mask, scaling,
+                       merged_sinks=sinks if sink_merge else 0, window=window)
     torch.testing.assert_close(mixed, reference, rtol=1e-5, atol=1e-5)
 
 
@@ -58,7 +60,8 @@ def test_flex_needs_cuda():
     assert not flex_supported(torch.device("cpu"))
 
 
-def errors_against_reference(backend, batch, length, window, sinks, heads, kv_heads, dim, reference_dtype, seed):
+def errors_against_reference(backend, batch, length, window, sinks, heads, kv_heads, dim, reference_dtype, seed,
+                             **options):
     """Relative errors of a backend in bf16 on the GPU against the two-call SDPA reference in ``reference_dtype`` on
     the same (bf16-rounded) inputs: the output and the gradients of q, k, v and the gate weights.
 
@@ -73,7 +76,7 @@ def errors_against_reference(backend, batch, length, window, sinks, heads, kv_he
     query, key, value = tensor(heads), tensor(kv_heads), tensor(kv_heads)
     weight = torch.linspace(0, 1, kv_heads, device="cuda", requires_grad=True)
     scaling = dim ** -0.5
-    fast = ATTENTION_BACKENDS[backend].full_and_sliding(query, key, value, weight, scaling, window, sinks)
+    fast = ATTENTION_BACKENDS[backend].full_and_sliding(query, key, value, weight, scaling, window, sinks, **options)
     upstream = torch.randn(fast.shape, device="cuda", generator=generator)
     grads = torch.autograd.grad((fast.float() * upstream).sum(), (query, key, value, weight))
     exact_inputs = [t.detach().to(reference_dtype).requires_grad_() for t in (query, key, value, weight)]
@@ -92,6 +95,18 @@ def test_flex_kernel_matches_float64_reference_forward_and_backward(batch, lengt
     errors = errors_against_reference("flex", batch, length, window, sinks, heads, kv_heads, dim, torch.float64,
                                       seed=length)
     # bf16 rounding of inputs is shared; what differs is the kernels' bf16 arithmetic: compare at bf16 scale.
+    assert max(errors) < 2e-2, errors
+
+
+@needs_cuda
+@pytest.mark.parametrize(("batch", "length", "window", "sinks", "heads", "kv_heads", "dim"), [
+    (1, 1024, 128, 4, 16, 8, 128), (2, 300, 32, 4, 4, 2, 16), (1, 100, 128, 4, 4, 2, 16)])
+def test_flex_with_sinks_merged_by_lse_matches_float64_reference_forward_and_backward(batch, length, window, sinks,
+                                                                                     heads, kv_heads, dim):
+    """The window-only FlexAttention pass with the sinks merged through its log-sum-exp (autograd through both),
+    against a float64 reference: outputs and all four gradients (the last case: no query beyond the window)."""
+    errors = errors_against_reference("flex", batch, length, window, sinks, heads, kv_heads, dim, torch.float64,
+                                      seed=length, sink_merge=True)
     assert max(errors) < 2e-2, errors
 
 
