@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import bench_module, tiny_model
 
+from consa_cli import kernels
 from consa_cli.attention import (
     ATTENTION_BACKENDS,
     install_hybrid,
@@ -307,3 +308,29 @@ def test_the_chunked_sink_backward_of_the_bench_equals_the_backends(monkeypatch)
         chunked = module.chunked_sink_backward(grad_out, query, sink_key, sink_value, out, lse, 0.3, 16, chunk_rows)
         for got, want in zip(chunked, expected, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_search_speed_runs_flex_merge_with_the_sinks_merged_and_restores_the_default(monkeypatch):
+    """bench/search_speed.py's ``flex+merge+compile``: the search runs the flex backend, compiled, with
+    ``FLEX_SINK_MERGE`` on, and the setting is back to its default afterwards."""
+    from types import SimpleNamespace
+
+    module = bench_module("search_speed")
+    seen = []
+
+    def fake_run_search(settings, model, sequences, sinks):
+        seen.append((settings.attention_backend, settings.compile, kernels.FLEX_SINK_MERGE))
+        return SimpleNamespace(allocation=SimpleNamespace(metadata={"attention_backend": "flex"}),
+                               metrics=[{"seconds": 0.5}] * settings.steps)
+
+    monkeypatch.setattr(module, "run_search", fake_run_search)
+    model = SimpleNamespace(config=SimpleNamespace(vocab_size=11))
+    default = kernels.FLEX_SINK_MERGE
+    assert module.search_step_seconds(model, 8, "kl", "flex+merge+compile", 1, 2, 4, 1) == [0.5] * 3
+    assert module.search_step_seconds(model, 8, "kl", "flex", 1, 2, 4, 1) == [0.5] * 3
+    assert seen == [("flex", True, True), ("flex", False, default)]
+    assert kernels.FLEX_SINK_MERGE == default
+    with pytest.raises(ValueError, match="unknown backend option"):
+        module.search_step_seconds(model, 8, "kl", "flex+fast", 1, 2, 4, 1)
+    with pytest.raises(ValueError, match="flex backend only"):
+        module.search_step_seconds(model, 8, "kl", "flash+merge", 1, 2, 4, 1)

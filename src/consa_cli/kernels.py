@@ -75,9 +75,14 @@ def window_block_mask(length: int, window: int, sink_tokens: int, device: str, b
     return mask
 
 
+# Whether the flex backend merges the sinks by log-sum-exp after a window-only pass (True) or keeps them in the
+# block mask (False). bench/sink_variants.py and bench/search_speed.py (``flex+merge``) measure both.
+FLEX_SINK_MERGE = False
+
+
 def prepare_flex(length: int, window: int, sink_tokens: int, device: torch.device) -> None:
     """Before a compiled forward first runs: make the window's block mask eagerly, so the graph reads it."""
-    window_block_mask(length, window, sink_tokens, str(device))
+    window_block_mask(length, window, 0 if FLEX_SINK_MERGE else sink_tokens, str(device))
 
 
 def window_mix(query, key, value, full, fa_weight, window_mask, scaling, kernel_options=None, merged_sinks=0,
@@ -113,15 +118,16 @@ def _compiled_window_mix(kernel_options: tuple = (), merged_sinks: int = 0, wind
 
 def flex_full_and_sliding(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, fa_weight: torch.Tensor,
                           scaling: float, window: int, sink_tokens: int, block_size: int = DEFAULT_BLOCK_SIZE,
-                          kernel_options: dict | None = None, sink_merge: bool = False) -> torch.Tensor:
+                          kernel_options: dict | None = None, sink_merge: bool | None = None) -> torch.Tensor:
     """The relaxed mix for query heads ``[B, Hq, T, D]`` and KV heads ``[B, Hkv, T, D]``: SDPA full + flex window.
 
     ``fa_weight`` is per KV head ``[Hkv]``; it covers every query head of its group. Self-attention only (as many
     queries as keys), no padding mask. ``block_size`` (the mask's tile) and ``kernel_options`` (FlexAttention's
     Triton options, e.g. ``BLOCK_M``, ``num_warps``) are for tuning: bench/search_speed.py ``--flex-configs``.
     ``sink_merge``: the sinks merged by log-sum-exp after a window-only FlexAttention (see :func:`window_mix`)
-    rather than in its block mask.
+    rather than in its block mask (default: :data:`FLEX_SINK_MERGE`).
     """
+    sink_merge = FLEX_SINK_MERGE if sink_merge is None else sink_merge
     groups = query.shape[1] // key.shape[1]
     length = query.shape[-2]
     merged_sinks = min(sink_tokens, max(length - window, 0)) if sink_merge else 0
