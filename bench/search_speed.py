@@ -9,8 +9,7 @@ one sequence per step. Columns per sequence length and loss:
   (SDPA full + PyTorch's flash kernel with its own window, the sinks beyond the window merged by log-sum-exp) and
   ``sdpa`` (the reference: full + blocked sliding-window SDPA calls); ``NAME+compile`` (e.g. ``flex+compile``) is
   that backend with the search's ``--compile`` (the gated forward through torch.compile; the dense step stays
-  eager, as transformers runs it); ``flex+merge`` is flex with the sinks merged by log-sum-exp after a window-only
-  pass instead of in its block mask.
+  eager, as transformers runs it).
 
 The attention-alone rows time one layer's forward + backward of the dense causal SDPA call and of each backend's
 full-and-sliding mix (``sdpa``, ``flex``, ``flash``). A backend that fails (a kernel the installed torch lacks) is
@@ -46,7 +45,6 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, Qwen3Config
 
-from consa_cli import kernels
 from consa_cli.attention import ATTENTION_BACKENDS
 from consa_cli.kernels import flex_full_and_sliding
 from consa_cli.losses import next_token_loss
@@ -104,24 +102,11 @@ def dense_step_seconds(model, input_ids: torch.Tensor, warmup: int, repeats: int
 def search_step_seconds(model, length: int, loss: str, backend: str, warmup: int, repeats: int,
                         window: int, sinks: int) -> list[float]:
     """consa's search loop itself, timed per step by its own metrics (each step ends in a host sync).
-    ``backend`` may end in ``+compile``: the search's ``--compile`` (the gated forward through torch.compile), and
-    ``flex`` in ``+merge``: the sinks merged by log-sum-exp (``kernels.FLEX_SINK_MERGE``)."""
-    backend, *options = backend.split("+")
-    unknown = set(options) - {"compile", "merge"}
-    if unknown:
-        raise ValueError(f"unknown backend option(s) {sorted(unknown)}: take +compile, +merge")
-    if "merge" in options:
-        if backend != "flex":
-            raise ValueError("+merge applies to the flex backend only")
-        previous, kernels.FLEX_SINK_MERGE = kernels.FLEX_SINK_MERGE, True
-        try:
-            return search_step_seconds(model, length, loss, "+".join([backend] + [o for o in options if o != "merge"]),
-                                       warmup, repeats, window, sinks)
-        finally:
-            kernels.FLEX_SINK_MERGE = previous
+    ``backend`` may end in ``+compile``: the search's ``--compile`` (the gated forward through torch.compile)."""
+    backend, _, compiled = backend.partition("+")
     settings = SearchSettings(granularity="kv-head-per-layer", sparsity=0.75, window=window, seq_len=length,
                               steps=warmup + repeats, loss=loss, attention_backend=backend, target_warmup_steps=0,
-                              compile="compile" in options)
+                              compile=compiled == "compile")
     sequences = torch.randint(0, model.config.vocab_size, (settings.steps, length),
                               generator=torch.Generator().manual_seed(1))
     result = run_search(settings, model, sequences, sinks)
@@ -279,7 +264,7 @@ def main() -> None:
         dense_again = dense_step_seconds(model, input_ids, args.warmup, args.repeats)
         dense_seconds = min(dense_seconds, statistics.median(dense_again[args.warmup:]))
         compiled_dense = None
-        if any("compile" in name.split("+")[1:] for name in backends):
+        if any(name.endswith("+compile") for name in backends):
             # A compiled search step next to a compiled dense step too: the fair reference for what compilation
             # itself buys (the goal's reference stays the eager dense step, as transformers runs it).
             try:

@@ -9,7 +9,6 @@ import pytest
 import torch
 from conftest import bench_module, tiny_model
 
-from consa_cli import kernels
 from consa_cli.attention import (
     ATTENTION_BACKENDS,
     install_hybrid,
@@ -40,20 +39,18 @@ def qkv(length, query_heads=4, kv_heads=2, dim=16, dtype=torch.float64, device="
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-@pytest.mark.parametrize(("block_size", "sink_merge"), [(128, False), (16, False), (128, True), (16, True)])
-def test_flex_window_graph_forward_on_cpu_equals_the_reference(block_size, sink_merge):
+@pytest.mark.parametrize("block_size", [128, 16])
+def test_flex_window_graph_forward_on_cpu_equals_the_reference(block_size):
     """The flex graph, uncompiled (FlexAttention's CPU forward), against two SDPA calls; window 8 + 2 sinks, with
-    the default tile and a tile smaller than the sequence (the tuning knob of bench/search_speed.py), the sinks in
-    the block mask or merged by log-sum-exp after a window-only pass."""
+    the default tile and a tile smaller than the sequence (the tuning knob of bench/search_speed.py)."""
     length, window, sinks, scaling = 64, 8, 2, 0.25
     query, key, value = (t.detach().float() for t in qkv(length))
     weight = torch.tensor([0.2, 0.7])
     reference = ATTENTION_BACKENDS["sdpa"].full_and_sliding(query, key, value, weight, scaling, window, sinks)
     full = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
                                                             enable_gqa=True)
-    mask = window_block_mask(length, window, 0 if sink_merge else sinks, "cpu", block_size)
-    mixed = window_mix(query, key, value, full, weight.repeat_interleave(2), mask, scaling,
-                       merged_sinks=sinks if sink_merge else 0, window=window)
+    mixed = window_mix(query, key, value, full, weight.repeat_interleave(2),
+                       window_block_mask(length, window, sinks, "cpu", block_size), scaling)
     torch.testing.assert_close(mixed, reference, rtol=1e-5, atol=1e-5)
 
 
@@ -61,8 +58,7 @@ def test_flex_needs_cuda():
     assert not flex_supported(torch.device("cpu"))
 
 
-def errors_against_reference(backend, batch, length, window, sinks, heads, kv_heads, dim, reference_dtype, seed,
-                             **options):
+def errors_against_reference(backend, batch, length, window, sinks, heads, kv_heads, dim, reference_dtype, seed):
     """Relative errors of a backend in bf16 on the GPU against the two-call SDPA reference in ``reference_dtype`` on
     the same (bf16-rounded) inputs: the output and the gradients of q, k, v and the gate weights.
 
@@ -77,7 +73,7 @@ def errors_against_reference(backend, batch, length, window, sinks, heads, kv_he
     query, key, value = tensor(heads), tensor(kv_heads), tensor(kv_heads)
     weight = torch.linspace(0, 1, kv_heads, device="cuda", requires_grad=True)
     scaling = dim ** -0.5
-    fast = ATTENTION_BACKENDS[backend].full_and_sliding(query, key, value, weight, scaling, window, sinks, **options)
+    fast = ATTENTION_BACKENDS[backend].full_and_sliding(query, key, value, weight, scaling, window, sinks)
     upstream = torch.randn(fast.shape, device="cuda", generator=generator)
     grads = torch.autograd.grad((fast.float() * upstream).sum(), (query, key, value, weight))
     exact_inputs = [t.detach().to(reference_dtype).requires_grad_() for t in (query, key, value, weight)]
@@ -96,18 +92,6 @@ def test_flex_kernel_matches_float64_reference_forward_and_backward(batch, lengt
     errors = errors_against_reference("flex", batch, length, window, sinks, heads, kv_heads, dim, torch.float64,
                                       seed=length)
     # bf16 rounding of inputs is shared; what differs is the kernels' bf16 arithmetic: compare at bf16 scale.
-    assert max(errors) < 2e-2, errors
-
-
-@needs_cuda
-@pytest.mark.parametrize(("batch", "length", "window", "sinks", "heads", "kv_heads", "dim"), [
-    (1, 1024, 128, 4, 16, 8, 128), (2, 300, 32, 4, 4, 2, 16), (1, 100, 128, 4, 4, 2, 16)])
-def test_flex_with_sinks_merged_by_lse_matches_float64_reference_forward_and_backward(batch, length, window, sinks,
-                                                                                     heads, kv_heads, dim):
-    """The window-only FlexAttention pass with the sinks merged through its log-sum-exp (autograd through both),
-    against a float64 reference: outputs and all four gradients (the last case: no query beyond the window)."""
-    errors = errors_against_reference("flex", batch, length, window, sinks, heads, kv_heads, dim, torch.float64,
-                                      seed=length, sink_merge=True)
     assert max(errors) < 2e-2, errors
 
 
@@ -308,29 +292,3 @@ def test_the_chunked_sink_backward_of_the_bench_equals_the_backends(monkeypatch)
         chunked = module.chunked_sink_backward(grad_out, query, sink_key, sink_value, out, lse, 0.3, 16, chunk_rows)
         for got, want in zip(chunked, expected, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-
-
-def test_search_speed_runs_flex_merge_with_the_sinks_merged_and_restores_the_default(monkeypatch):
-    """bench/search_speed.py's ``flex+merge+compile``: the search runs the flex backend, compiled, with
-    ``FLEX_SINK_MERGE`` on, and the setting is back to its default afterwards."""
-    from types import SimpleNamespace
-
-    module = bench_module("search_speed")
-    seen = []
-
-    def fake_run_search(settings, model, sequences, sinks):
-        seen.append((settings.attention_backend, settings.compile, kernels.FLEX_SINK_MERGE))
-        return SimpleNamespace(allocation=SimpleNamespace(metadata={"attention_backend": "flex"}),
-                               metrics=[{"seconds": 0.5}] * settings.steps)
-
-    monkeypatch.setattr(module, "run_search", fake_run_search)
-    model = SimpleNamespace(config=SimpleNamespace(vocab_size=11))
-    default = kernels.FLEX_SINK_MERGE
-    assert module.search_step_seconds(model, 8, "kl", "flex+merge+compile", 1, 2, 4, 1) == [0.5] * 3
-    assert module.search_step_seconds(model, 8, "kl", "flex", 1, 2, 4, 1) == [0.5] * 3
-    assert seen == [("flex", True, True), ("flex", False, default)]
-    assert kernels.FLEX_SINK_MERGE == default
-    with pytest.raises(ValueError, match="unknown backend option"):
-        module.search_step_seconds(model, 8, "kl", "flex+fast", 1, 2, 4, 1)
-    with pytest.raises(ValueError, match="flex backend only"):
-        module.search_step_seconds(model, 8, "kl", "flash+merge", 1, 2, 4, 1)

@@ -75,71 +75,45 @@ def window_block_mask(length: int, window: int, sink_tokens: int, device: str, b
     return mask
 
 
-# Whether the flex backend merges the sinks by log-sum-exp after a window-only pass (True) or keeps them in the
-# block mask (False). bench/sink_variants.py and bench/search_speed.py (``flex+merge``) measure both.
-FLEX_SINK_MERGE = False
-
-
 def prepare_flex(length: int, window: int, sink_tokens: int, device: torch.device) -> None:
     """Before a compiled forward first runs: make the window's block mask eagerly, so the graph reads it."""
-    window_block_mask(length, window, 0 if FLEX_SINK_MERGE else sink_tokens, str(device))
+    window_block_mask(length, window, sink_tokens, str(device))
 
 
-def window_mix(query, key, value, full, fa_weight, window_mask, scaling, kernel_options=None, merged_sinks=0,
-               window=0):
-    """``sliding + w * (full - sliding)`` with the sliding output from FlexAttention; ``fa_weight`` per query head.
-
-    ``merged_sinks`` > 0: ``window_mask`` holds the window alone, and the first ``merged_sinks`` keys are merged in
-    by log-sum-exp (:func:`_sink_merge_forward`, autograd through it and through FlexAttention's log-sum-exp)
-    instead of lying in the block mask, where their key block is visited by every query block.
-    """
+def window_mix(query, key, value, full, fa_weight, window_mask, scaling, kernel_options=None):
+    """``sliding + w * (full - sliding)`` with the sliding output from FlexAttention; ``fa_weight`` per query head."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    if merged_sinks:
-        sliding, lse = flex_attention(query, key, value, block_mask=window_mask, scale=scaling, enable_gqa=True,
-                                      kernel_options=kernel_options, return_lse=True)
-        sliding, _ = _sink_merge_forward(query, key[:, :, :merged_sinks], value[:, :, :merged_sinks], sliding, lse,
-                                         scaling, window)
-    else:
-        sliding = flex_attention(query, key, value, block_mask=window_mask, scale=scaling, enable_gqa=True,
-                                 kernel_options=kernel_options)
+    sliding = flex_attention(query, key, value, block_mask=window_mask, scale=scaling, enable_gqa=True,
+                             kernel_options=kernel_options)
     mix = fa_weight.view(1, -1, 1, 1)
     return (sliding.float() + mix * (full.float() - sliding.float())).to(sliding.dtype)
 
 
 @functools.cache
-def _compiled_window_mix(kernel_options: tuple = (), merged_sinks: int = 0, window: int = 0):
-    """The compiled mix, one graph per set of FlexAttention kernel options (a sorted tuple of items) and sink
-    handling."""
+def _compiled_window_mix(kernel_options: tuple = ()):
+    """The compiled mix, one graph per set of FlexAttention kernel options (a sorted tuple of items)."""
     options = dict(kernel_options) or None
-    mix = functools.partial(window_mix, kernel_options=options, merged_sinks=merged_sinks, window=window)
-    return torch.compile(mix, dynamic=False, fullgraph=True)
+    return torch.compile(functools.partial(window_mix, kernel_options=options), dynamic=False, fullgraph=True)
 
 
 def flex_full_and_sliding(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, fa_weight: torch.Tensor,
                           scaling: float, window: int, sink_tokens: int, block_size: int = DEFAULT_BLOCK_SIZE,
-                          kernel_options: dict | None = None, sink_merge: bool | None = None) -> torch.Tensor:
+                          kernel_options: dict | None = None) -> torch.Tensor:
     """The relaxed mix for query heads ``[B, Hq, T, D]`` and KV heads ``[B, Hkv, T, D]``: SDPA full + flex window.
 
     ``fa_weight`` is per KV head ``[Hkv]``; it covers every query head of its group. Self-attention only (as many
     queries as keys), no padding mask. ``block_size`` (the mask's tile) and ``kernel_options`` (FlexAttention's
     Triton options, e.g. ``BLOCK_M``, ``num_warps``) are for tuning: bench/search_speed.py ``--flex-configs``.
-    ``sink_merge``: the sinks merged by log-sum-exp after a window-only FlexAttention (see :func:`window_mix`)
-    rather than in its block mask (default: :data:`FLEX_SINK_MERGE`).
     """
-    sink_merge = FLEX_SINK_MERGE if sink_merge is None else sink_merge
     groups = query.shape[1] // key.shape[1]
-    length = query.shape[-2]
-    merged_sinks = min(sink_tokens, max(length - window, 0)) if sink_merge else 0
-    mask_sinks = 0 if sink_merge else sink_tokens
-    window_mask = window_block_mask(length, window, mask_sinks, str(query.device), block_size)
+    window_mask = window_block_mask(query.shape[-2], window, sink_tokens, str(query.device), block_size)
     # One dense layout and a fresh [Hq] weight tensor (not a view into the [L, H] weights) for every layer, so the
     # compiled graph is reused instead of recompiled per stride pattern.
     query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
     per_query_head = fa_weight.to(device=query.device, dtype=torch.float32).repeat_interleave(groups)
     full = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
-    compiled = _compiled_window_mix(tuple(sorted((kernel_options or {}).items())), merged_sinks,
-                                    window if merged_sinks else 0)
+    compiled = _compiled_window_mix(tuple(sorted((kernel_options or {}).items())))
     return compiled(query, key, value, full, per_query_head, window_mask, scaling)
 
 
