@@ -5,7 +5,10 @@ data see it too? If the better mask also answers the calibration samples better,
 (an optimisation problem); if not, the calibration data does not reward it (a transfer problem). The samples are
 built exactly as ``consa search`` builds them (``mix_retrieval``: calibration split, ``--seq-len``, ``--window``,
 ``--seed``, ``--retrieval-formats``, ``--calibration-haystack``); every allocation (and the dense model) is run
-with a hard mask on the same samples, and answer NLLs are paired per sample.
+with a hard mask on the same samples, and answer NLLs are paired per sample. Exact match is also broken down by
+the distance from the needle to the answer (tokens from the answer's last earlier occurrence to the answer), in
+``--distance-buckets``: a sample set that a model answers mostly at short range says little about long-range
+retrieval.
 
     python bench/calibration_answers.py A.safetensors B.safetensors --seq-len 1024 --samples 32 \
         --calibration-haystack text --json answers.json
@@ -42,6 +45,31 @@ def answer_scores(model, sequences: torch.Tensor, loss_mask: torch.Tensor) -> tu
     return nlls, exact
 
 
+def needle_distance(ids: torch.Tensor, loss_mask: torch.Tensor) -> int | None:
+    """Tokens from the last earlier occurrence of a sample's answer (its needle) to the answer itself, or None
+    where the answer's tokens do not occur earlier as they are (a tokenisation that depends on context)."""
+    scored = loss_mask[:-1].nonzero().flatten()
+    answer = ids[int(scored[0]) + 1 : int(scored[-1]) + 2].tolist()
+    start = int(scored[0]) + 1
+    before = ids[:start].tolist()
+    for position in range(start - len(answer), -1, -1):
+        if before[position : position + len(answer)] == answer:
+            return start - position
+    return None
+
+
+def by_distance(distances: list[int | None], exact: list[bool], edges: list[int]) -> dict[str, list[float]]:
+    """Exact match per distance bucket ``[edges[i], edges[i+1])``: ``{label: [fraction, count]}``."""
+    buckets = {}
+    for low, high in zip(edges, edges[1:], strict=False):
+        hits = [e for d, e in zip(distances, exact, strict=True) if d is not None and low <= d < high]
+        buckets[f"{low}-{high}"] = [sum(hits) / len(hits) if hits else float("nan"), len(hits)]
+    missing = [e for d, e in zip(distances, exact, strict=True) if d is None]
+    if missing:
+        buckets["not found"] = [sum(missing) / len(missing), len(missing)]
+    return buckets
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("allocations", nargs="+", type=Path)
@@ -54,8 +82,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="the calibration seed (a search's --seed)")
     parser.add_argument("--retrieval-formats", default=DEFAULT_CALIBRATION_FORMATS)
     parser.add_argument("--calibration-haystack", default=DEFAULT_CALIBRATION_HAYSTACK)
+    parser.add_argument("--distance-buckets", default="0,256,512,1024,2048,4096",
+                        help="edges of the needle-distance buckets of the exact-match breakdown (tokens)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    edges = [int(edge) for edge in args.distance_buckets.split(",")]
     allocations = [Allocation.load(path) for path in args.allocations]
     first = allocations[0]
     model, tokenizer = load_model_and_tokenizer(args.model or first.model, dtype=getattr(torch, args.dtype),
@@ -66,6 +97,7 @@ def main() -> None:
                                 args.retrieval_formats, args.calibration_haystack)
     retrieval = calibration.is_retrieval
     sequences, loss_mask = calibration.sequences[retrieval], calibration.loss_mask[retrieval]
+    distances = [needle_distance(ids, mask) for ids, mask in zip(sequences, loss_mask, strict=True)]
     rows = []
     dense_nll = None
     for label, allocation in [("dense", None), *zip((p.stem for p in args.allocations), allocations, strict=True)]:
@@ -80,13 +112,16 @@ def main() -> None:
         mean = sum(deltas) / len(deltas)
         spread = math.sqrt(sum((d - mean) ** 2 for d in deltas) / max(len(deltas) - 1, 1) / len(deltas))
         row = {"label": label, "answer_nll": sum(nlls) / len(nlls), "exact_match": sum(exact) / len(exact),
-               "delta_vs_dense": mean, "delta_stderr": spread, "answer_nll_per_sample": nlls}
+               "delta_vs_dense": mean, "delta_stderr": spread, "answer_nll_per_sample": nlls,
+               "exact_per_sample": exact, "exact_by_distance": by_distance(distances, exact, edges)}
         rows.append(row)
+        buckets = "  ".join(f"{name}: {hit:.2f} ({n})" for name, (hit, n) in row["exact_by_distance"].items())
         print(f"{label:45s} answer NLL {row['answer_nll']:.4f} (vs dense {mean:+.4f} +- {spread:.4f}) "
-              f"exact {row['exact_match']:.3f}", flush=True)
+              f"exact {row['exact_match']:.3f}  by needle distance {buckets}", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
-                                         "samples": int(sequences.shape[0]), "rows": rows}, indent=1))
+                                         "samples": int(sequences.shape[0]),
+                                         "needle_distances": distances, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -246,6 +246,29 @@ def test_calibration_answers_bench_scores_exactly_the_searchs_lm_loss(monkeypatc
     assert module.answer_scores(model, answered, loss_mask[:1])[1] == [True]
 
 
+def test_calibration_answers_finds_each_samples_needle_distance_and_buckets_exact_match(char_tokenizer, monkeypatch):
+    """The needle distance of a real retrieval sample is the distance from its needle's answer text to the answer
+    (more than the window, as retrieval_sample guarantees); exact match is bucketed by it."""
+    module = bench_module("calibration_answers", monkeypatch)
+    calibration = mix_retrieval(text_sequences(char_tokenizer), char_tokenizer, 0.5, WINDOW, seed=3)
+    for ids, mask in zip(calibration.sequences[calibration.is_retrieval],
+                         calibration.loss_mask[calibration.is_retrieval], strict=True):
+        distance = module.needle_distance(ids, mask)
+        start = int(mask[:-1].nonzero()[0]) + 1
+        answer = ids[start : int(mask[:-1].nonzero()[-1]) + 2]
+        assert distance is not None and distance > WINDOW
+        assert torch.equal(ids[start - distance : start - distance + len(answer)], answer)
+    ids = torch.tensor([5, 7, 8, 1, 1, 1, 9, 7, 8])
+    mask = torch.zeros(9, dtype=torch.bool)
+    mask[6:8] = True  # logits 6, 7 predict the answer tokens 7, 8 at positions 7, 8
+    assert module.needle_distance(ids, mask) == 6
+    short_mask = torch.zeros(7, dtype=torch.bool)
+    short_mask[4:6] = True
+    assert module.needle_distance(torch.tensor([5, 6, 1, 1, 9, 7, 8]), short_mask) is None  # 7, 8 never earlier
+    buckets = module.by_distance([10, 256, 700, None, 20], [True, False, True, True, False], [0, 256, 1024])
+    assert buckets == {"0-256": [0.5, 2], "256-1024": [0.5, 2], "not found": [1.0, 1]}
+
+
 def test_a_retrieval_filter_keeps_only_accepted_samples_and_fails_clearly_when_too_few_pass(char_tokenizer):
     """``keep``: samples are drawn until ``count`` pass it (the rest of the set unchanged); without it the set is
     the unfiltered one; when almost none pass, a one-line error names the remedies."""
