@@ -12,6 +12,11 @@ retrieval.
 
     python bench/calibration_answers.py A.safetensors B.safetensors --seq-len 1024 --samples 32 \
         --calibration-haystack text --json answers.json
+
+Could the answers pick the best of several searches' masks without looking at the evaluation? With
+``--evaluation EVAL.json ...`` (``consa eval --json`` outputs) and ``--labels`` (each allocation's row label or path
+there), the script also prints each mask's evaluation retrieval next to its answer scores and the Spearman rank
+correlation between them: a strong one would make "keep the seed that answers best" a selection rule.
 """
 
 from __future__ import annotations
@@ -70,6 +75,45 @@ def by_distance(distances: list[int | None], exact: list[bool], edges: list[int]
     return buckets
 
 
+def ranks(values: list[float]) -> list[float]:
+    """Ranks from 1, ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    result = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for position in range(start, end + 1):
+            result[order[position]] = (start + end) / 2 + 1
+        start = end + 1
+    return result
+
+
+def spearman(first: list[float], second: list[float]) -> float:
+    """Spearman's rank correlation (Pearson's on the ranks; ties take mean ranks)."""
+    a, b = ranks(first), ranks(second)
+    mean_a, mean_b = sum(a) / len(a), sum(b) / len(b)
+    covariance = sum((x - mean_a) * (y - mean_b) for x, y in zip(a, b, strict=True))
+    scale = math.sqrt(sum((x - mean_a) ** 2 for x in a) * sum((y - mean_b) ** 2 for y in b))
+    return covariance / scale if scale else float("nan")
+
+
+def evaluation_retrieval(paths: list[Path], labels: list[str]) -> list[float]:
+    """Each label's overall retrieval accuracy in the ``consa eval --json`` files (matched on a row's label or
+    path)."""
+    found = {}
+    for path in paths:
+        for row in json.loads(path.read_text())["rows"]:
+            if row.get("retrieval"):
+                for name in (row["label"], row.get("path")):
+                    found.setdefault(name, row["retrieval"]["overall"])
+    missing = [label for label in labels if label not in found]
+    if missing:
+        raise SystemExit(f"no evaluation row for {', '.join(missing)} in {', '.join(map(str, paths))}")
+    return [found[label] for label in labels]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("allocations", nargs="+", type=Path)
@@ -84,8 +128,13 @@ def main() -> None:
     parser.add_argument("--calibration-haystack", default=DEFAULT_CALIBRATION_HAYSTACK)
     parser.add_argument("--distance-buckets", default="0,256,512,1024,2048,4096",
                         help="edges of the needle-distance buckets of the exact-match breakdown (tokens)")
+    parser.add_argument("--evaluation", type=Path, nargs="*", default=[], help="consa eval --json files")
+    parser.add_argument("--labels", nargs="*", default=[], help="each allocation's row label or path in them")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    if args.evaluation and len(args.labels) != len(args.allocations):
+        parser.error("--evaluation needs one --labels entry per allocation")
+    retrieval = evaluation_retrieval(args.evaluation, args.labels) if args.evaluation else None
     edges = [int(edge) for edge in args.distance_buckets.split(",")]
     allocations = [Allocation.load(path) for path in args.allocations]
     first = allocations[0]
@@ -118,10 +167,21 @@ def main() -> None:
         buckets = "  ".join(f"{name}: {hit:.2f} ({n})" for name, (hit, n) in row["exact_by_distance"].items())
         print(f"{label:45s} answer NLL {row['answer_nll']:.4f} (vs dense {mean:+.4f} +- {spread:.4f}) "
               f"exact {row['exact_match']:.3f}  by needle distance {buckets}", flush=True)
+    correlation = None
+    if retrieval is not None:
+        masks = rows[1:]  # (dense has no evaluation row of its own here)
+        for row, accuracy in zip(masks, retrieval, strict=True):
+            row["evaluation_retrieval"] = accuracy
+            print(f"{row['label']:45s} answer NLL {row['answer_nll']:.4f} exact {row['exact_match']:.3f} "
+                  f"evaluation retrieval {accuracy:.3f}")
+        correlation = {"answer_nll": spearman([-row["answer_nll"] for row in masks], retrieval),
+                       "exact_match": spearman([row["exact_match"] for row in masks], retrieval)}
+        print(f"Spearman rank correlation with evaluation retrieval over {len(masks)} masks: lower answer NLL "
+              f"{correlation['answer_nll']:+.2f}, exact match {correlation['exact_match']:+.2f}")
     if args.json:
         args.json.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
-                                         "samples": int(sequences.shape[0]),
-                                         "needle_distances": distances, "rows": rows}, indent=1))
+                                         "samples": int(sequences.shape[0]), "needle_distances": distances,
+                                         "rows": rows, "spearman_with_evaluation": correlation}, indent=1))
 
 
 if __name__ == "__main__":

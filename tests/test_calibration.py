@@ -269,6 +269,27 @@ def test_calibration_answers_finds_each_samples_needle_distance_and_buckets_exac
     assert buckets == {"0-256": [0.5, 2], "256-1024": [0.5, 2], "not found": [1.0, 1]}
 
 
+def test_calibration_answers_correlates_answers_with_evaluation_retrieval(tmp_path, monkeypatch):
+    """The selection probe: Spearman's rank correlation (ties at mean ranks) and each label's retrieval read from
+    consa eval JSON by row label or path, with a clear stop for a label it lacks."""
+    import json
+
+    module = bench_module("calibration_answers", monkeypatch)
+    assert module.ranks([5.0, 1.0, 5.0, 3.0]) == [3.5, 1.0, 3.5, 2.0]
+    assert module.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert module.spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)  # 1 - 6 * 2 / (4 * 15)
+    assert module.spearman([1, 1, 2], [0.2, 0.1, 0.9]) == pytest.approx(0.8660254, rel=1e-6)
+    evaluation = tmp_path / "eval.json"
+    evaluation.write_text(json.dumps({"rows": [
+        {"label": "dense", "path": None, "retrieval": {"overall": 0.8}},
+        {"label": "seed-0", "path": "arm-a/seed-0", "retrieval": {"overall": 0.25}},
+        {"label": "vote", "path": "vote.safetensors", "retrieval": {"overall": 0.5}},
+        {"label": "no-retrieval", "path": "x", "retrieval": None}]}))
+    assert module.evaluation_retrieval([evaluation], ["arm-a/seed-0", "vote", "dense"]) == [0.25, 0.5, 0.8]
+    with pytest.raises(SystemExit, match="no evaluation row for no-retrieval"):
+        module.evaluation_retrieval([evaluation], ["no-retrieval"])
+
+
 def test_a_retrieval_filter_keeps_only_accepted_samples_and_fails_clearly_when_too_few_pass(char_tokenizer):
     """``keep``: samples are drawn until ``count`` pass it (the rest of the set unchanged); without it the set is
     the unfiltered one; when almost none pass, a one-line error names the remedies."""
