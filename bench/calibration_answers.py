@@ -134,7 +134,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.evaluation and len(args.labels) != len(args.allocations):
         parser.error("--evaluation needs one --labels entry per allocation")
-    retrieval = evaluation_retrieval(args.evaluation, args.labels) if args.evaluation else None
+    evaluation_accuracy = evaluation_retrieval(args.evaluation, args.labels) if args.evaluation else None
     edges = [int(edge) for edge in args.distance_buckets.split(",")]
     allocations = [Allocation.load(path) for path in args.allocations]
     first = allocations[0]
@@ -168,14 +168,14 @@ def main() -> None:
         print(f"{label:45s} answer NLL {row['answer_nll']:.4f} (vs dense {mean:+.4f} +- {spread:.4f}) "
               f"exact {row['exact_match']:.3f}  by needle distance {buckets}", flush=True)
     correlation = None
-    if retrieval is not None:
+    if evaluation_accuracy is not None:
         masks = rows[1:]  # (dense has no evaluation row of its own here)
-        for row, accuracy in zip(masks, retrieval, strict=True):
+        for row, accuracy in zip(masks, evaluation_accuracy, strict=True):
             row["evaluation_retrieval"] = accuracy
             print(f"{row['label']:45s} answer NLL {row['answer_nll']:.4f} exact {row['exact_match']:.3f} "
                   f"evaluation retrieval {accuracy:.3f}")
-        correlation = {"answer_nll": spearman([-row["answer_nll"] for row in masks], retrieval),
-                       "exact_match": spearman([row["exact_match"] for row in masks], retrieval)}
+        correlation = {"answer_nll": spearman([-row["answer_nll"] for row in masks], evaluation_accuracy),
+                       "exact_match": spearman([row["exact_match"] for row in masks], evaluation_accuracy)}
         print(f"Spearman rank correlation with evaluation retrieval over {len(masks)} masks: lower answer NLL "
               f"{correlation['answer_nll']:+.2f}, exact match {correlation['exact_match']:+.2f}")
     if args.json:

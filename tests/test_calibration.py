@@ -290,6 +290,40 @@ def test_calibration_answers_correlates_answers_with_evaluation_retrieval(tmp_pa
         module.evaluation_retrieval([evaluation], ["no-retrieval"])
 
 
+def test_calibration_answers_main_scores_every_mask_and_correlates_with_the_evaluation(char_tokenizer, tmp_path,
+                                                                                   monkeypatch):
+    """The script end to end on a tiny model: a row per mask after dense, each with its evaluation retrieval, the
+    needle distance of every sample, and the rank correlation of the rows' answer NLLs with that retrieval."""
+    import json
+    import sys
+
+    from consa_cli.allocation import Allocation
+
+    module = bench_module("calibration_answers", monkeypatch)
+    model = tiny_model("qwen3")
+    monkeypatch.setattr(module, "load_model_and_tokenizer", lambda *args, **kwargs: (model, char_tokenizer))
+    monkeypatch.setattr(module, "load_token_sequences", lambda *args: text_sequences(char_tokenizer))
+    paths = []
+    for unit in range(3):
+        mask = torch.zeros(model.config.num_hidden_layers, model.config.num_key_value_heads, dtype=torch.bool)
+        mask.view(-1)[unit] = True
+        paths.append(Allocation(mask, "kv-head", WINDOW, 0, model="tiny").save(tmp_path / f"m{unit}.safetensors"))
+    evaluation, output = tmp_path / "eval.json", tmp_path / "answers.json"
+    evaluation.write_text(json.dumps({"rows": [{"label": f"m{unit}", "path": None, "retrieval": {"overall": score}}
+                                               for unit, score in enumerate([0.1, 0.5, 0.3])]}))
+    monkeypatch.setattr(sys, "argv", ["calibration_answers.py", *map(str, paths), "--samples", "4", "--evaluation",
+                                      str(evaluation), "--labels", "m0", "m1", "m2", "--json", str(output)])
+    module.main()
+    result = json.loads(output.read_text())
+    rows = result["rows"]
+    assert [row["label"] for row in rows] == ["dense", "m0", "m1", "m2"]
+    assert [row["evaluation_retrieval"] for row in rows[1:]] == [0.1, 0.5, 0.3]
+    assert result["samples"] == 4 and len(result["needle_distances"]) == 4
+    assert all(distance > WINDOW for distance in result["needle_distances"])
+    expected = module.spearman([-row["answer_nll"] for row in rows[1:]], [0.1, 0.5, 0.3])
+    assert result["spearman_with_evaluation"]["answer_nll"] == pytest.approx(expected)
+
+
 def test_a_retrieval_filter_keeps_only_accepted_samples_and_fails_clearly_when_too_few_pass(char_tokenizer):
     """``keep``: samples are drawn until ``count`` pass it (the rest of the set unchanged); without it the set is
     the unfiltered one; when almost none pass, a one-line error names the remedies."""
