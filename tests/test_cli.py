@@ -417,6 +417,33 @@ def test_retrieval_table_prints_each_models_overall_with_its_standard_error(monk
     text = out.getvalue()
     assert "vote4: overall 0.750 +- 0.153 (8 prompts; +- one binomial standard error)" in text
     assert "old run: overall" not in text  # a result from before the standard error: the table only
+    assert "prompt by prompt" not in text  # no dense reference row, no per-prompt outcomes
+
+
+def test_retrieval_table_compares_each_model_with_dense_prompt_by_prompt(monkeypatch):
+    """With per-prompt outcomes on the same prompts, each model's line is followed by what it gained and lost
+    against the dense reference and the exact sign test; the reference itself gets no such line."""
+    import io
+
+    from rich.console import Console
+
+    import consa_cli.cli as cli_module
+
+    out = io.StringIO()
+    monkeypatch.setattr(cli_module, "console", Console(file=out, width=200))
+
+    def result(hits):
+        accuracy = sum(hits) / len(hits)
+        return {"overall": accuracy, "overall_stderr": 0.1, "prompts": len(hits), "by_task": {"passkey": accuracy},
+                "cells": [{"task": "passkey", "length": 1024, "depth": 0.5, "accuracy": accuracy, "n": len(hits),
+                           "hits": hits}]}
+
+    rows = [{"label": "dense", "is_reference": True, "retrieval": result([1] * 10)},
+            {"label": "mask", "retrieval": result([1, 1, 1, 1, 0, 0, 0, 0, 0, 1])}]
+    cli_module._print_retrieval_table(rows)
+    text = out.getvalue()
+    assert "vs dense, prompt by prompt: 0 gained, 5 lost of 10 (exact sign test p = 0.062)" in text
+    assert text.count("prompt by prompt") == 1
 
 
 def test_search_with_a_retrieval_filter_says_how_many_samples_it_drew_and_fails_cleanly(tmp_path, tiny_model_dir,

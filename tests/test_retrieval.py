@@ -13,7 +13,14 @@ from conftest import tiny_model
 from consa_cli import retrieval
 from consa_cli.attention import hybrid_attention
 from consa_cli.data import DataError
-from consa_cli.retrieval import TASKS, evaluate_retrieval, make_samples, score_samples
+from consa_cli.retrieval import (
+    TASKS,
+    evaluate_retrieval,
+    make_samples,
+    paired_retrieval,
+    score_samples,
+    sign_test,
+)
 
 # A fixed haystack without digits, so any number in a prompt comes from a needle.
 FILLER = ["The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
@@ -226,12 +233,39 @@ def test_evaluate_retrieval_summarizes_cells_tasks_and_overall(char_tokenizer):
         own = [c for c in cells if c["task"] == task]
         per_cell = [sum(correct[i : i + 3]) / 3 for i in range(0, len(correct), 3)]
         assert [c["accuracy"] for c in own] == per_cell
+        assert [hit for c in own for hit in c["hits"]] == [int(x) for x in correct]  # per prompt, in order
         assert result["by_task"][task] == pytest.approx(sum(correct) / len(correct))
     assert result["overall"] == pytest.approx(sum(c["accuracy"] for c in cells) / len(cells))
     assert 0 < result["overall"] < 1
     assert result["prompts"] == 3 * len(cells)
     p = result["overall"]
     assert result["overall_stderr"] == pytest.approx((p * (1 - p) / result["prompts"]) ** 0.5)
+
+
+def test_paired_retrieval_counts_gains_and_losses_prompt_by_prompt_with_an_exact_sign_test(char_tokenizer):
+    """Two results on the same prompts: a prompt only the first answers is a gain, only the reference a loss; the
+    sign test is exact (binomial on the discordant prompts); results without per-prompt outcomes or on other
+    cells are not paired."""
+    tasks, lengths, depths = ["passkey"], [400, 600], [0.5]
+
+    def result(knows):
+        return evaluate_retrieval(Oracle(knows), char_tokenizer, tasks, lengths, depths, samples_per_cell=4, seed=2,
+                                  filler=FILLER)
+
+    everything, some = result(lambda row: True), result(lambda row: int(row.sum()) % 2 == 0)
+    lost = sum(1 - hit for cell in some["cells"] for hit in cell["hits"])
+    assert 0 < lost < 8
+    assert paired_retrieval(some, everything) == {"gained": 0, "lost": lost, "prompts": 8,
+                                                  "p_value": sign_test(0, lost)}
+    assert paired_retrieval(everything, some)["gained"] == lost
+    assert paired_retrieval(everything, everything) == {"gained": 0, "lost": 0, "prompts": 8, "p_value": 1.0}
+    assert sign_test(0, 5) == pytest.approx(2 / 32) and sign_test(5, 0) == pytest.approx(2 / 32)
+    assert sign_test(3, 7) == pytest.approx(2 * (1 + 10 + 45 + 120) / 1024)  # P(X <= 3) for Bin(10, 1/2), doubled
+    assert sign_test(4, 4) == 1.0  # capped: the two tails overlap
+    old = {**some, "cells": [{k: v for k, v in c.items() if k != "hits"} for c in some["cells"]]}
+    assert paired_retrieval(old, everything) is None
+    other_cells = {**everything, "cells": everything["cells"][:1]}
+    assert paired_retrieval(some, other_cells) is None
 
 
 def test_evaluate_retrieval_runs_on_a_hybrid(char_tokenizer, one_thread):

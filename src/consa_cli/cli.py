@@ -610,7 +610,10 @@ def _csv(text: str, kind: type, option: str) -> list:
 
 
 def _print_retrieval_table(rows: list[dict]) -> None:
-    """Retrieval accuracy: one row per (model, task), one column per (length, depth) cell."""
+    """Retrieval accuracy: one row per (model, task), one column per (length, depth) cell; then each model's overall
+    score and, where the dense reference was scored on the same prompts, the prompt-by-prompt comparison."""
+    from consa_cli.retrieval import paired_retrieval
+
     results = {row["label"]: row["retrieval"] for row in rows if "retrieval" in row}
     columns = list(dict.fromkeys((c["length"], c["depth"]) for c in next(iter(results.values()))["cells"]))
     table = Table(title="retrieval exact-match accuracy (columns: prompt tokens @ needle depth)")
@@ -624,10 +627,15 @@ def _print_retrieval_table(rows: list[dict]) -> None:
             by_cell = {(c["length"], c["depth"]): c["accuracy"] for c in result["cells"] if c["task"] == task}
             table.add_row(label, task, *(f"{by_cell[cell]:.2f}" for cell in columns), f"{accuracy:.2f}")
     console.print(table)
+    reference = next((row["retrieval"] for row in rows if row.get("is_reference") and "retrieval" in row), None)
     for label, result in results.items():
         if "overall_stderr" in result:
             console.print(f"  {label}: overall {result['overall']:.3f} +- {result['overall_stderr']:.3f} "
                           f"({result['prompts']} prompts; +- one binomial standard error)")
+        paired = paired_retrieval(result, reference) if reference is not None and result is not reference else None
+        if paired is not None:
+            console.print(f"    vs dense, prompt by prompt: {paired['gained']} gained, {paired['lost']} lost of "
+                          f"{paired['prompts']} (exact sign test p = {paired['p_value']:.2g})")
 
 
 @app.command()

@@ -337,8 +337,9 @@ def evaluate_retrieval(
     """Exact-match retrieval accuracy of ``model`` per (task, length, depth) cell, per task and overall.
 
     Returns ``{"overall": acc, "overall_stderr": se, "prompts": n, "by_task": {task: acc}, "cells": [{"task",
-    "length", "depth", "accuracy", "n"}]}``; accuracies are fractions of samples, so with equal cells ``overall``
-    is their mean. ``overall_stderr`` is its binomial standard error over the ``n`` prompts, ``sqrt(acc (1 -
+    "length", "depth", "accuracy", "n", "hits"}]}``; accuracies are fractions of samples, so with equal cells
+    ``overall`` is their mean; ``hits`` are the cell's prompts' outcomes (1 = exact match) in order, the same
+    prompts for every model, so two results can be compared prompt by prompt (:func:`paired_retrieval`). ``overall_stderr`` is its binomial standard error over the ``n`` prompts, ``sqrt(acc (1 -
     acc) / n)``: with 8 prompts per cell a cell moves in steps of 0.125, and two allocations' overall scores within
     about two standard errors of each other are not told apart. Run it inside
     :func:`consa_cli.attention.hybrid_attention` to score a hybrid.
@@ -351,13 +352,45 @@ def evaluate_retrieval(
         for sample, correct in zip(samples, score_samples(model, samples, batch_size, on_batch), strict=True):
             hits.setdefault((sample.task, sample.length, sample.depth), []).append(correct)
     cells = [
-        {"task": task, "length": length, "depth": depth, "accuracy": sum(cell) / len(cell), "n": len(cell)}
+        {"task": task, "length": length, "depth": depth, "accuracy": sum(cell) / len(cell), "n": len(cell),
+         "hits": [int(correct) for correct in cell]}
         for (task, length, depth), cell in hits.items()
     ]
     by_task = {task: _accuracy([c for key, c in hits.items() if key[0] == task]) for task in tasks}
     overall, prompts = _accuracy(list(hits.values())), sum(len(cell) for cell in hits.values())
     return {"overall": overall, "overall_stderr": math.sqrt(overall * (1 - overall) / prompts), "prompts": prompts,
             "by_task": by_task, "cells": cells}
+
+
+def paired_retrieval(result: dict, reference: dict) -> dict | None:
+    """``result`` against ``reference`` (two :func:`evaluate_retrieval` results on the same prompts) prompt by
+    prompt: ``{"gained", "lost", "prompts", "p_value"}`` -- prompts only ``result`` answers, prompts only
+    ``reference`` answers, prompts compared, and the exact two-sided sign test of gained vs lost (McNemar's exact
+    test). Paired, it tells two close scores apart far better than their binomial standard errors do. None when
+    the results do not hold the same cells with per-prompt outcomes (e.g. written before they were kept)."""
+    def outcomes(retrieval: dict) -> dict | None:
+        cells = {(c["task"], c["length"], c["depth"]): c.get("hits") for c in retrieval.get("cells", [])}
+        return None if not cells or any(hits is None for hits in cells.values()) else cells
+
+    mine, theirs = outcomes(result), outcomes(reference)
+    if mine is None or theirs is None or mine.keys() != theirs.keys():
+        return None
+    if any(len(mine[key]) != len(theirs[key]) for key in mine):
+        return None
+    pairs = [(a, b) for key in mine for a, b in zip(mine[key], theirs[key], strict=True)]
+    gained = sum(1 for a, b in pairs if a and not b)
+    lost = sum(1 for a, b in pairs if b and not a)
+    return {"gained": gained, "lost": lost, "prompts": len(pairs), "p_value": sign_test(gained, lost)}
+
+
+def sign_test(successes: int, failures: int) -> float:
+    """Exact two-sided sign test: the probability, with every discordant pair a fair coin, of a split at least as
+    uneven as ``successes`` : ``failures``."""
+    trials = successes + failures
+    if trials == 0:
+        return 1.0
+    tail = sum(math.comb(trials, k) for k in range(min(successes, failures) + 1)) / 2**trials
+    return min(1.0, 2 * tail)
 
 
 def _accuracy(cells: list[list[bool]]) -> float:
