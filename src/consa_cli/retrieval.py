@@ -339,8 +339,8 @@ def evaluate_retrieval(
     Returns ``{"overall": acc, "overall_stderr": se, "prompts": n, "by_task": {task: acc}, "cells": [{"task",
     "length", "depth", "accuracy", "n", "hits"}]}``; accuracies are fractions of samples, so with equal cells
     ``overall`` is their mean; ``hits`` are the cell's prompts' outcomes (1 = exact match) in order, the same
-    prompts for every model, so two results can be compared prompt by prompt (:func:`paired_retrieval`). ``overall_stderr`` is its binomial standard error over the ``n`` prompts, ``sqrt(acc (1 -
-    acc) / n)``: with 8 prompts per cell a cell moves in steps of 0.125, and two allocations' overall scores within
+    prompts for every model, so two results can be compared prompt by prompt (:func:`paired_retrieval`).
+    ``overall_stderr`` is its binomial standard error over the ``n`` prompts, ``sqrt(acc (1 - acc) / n)``: with 8 prompts per cell a cell moves in steps of 0.125, and two allocations' overall scores within
     about two standard errors of each other are not told apart. Run it inside
     :func:`consa_cli.attention.hybrid_attention` to score a hybrid.
     """
