@@ -20,7 +20,9 @@ before and after the searches and the faster median kept (a conservative ratio);
 ``torch.cuda.max_memory_allocated``. The projected search time is the recipe's step count times the measured step
 plus the measured warm-up. Results go to ``--json`` after every row. ``--flex-configs`` adds tuning candidates
 for the flex window (the block mask's tile, FlexAttention's kernel options) to the attention-alone rows;
-``--kernels-only`` skips the model steps:
+``--kernels-only`` skips the model steps. ``--flex-query-chunks 512 1024`` adds the flex backend with its window
+over query chunks of that size (``flex_full_and_sliding(query_chunk=N)``) as backends ``flex-qcN``, to the step
+rows and the attention-alone rows:
 
     python bench/search_speed.py --lengths 4096 8192 --kernels-only --json /tmp/flex-sweep.json \
         --flex-configs '[{"block_size": 64}, {"kernel_options": {"BLOCK_M": 64, "BLOCK_N": 64}}]'
@@ -29,6 +31,9 @@ for the flex window (the block mask's tile, FlexAttention's kernel options) to t
 
     python bench/search_speed.py --lengths 4096 8192 --backends flash,flex,sdpa \
         --json docs/results/search-speed-h200.json
+
+    python bench/search_speed.py --lengths 4096 8192 --backends flex --flex-query-chunks 512 1024 \
+        --json /tmp/flex-chunks.json
 """
 
 from __future__ import annotations
@@ -40,13 +45,14 @@ import platform
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, Qwen3Config
 
-from consa_cli.attention import ATTENTION_BACKENDS
-from consa_cli.kernels import flex_full_and_sliding
+from consa_cli.attention import ATTENTION_BACKENDS, KERNELS, AttentionBackend
+from consa_cli.kernels import flex_full_and_sliding, prepare_flex
 from consa_cli.losses import next_token_loss
 from consa_cli.search import environment_versions, run_search
 from consa_cli.settings import SearchSettings, load_recipe
@@ -114,6 +120,14 @@ def search_step_seconds(model, length: int, loss: str, backend: str, warmup: int
     return [record["seconds"] for record in result.metrics]
 
 
+def register_chunked_flex(chunk: int) -> str:
+    """Add the flex backend with its window over query chunks of ``chunk`` as ``flex-qc<chunk>`` (this process)."""
+    name = f"flex-qc{chunk}"
+    ATTENTION_BACKENDS[name] = AttentionBackend(KERNELS["sdpa"], partial(flex_full_and_sliding, query_chunk=chunk),
+                                                prepare_flex)
+    return name
+
+
 def failure(error: Exception) -> str:
     """A failed measurement's cell: the first line of its error."""
     return f"failed: {str(error).splitlines()[0][:160] if str(error) else type(error).__name__}"
@@ -139,7 +153,7 @@ def kernel_milliseconds(fn, inputs: list[torch.Tensor], repeats: int) -> float:
 
 
 def kernel_rows(length: int, shape: dict, window: int, sinks: int, device: torch.device, repeats: int,
-                flex_configs: list[dict] = ()) -> dict:
+                flex_configs: list[dict] = (), backends: tuple[str, ...] = ("sdpa", "flex", "flash")) -> dict:
     heads, kv_heads, dim = shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"]
     generator = torch.Generator(device=device).manual_seed(0)
 
@@ -156,7 +170,7 @@ def kernel_rows(length: int, shape: dict, window: int, sinks: int, device: torch
                                                                 enable_gqa=True)
 
     row = {"dense_causal_sdpa_ms": kernel_milliseconds(dense_causal, [query, key, value], repeats)}
-    for backend in ("sdpa", "flex", "flash"):
+    for backend in backends:
         def mix(q, k, v, w, backend=backend):
             return ATTENTION_BACKENDS[backend].full_and_sliding(q, k, v, w, scaling, window, sinks)
 
@@ -194,19 +208,24 @@ def main() -> None:
                         help='JSON list of flex tuning candidates timed in the kernel-alone rows, e.g. '
                              '\'[{"block_size": 64}, {"kernel_options": {"BLOCK_M": 64, "BLOCK_N": 64}}]\'')
     parser.add_argument("--kernels-only", action="store_true", help="only the attention-alone rows (tuning sweeps)")
+    parser.add_argument("--steps-only", action="store_true", help="skip the attention-alone rows")
+    parser.add_argument("--flex-query-chunks", type=int, nargs="*", default=[],
+                        help="also time flex with its window over query chunks of each size (backends flex-qcN)")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
     args.backends = [name for entry in args.backends for name in entry.split(",") if name]
+    chunked = [register_chunked_flex(chunk) for chunk in args.flex_query_chunks]
+    args.backends += chunked
     unknown = sorted({name for name in args.backends
                       if name.removesuffix("+compile") not in ATTENTION_BACKENDS or name.count("+") > 1})
     if unknown:
         parser.error(f"unknown --backends {', '.join(unknown)}; choose from {', '.join(ATTENTION_BACKENDS)}, each "
                      "optionally with +compile")
     flex_configs = json.loads(args.flex_configs)
-    if flex_configs:
+    if flex_configs or chunked:
         # Every candidate is another compiled graph of the same function, and dynamo's default recompile limit
         # (8 per code object) stopped the first sweep after the defaults: raise it for this process only.
-        torch._dynamo.config.recompile_limit = 16 + 4 * len(flex_configs)
+        torch._dynamo.config.recompile_limit = 16 + 4 * (len(flex_configs) + len(chunked))
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shape = TINY if args.tiny else QWEN3_0_6B
@@ -230,9 +249,10 @@ def main() -> None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
 
     for length in args.lengths:
-        if device.type == "cuda":
+        if device.type == "cuda" and not args.steps_only:
             report["kernels"].append({"tokens": length, **kernel_rows(length, shape, args.window, args.sink_tokens,
-                                                                      device, repeats=20, flex_configs=flex_configs)})
+                                                                      device, repeats=20, flex_configs=flex_configs,
+                                                                      backends=("sdpa", "flex", "flash", *chunked))})
             print(report["kernels"][-1], flush=True)
             save()
         if args.kernels_only:

@@ -19,10 +19,15 @@ from consa_cli.kernels import (
     FLASH_WINDOW,
     MATH_WINDOW,
     SlidingWindowWithSinks,
+    chunked_window_mix,
     flash_full_and_sliding,
     flash_supported,
     flex_supported,
+    from_window_chunks,
+    to_window_chunks,
     window_block_mask,
+    window_chunk_block_mask,
+    window_chunk_mask_mod,
     window_mix,
 )
 from consa_cli.search import run_search
@@ -54,15 +59,65 @@ def test_flex_window_graph_forward_on_cpu_equals_the_reference(block_size):
     torch.testing.assert_close(mixed, reference, rtol=1e-5, atol=1e-5)
 
 
+def sliding_reference(query, key, value, scaling, window, sinks):
+    """The sliding-window branch alone (gate weights 0) of the two-call SDPA reference."""
+    weight = torch.zeros(key.shape[1], dtype=query.dtype)
+    return ATTENTION_BACKENDS["sdpa"].full_and_sliding(query, key, value, weight, scaling, window, sinks)
+
+
+@pytest.mark.parametrize(("length", "chunk", "window", "sinks", "block_size"), [
+    (64, 16, 8, 2, 16), (96, 32, 40, 3, 16), (48, 16, 5, 0, 16), (64, 32, 16, 4, 8)])
+def test_window_chunks_layout_and_mask_give_the_sliding_window_forward_and_backward(length, chunk, window, sinks,
+                                                                                   block_size):
+    """The chunk layout with its mask_mod, run as plain float64 attention, against the two-call SDPA window: output
+    and the gradients of q, k and v (the copies' gradients add up through unfold and expand). Batch 2, GQA; windows
+    shorter and longer than a chunk, no sinks, a sink slot wider than the sinks."""
+    query, key, value = (torch.cat([t, 0.5 * t.flip(-2)]).detach().requires_grad_()
+                         for t in qkv(length, dim=8, seed=length))
+    scaling = 0.4
+    chunked = to_window_chunks(query, key, value, chunk, window, sinks, block_size)
+    mask_mod = window_chunk_mask_mod(length // chunk, chunk, window, sinks, block_size)
+    batch_index = torch.arange(chunked[0].shape[0]).view(-1, 1, 1)
+    allowed = mask_mod(batch_index, 0, torch.arange(chunk).view(1, -1, 1),
+                       torch.arange(chunked[1].shape[-2]).view(1, 1, -1)).unsqueeze(1)
+    out = torch.nn.functional.scaled_dot_product_attention(*chunked, attn_mask=allowed, scale=scaling, enable_gqa=True)
+    got = from_window_chunks(out, batch=2)
+    upstream = torch.randn(got.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    grads = torch.autograd.grad((got * upstream).sum(), (query, key, value))
+    want = sliding_reference(query, key, value, scaling, window, sinks)
+    want_grads = torch.autograd.grad((want * upstream).sum(), (query, key, value))
+    for got_tensor, want_tensor in zip((got, *grads), (want, *want_grads), strict=True):
+        torch.testing.assert_close(got_tensor, want_tensor, rtol=1e-10, atol=1e-10)
+    # every (query, key) pair of the window is attended exactly once over the chunk layout
+    assert allowed.sum().item() == sum(min(q + 1, window) + max(0, min(sinks, q - window + 1)) for q in range(length)) * 2
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_chunked_flex_window_graph_forward_on_cpu_equals_the_reference():
+    """The chunked flex graph, uncompiled (FlexAttention's CPU forward) with its block mask, against two SDPA calls."""
+    length, chunk, window, sinks, scaling, block_size = 64, 16, 8, 2, 0.25, 16
+    query, key, value = (t.detach().float() for t in qkv(length))
+    weight = torch.tensor([0.2, 0.7])
+    reference = ATTENTION_BACKENDS["sdpa"].full_and_sliding(query, key, value, weight, scaling, window, sinks)
+    full = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+                                                            enable_gqa=True)
+    mask = window_chunk_block_mask(1, length, chunk, window, sinks, "cpu", block_size)
+    mixed = chunked_window_mix(query, key, value, full, weight.repeat_interleave(2), mask, scaling, chunk, window,
+                               sinks, block_size)
+    torch.testing.assert_close(mixed, reference, rtol=1e-5, atol=1e-5)
+
+
 def test_flex_needs_cuda():
     assert not flex_supported(torch.device("cpu"))
 
 
-def errors_against_reference(backend, batch, length, window, sinks, heads, kv_heads, dim, reference_dtype, seed):
+def errors_against_reference(backend, batch, length, window, sinks, heads, kv_heads, dim, reference_dtype, seed,
+                             **options):
     """Relative errors of a backend in bf16 on the GPU against the two-call SDPA reference in ``reference_dtype`` on
     the same (bf16-rounded) inputs: the output and the gradients of q, k, v and the gate weights.
 
-    Inputs in the layout transformers hands over (``[B, T, H, D]`` transposed to ``[B, H, T, D]``).
+    Inputs in the layout transformers hands over (``[B, T, H, D]`` transposed to ``[B, H, T, D]``); ``options`` go
+    to the backend's function (e.g. flex's ``query_chunk``).
     """
     generator = torch.Generator(device="cuda").manual_seed(seed)
 
@@ -73,7 +128,7 @@ def errors_against_reference(backend, batch, length, window, sinks, heads, kv_he
     query, key, value = tensor(heads), tensor(kv_heads), tensor(kv_heads)
     weight = torch.linspace(0, 1, kv_heads, device="cuda", requires_grad=True)
     scaling = dim ** -0.5
-    fast = ATTENTION_BACKENDS[backend].full_and_sliding(query, key, value, weight, scaling, window, sinks)
+    fast = ATTENTION_BACKENDS[backend].full_and_sliding(query, key, value, weight, scaling, window, sinks, **options)
     upstream = torch.randn(fast.shape, device="cuda", generator=generator)
     grads = torch.autograd.grad((fast.float() * upstream).sum(), (query, key, value, weight))
     exact_inputs = [t.detach().to(reference_dtype).requires_grad_() for t in (query, key, value, weight)]
@@ -92,6 +147,18 @@ def test_flex_kernel_matches_float64_reference_forward_and_backward(batch, lengt
     errors = errors_against_reference("flex", batch, length, window, sinks, heads, kv_heads, dim, torch.float64,
                                       seed=length)
     # bf16 rounding of inputs is shared; what differs is the kernels' bf16 arithmetic: compare at bf16 scale.
+    assert max(errors) < 2e-2, errors
+
+
+@needs_cuda
+@pytest.mark.parametrize(("batch", "length", "chunk", "window", "sinks", "heads", "kv_heads", "dim"), [
+    (1, 2048, 512, 128, 4, 16, 8, 128), (2, 1024, 256, 300, 4, 4, 2, 64), (2, 1024, 512, 100, 0, 16, 8, 128)])
+def test_chunked_flex_kernel_matches_float64_reference_forward_and_backward(batch, length, chunk, window, sinks,
+                                                                          heads, kv_heads, dim):
+    """The flex window over query chunks (``query_chunk``), bf16 on the GPU, against the float64 reference: windows
+    shorter and longer than a chunk, with and without sinks, batch 2."""
+    errors = errors_against_reference("flex", batch, length, window, sinks, heads, kv_heads, dim, torch.float64,
+                                      seed=length, query_chunk=chunk)
     assert max(errors) < 2e-2, errors
 
 

@@ -68,10 +68,101 @@ def window_block_mask(length: int, window: int, sink_tokens: int, device: str, b
         return (kv_idx <= q_idx) & ((q_idx - kv_idx < window) | (kv_idx < sink_tokens))
 
     mask = create_block_mask(in_window, None, None, length, length, device=device, BLOCK_SIZE=block_size)
+    _keep_mask(key, mask)
+    return mask
+
+
+def _keep_mask(key: tuple, mask) -> None:
     if not torch.compiler.is_compiling():  # (while tracing it is part of the graph; nothing to keep)
         if len(_WINDOW_MASKS) >= _WINDOW_MASKS_KEPT:
             _WINDOW_MASKS.pop(next(iter(_WINDOW_MASKS)))
         _WINDOW_MASKS[key] = mask
+
+
+# --- query chunks: the sink keys' backward split over chunks of queries ------------------------------------------
+#
+# FlexAttention's backward computes each key block's gradient in one thread block that walks every query block
+# seeing it. A band of `window` keys is seen by about window / 128 + 1 query blocks, but the key block holding the
+# sinks is seen by all of them (32 at 4096 tokens), so that one thread block runs ~6x longer than the rest and the
+# kernel waits for it (docs/benchmarks.md, sessions 8 and 9). Cutting the queries into chunks, each with its own
+# copy of the keys it can see (the `reach` keys before the chunk, the chunk's own, and the sinks in a key block of
+# their own), makes every key block -- the sinks' included -- seen by at most chunk / 128 query blocks. The chunks
+# are batch entries of one FlexAttention call; the copies' gradients add up through autograd (unfold and expand).
+
+
+def window_chunk_geometry(window: int, sink_tokens: int, block_size: int) -> tuple[int, int]:
+    """``(reach, sink_slot)``: keys laid before each chunk (the window) and the sinks' slot (one whole block)."""
+    return window, (block_size if sink_tokens else 0)
+
+
+def to_window_chunks(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, chunk: int, window: int,
+                     sink_tokens: int, block_size: int = DEFAULT_BLOCK_SIZE):
+    """``[B, H, T, D]`` queries, keys, values -> one batch entry per chunk of ``chunk`` queries (``T % chunk == 0``).
+
+    Queries ``[B * C, Hq, chunk, D]``; keys and values ``[B * C, Hkv, reach + chunk + sink_slot, D]``: positions
+    ``c * chunk - reach ...`` (zeros before the sequence's start), then the first ``sink_tokens`` keys, zero-padded
+    to a whole block so the band's blocks stay aligned with the queries'.
+    """
+    batch, query_heads, length, dim = query.shape
+    chunks = length // chunk
+    reach, sink_slot = window_chunk_geometry(window, sink_tokens, block_size)
+
+    def keys(states: torch.Tensor) -> torch.Tensor:
+        kv_heads = states.shape[1]
+        band = F.pad(states, (0, 0, reach, 0)).unfold(2, reach + chunk, chunk)  # [B, Hkv, C, D, reach + chunk]
+        parts = [band.permute(0, 2, 1, 4, 3)]
+        if sink_slot:
+            sinks = F.pad(states[:, :, :sink_tokens], (0, 0, 0, sink_slot - sink_tokens))
+            parts.append(sinks.unsqueeze(1).expand(batch, chunks, kv_heads, sink_slot, dim))
+        return torch.cat(parts, dim=3).reshape(batch * chunks, kv_heads, -1, dim)
+
+    queries = query.view(batch, query_heads, chunks, chunk, dim).transpose(1, 2).reshape(
+        batch * chunks, query_heads, chunk, dim)
+    return queries, keys(key), keys(value)
+
+
+def from_window_chunks(out: torch.Tensor, batch: int) -> torch.Tensor:
+    """Inverse of the queries' layout of :func:`to_window_chunks`: ``[B * C, H, chunk, D]`` -> ``[B, H, T, D]``."""
+    chunks_total, heads, chunk, dim = out.shape
+    chunks = chunks_total // batch
+    return out.view(batch, chunks, heads, chunk, dim).transpose(1, 2).reshape(batch, heads, chunks * chunk, dim)
+
+
+def window_chunk_mask_mod(chunks: int, chunk: int, window: int, sink_tokens: int, block_size: int = DEFAULT_BLOCK_SIZE):
+    """The sliding window + sinks as a FlexAttention ``mask_mod`` over :func:`to_window_chunks`' layout.
+
+    A sink key within a query's window is attended in the band (where it also lies), beyond it in the sink slot,
+    never twice.
+    """
+    reach, _ = window_chunk_geometry(window, sink_tokens, block_size)
+
+    def in_window(batch, head, q_idx, kv_idx):
+        first = (batch % chunks) * chunk  # the chunk's first query position
+        position = first + q_idx
+        band_key = first - reach + kv_idx
+        in_band = (kv_idx < reach + chunk) & (band_key >= 0) & (band_key <= position) & (position - band_key < window)
+        if not sink_tokens:
+            return in_band
+        sink_key = kv_idx - (reach + chunk)
+        in_sinks = (sink_key >= 0) & (sink_key < sink_tokens) & (position - sink_key >= window)
+        return in_band | in_sinks
+
+    return in_window
+
+
+def window_chunk_block_mask(batch: int, length: int, chunk: int, window: int, sink_tokens: int, device: str,
+                            block_size: int = DEFAULT_BLOCK_SIZE):
+    """FlexAttention block mask of :func:`window_chunk_mask_mod` for ``batch`` sequences of ``length`` (cached)."""
+    key = ("chunks", batch, length, chunk, window, sink_tokens, device, block_size)
+    if key in _WINDOW_MASKS:
+        return _WINDOW_MASKS[key]
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    chunks = length // chunk
+    reach, sink_slot = window_chunk_geometry(window, sink_tokens, block_size)
+    mask = create_block_mask(window_chunk_mask_mod(chunks, chunk, window, sink_tokens, block_size), batch * chunks,
+                             None, chunk, reach + chunk + sink_slot, device=device, BLOCK_SIZE=block_size)
+    _keep_mask(key, mask)
     return mask
 
 
@@ -90,30 +181,59 @@ def window_mix(query, key, value, full, fa_weight, window_mask, scaling, kernel_
     return (sliding.float() + mix * (full.float() - sliding.float())).to(sliding.dtype)
 
 
+def chunked_window_mix(query, key, value, full, fa_weight, window_mask, scaling, chunk, window, sink_tokens,
+                       block_size=DEFAULT_BLOCK_SIZE, kernel_options=None):
+    """:func:`window_mix` with the window computed over :func:`to_window_chunks`' layout (``window_mask`` is its
+    :func:`window_chunk_block_mask`)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    chunked = to_window_chunks(query, key, value, chunk, window, sink_tokens, block_size)
+    sliding = from_window_chunks(flex_attention(*chunked, block_mask=window_mask, scale=scaling, enable_gqa=True,
+                                                kernel_options=kernel_options), query.shape[0])
+    mix = fa_weight.view(1, -1, 1, 1)
+    return (sliding.float() + mix * (full.float() - sliding.float())).to(sliding.dtype)
+
+
 @functools.cache
-def _compiled_window_mix(kernel_options: tuple = ()):
-    """The compiled mix, one graph per set of FlexAttention kernel options (a sorted tuple of items)."""
+def _compiled_window_mix(kernel_options: tuple = (), chunk: int = 0, window: int = 0, sink_tokens: int = 0,
+                         block_size: int = DEFAULT_BLOCK_SIZE):
+    """The compiled mix, one graph per set of FlexAttention kernel options (a sorted tuple of items) and, with
+    query chunks, per chunk layout."""
     options = dict(kernel_options) or None
-    return torch.compile(functools.partial(window_mix, kernel_options=options), dynamic=False, fullgraph=True)
+    if chunk:
+        mix = functools.partial(chunked_window_mix, chunk=chunk, window=window, sink_tokens=sink_tokens,
+                                block_size=block_size, kernel_options=options)
+    else:
+        mix = functools.partial(window_mix, kernel_options=options)
+    return torch.compile(mix, dynamic=False, fullgraph=True)
 
 
 def flex_full_and_sliding(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, fa_weight: torch.Tensor,
                           scaling: float, window: int, sink_tokens: int, block_size: int = DEFAULT_BLOCK_SIZE,
-                          kernel_options: dict | None = None) -> torch.Tensor:
+                          kernel_options: dict | None = None, query_chunk: int = 0) -> torch.Tensor:
     """The relaxed mix for query heads ``[B, Hq, T, D]`` and KV heads ``[B, Hkv, T, D]``: SDPA full + flex window.
 
     ``fa_weight`` is per KV head ``[Hkv]``; it covers every query head of its group. Self-attention only (as many
     queries as keys), no padding mask. ``block_size`` (the mask's tile) and ``kernel_options`` (FlexAttention's
     Triton options, e.g. ``BLOCK_M``, ``num_warps``) are for tuning: bench/search_speed.py ``--flex-configs``.
+    ``query_chunk`` > 0 computes the window over chunks of that many queries (:func:`to_window_chunks`), when the
+    length is a multiple of it and longer; otherwise over the whole sequence.
     """
     groups = query.shape[1] // key.shape[1]
-    window_mask = window_block_mask(query.shape[-2], window, sink_tokens, str(query.device), block_size)
+    batch, length = query.shape[0], query.shape[-2]
+    chunk = query_chunk if query_chunk and length > query_chunk and length % query_chunk == 0 else 0
+    if chunk:
+        window_mask = window_chunk_block_mask(batch, length, chunk, window, sink_tokens, str(query.device), block_size)
+    else:
+        window_mask = window_block_mask(length, window, sink_tokens, str(query.device), block_size)
     # One dense layout and a fresh [Hq] weight tensor (not a view into the [L, H] weights) for every layer, so the
     # compiled graph is reused instead of recompiled per stride pattern.
     query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
     per_query_head = fa_weight.to(device=query.device, dtype=torch.float32).repeat_interleave(groups)
     full = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
-    compiled = _compiled_window_mix(tuple(sorted((kernel_options or {}).items())))
+    options = tuple(sorted((kernel_options or {}).items()))
+    compiled = (_compiled_window_mix(options, chunk, window, sink_tokens, block_size) if chunk
+                else _compiled_window_mix(options))
     return compiled(query, key, value, full, per_query_head, window_mask, scaling)
 
 
