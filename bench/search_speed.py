@@ -208,6 +208,8 @@ def main() -> None:
                         help='JSON list of flex tuning candidates timed in the kernel-alone rows, e.g. '
                              '\'[{"block_size": 64}, {"kernel_options": {"BLOCK_M": 64, "BLOCK_N": 64}}]\'')
     parser.add_argument("--kernels-only", action="store_true", help="only the attention-alone rows (tuning sweeps)")
+    parser.add_argument("--kernel-backends", default="sdpa,flex,flash",
+                        help="backends timed in the attention-alone rows (comma-separated; flex-qcN are added)")
     parser.add_argument("--steps-only", action="store_true", help="skip the attention-alone rows")
     parser.add_argument("--flex-query-chunks", type=int, nargs="*", default=[],
                         help="also time flex with its window over query chunks of each size (backends flex-qcN)")
@@ -215,6 +217,7 @@ def main() -> None:
     args = parser.parse_args()
     args.backends = [name for entry in args.backends for name in entry.split(",") if name]
     chunked = [register_chunked_flex(chunk) for chunk in args.flex_query_chunks]
+    kernel_backends = [name for name in args.kernel_backends.split(",") if name]
     args.backends += chunked
     unknown = sorted({name for name in args.backends
                       if name.removesuffix("+compile") not in ATTENTION_BACKENDS or name.count("+") > 1})
@@ -252,7 +255,7 @@ def main() -> None:
         if device.type == "cuda" and not args.steps_only:
             report["kernels"].append({"tokens": length, **kernel_rows(length, shape, args.window, args.sink_tokens,
                                                                       device, repeats=20, flex_configs=flex_configs,
-                                                                      backends=("sdpa", "flex", "flash", *chunked))})
+                                                                      backends=(*kernel_backends, *chunked))})
             print(report["kernels"][-1], flush=True)
             save()
         if args.kernels_only:
