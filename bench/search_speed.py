@@ -20,9 +20,10 @@ before and after the searches and the faster median kept (a conservative ratio);
 ``torch.cuda.max_memory_allocated``. The projected search time is the recipe's step count times the measured step
 plus the measured warm-up. Results go to ``--json`` after every row. ``--flex-configs`` adds tuning candidates
 for the flex window (the block mask's tile, FlexAttention's kernel options) to the attention-alone rows;
-``--kernels-only`` skips the model steps. ``--flex-query-chunks 512 1024`` adds the flex backend with its window
-over query chunks of that size (``flex_full_and_sliding(query_chunk=N)``) as backends ``flex-qcN``, to the step
-rows and the attention-alone rows:
+``--kernels-only`` skips the model steps. ``--flex-query-chunks 0 512`` adds the flex backend with its window
+over query chunks of that size (``flex_full_and_sliding(query_chunk=N)``; 0: no chunks, the flex backend before
+session 10; ``flex`` itself uses ``kernels.DEFAULT_QUERY_CHUNK``) as backends ``flex-qcN``, to the step rows and the
+attention-alone rows:
 
     python bench/search_speed.py --lengths 4096 8192 --kernels-only --json /tmp/flex-sweep.json \
         --flex-configs '[{"block_size": 64}, {"kernel_options": {"BLOCK_M": 64, "BLOCK_N": 64}}]'
@@ -32,8 +33,8 @@ rows and the attention-alone rows:
     python bench/search_speed.py --lengths 4096 8192 --backends flash,flex,sdpa \
         --json docs/results/search-speed-h200.json
 
-    python bench/search_speed.py --lengths 4096 8192 --backends flex --flex-query-chunks 512 1024 \
-        --json /tmp/flex-chunks.json
+    python bench/search_speed.py --lengths 4096 8192 --losses lm --backends flex --flex-query-chunks 0 512 \
+        --repeats 16 --json /tmp/flex-chunks.json
 """
 
 from __future__ import annotations

@@ -107,6 +107,19 @@ def test_chunked_flex_window_graph_forward_on_cpu_equals_the_reference():
     torch.testing.assert_close(mixed, reference, rtol=1e-5, atol=1e-5)
 
 
+def test_prepare_flex_makes_the_mask_the_window_will_use():
+    """Before a compiled search: the chunked block mask for lengths that are longer multiples of the default chunk
+    (for the search's sequences per step), the whole-sequence mask otherwise."""
+    from consa_cli import kernels
+
+    chunk = kernels.DEFAULT_QUERY_CHUNK
+    kernels.prepare_flex(2 * chunk, 64, 4, torch.device("cpu"), batch=3)
+    assert ("chunks", 3, 2 * chunk, chunk, 64, 4, "cpu", kernels.DEFAULT_BLOCK_SIZE) in kernels._WINDOW_MASKS
+    kernels.prepare_flex(chunk + 64, 64, 4, torch.device("cpu"), batch=3)
+    assert (chunk + 64, 64, 4, "cpu", kernels.DEFAULT_BLOCK_SIZE) in kernels._WINDOW_MASKS
+    assert kernels.query_chunk_for(chunk, chunk) == 0 and kernels.query_chunk_for(4 * chunk, 0) == 0
+
+
 def test_flex_needs_cuda():
     assert not flex_supported(torch.device("cpu"))
 

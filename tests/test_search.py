@@ -111,12 +111,13 @@ def test_compiled_search_learns_what_the_eager_search_learns(monkeypatch):
     prepared = []  # the backend's eager preparation (flex: its block mask) runs before the compiled forward
     sdpa = search_module.ATTENTION_BACKENDS["sdpa"]
     monkeypatch.setitem(search_module.ATTENTION_BACKENDS, "sdpa", dataclasses.replace(
-        sdpa, prepare=lambda *args: prepared.append((args, len(calls)))))
+        sdpa, prepare=lambda *args, **kwargs: prepared.append((args, kwargs, len(calls)))))
     eager = run_search(settings(steps=4, loss="kl"), tiny_model("llama"), SEQUENCES, 2)
     assert prepared == []  # only for a compiled run
     compiled = run_search(settings(steps=4, loss="kl", compile=True), tiny_model("llama"), SEQUENCES, 2)
     assert len(calls) == 2 * 4 and len(graphs) == 2  # teacher and student every step, each compiled once
-    assert prepared == [((64, 8, 2, torch.device("cpu")), 0)]  # sequence length, window, sinks, device; first
+    # sequence length, window, sinks, device, sequences per step; first
+    assert prepared == [((64, 8, 2, torch.device("cpu")), {"batch": 1}, 0)]
     torch.testing.assert_close(compiled.allocation.scores, eager.allocation.scores, rtol=1e-5, atol=1e-5)
     assert [r["task_loss"] for r in compiled.metrics] == pytest.approx([r["task_loss"] for r in eager.metrics],
                                                                       rel=1e-5)

@@ -83,7 +83,7 @@ class AttentionBackend:
 
     attend: Callable
     full_and_sliding: Callable
-    # ``prepare(length, window, sink_tokens, device)``: what to make eagerly before a compiled forward first runs
+    # ``prepare(length, window, sink_tokens, device, batch=1)``: what to make eagerly before a compiled forward first runs
     # (a compiled graph would otherwise rebuild it on every call); None: nothing.
     prepare: Callable | None = None
 

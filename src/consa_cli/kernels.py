@@ -5,7 +5,9 @@ Search needs, for every gated unit, both its full-attention and its sliding-wind
 (flash attention, the very kernel a dense forward uses) and the window (``q - window < k <= q`` plus the first
 ``sink_tokens`` keys) from FlexAttention with a block-sparse mask, which visits only the window's key blocks; the
 mix is compiled into the window's graph. Forward and backward, GQA without repeating K/V, no ``T x T`` mask.
-The extra work over a dense forward is one windowed attention.
+The extra work over a dense forward is one windowed attention. Sequences longer than :data:`DEFAULT_QUERY_CHUNK`
+(and a multiple of it) run the window over query chunks, so the sinks' key block does not hold up the backward
+(:func:`to_window_chunks`).
 
 Measured against the alternative of one pass over the causal keys split in a windowed and a beyond-window part
 merged by their log-sum-exps (docs/benchmarks.md): that pass is no faster at 8192 tokens (FlexAttention's kernels
@@ -48,6 +50,10 @@ def flex_supported(device: torch.device) -> bool:
 
 # FlexAttention's default tile: 128 queries x 128 keys per block of the block-sparse mask.
 DEFAULT_BLOCK_SIZE = 128
+# Queries per chunk of the window's FlexAttention call (see to_window_chunks). Measured on an H200 (docs/benchmarks.md,
+# session 10): the mix alone 13% / 7% faster than without chunks at 4096 / 8192 tokens (512 and 2048 close), the
+# Qwen3-0.6B search step faster in 5 of 6 paired runs (best 0.837x dense), for 0.7-1.4 GiB more peak memory.
+DEFAULT_QUERY_CHUNK = 1024
 
 
 # Block masks made so far, by (length, window, sinks, device, tile). A plain dict, not functools.lru_cache: dynamo
@@ -166,9 +172,19 @@ def window_chunk_block_mask(batch: int, length: int, chunk: int, window: int, si
     return mask
 
 
-def prepare_flex(length: int, window: int, sink_tokens: int, device: torch.device) -> None:
+def query_chunk_for(length: int, query_chunk: int) -> int:
+    """The chunk the window is computed over at ``length``: ``query_chunk`` if the length is a longer multiple of
+    it, else 0 (the whole sequence at once)."""
+    return query_chunk if query_chunk and length > query_chunk and length % query_chunk == 0 else 0
+
+
+def prepare_flex(length: int, window: int, sink_tokens: int, device: torch.device, batch: int = 1) -> None:
     """Before a compiled forward first runs: make the window's block mask eagerly, so the graph reads it."""
-    window_block_mask(length, window, sink_tokens, str(device))
+    chunk = query_chunk_for(length, DEFAULT_QUERY_CHUNK)
+    if chunk:
+        window_chunk_block_mask(batch, length, chunk, window, sink_tokens, str(device))
+    else:
+        window_block_mask(length, window, sink_tokens, str(device))
 
 
 def window_mix(query, key, value, full, fa_weight, window_mask, scaling, kernel_options=None):
@@ -210,18 +226,19 @@ def _compiled_window_mix(kernel_options: tuple = (), chunk: int = 0, window: int
 
 def flex_full_and_sliding(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, fa_weight: torch.Tensor,
                           scaling: float, window: int, sink_tokens: int, block_size: int = DEFAULT_BLOCK_SIZE,
-                          kernel_options: dict | None = None, query_chunk: int = 0) -> torch.Tensor:
+                          kernel_options: dict | None = None,
+                          query_chunk: int = DEFAULT_QUERY_CHUNK) -> torch.Tensor:
     """The relaxed mix for query heads ``[B, Hq, T, D]`` and KV heads ``[B, Hkv, T, D]``: SDPA full + flex window.
 
     ``fa_weight`` is per KV head ``[Hkv]``; it covers every query head of its group. Self-attention only (as many
     queries as keys), no padding mask. ``block_size`` (the mask's tile) and ``kernel_options`` (FlexAttention's
     Triton options, e.g. ``BLOCK_M``, ``num_warps``) are for tuning: bench/search_speed.py ``--flex-configs``.
     ``query_chunk`` > 0 computes the window over chunks of that many queries (:func:`to_window_chunks`), when the
-    length is a multiple of it and longer; otherwise over the whole sequence.
+    length is a longer multiple of it; otherwise (and with 0) over the whole sequence at once.
     """
     groups = query.shape[1] // key.shape[1]
     batch, length = query.shape[0], query.shape[-2]
-    chunk = query_chunk if query_chunk and length > query_chunk and length % query_chunk == 0 else 0
+    chunk = query_chunk_for(length, query_chunk)
     if chunk:
         window_mask = window_chunk_block_mask(batch, length, chunk, window, sink_tokens, str(query.device), block_size)
     else:

@@ -288,7 +288,7 @@ def run_search(
     if settings.compile:
         prepare = ATTENTION_BACKENDS[attention_backend].prepare
         if prepare is not None:  # e.g. flex's block mask, which the graph then reads instead of rebuilding
-            prepare(calibration.sequences.shape[1], settings.window, sink_tokens, device)
+            prepare(calibration.sequences.shape[1], settings.window, sink_tokens, device, batch=settings.batch_size)
         forward = compile_forward(model)
     metrics_file = metrics_path.open("a" if resume is not None else "w") if metrics_path is not None else None
     try:
