@@ -2,6 +2,7 @@
 backend: a torch profiler table of the top CUDA kernels (docs/benchmarks.md, "The flash backend, measured").
 
     python bench/profile_search_kernels.py --tokens 4096 --backends flash,flex
+    python bench/profile_search_kernels.py --tokens 8192 --backends dense,flex,flex-qc0   # flex without query chunks
 
 Qwen3-0.6B's attention shape (16 query / 8 KV heads, head_dim 128), bf16, window 512 + 4 sinks, inputs in the
 layout transformers hands over; 3 untimed passes (compilation), then ``--passes`` profiled ones.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from search_speed import register_chunked_flex
 from torch.profiler import ProfilerActivity, profile
 
 from consa_cli.attention import ATTENTION_BACKENDS
@@ -27,7 +29,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--backends", default="flash,flex",
-                        help="comma-separated search backends; 'dense' profiles the dense model's causal SDPA call")
+                        help="comma-separated search backends; 'dense' profiles the dense model's causal SDPA call; "
+                             "flex-qcN: flex with its window over query chunks of N (0: none)")
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--sink-tokens", type=int, default=4)
     parser.add_argument("--passes", type=int, default=5)
@@ -41,6 +44,8 @@ def main() -> None:
                          .transpose(1, 2).requires_grad_() for h in (heads, kv_heads, kv_heads))
     weight = torch.rand(kv_heads, device="cuda").requires_grad_()
     for name in args.backends.split(","):
+        if name.startswith("flex-qc"):
+            register_chunked_flex(int(name.removeprefix("flex-qc")))
         mix = ATTENTION_BACKENDS[name].full_and_sliding if name != "dense" else dense_causal
 
         def once(mix=mix):
