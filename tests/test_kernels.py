@@ -120,6 +120,34 @@ def test_prepare_flex_makes_the_mask_the_window_will_use():
     assert kernels.query_chunk_for(chunk, chunk) == 0 and kernels.query_chunk_for(4 * chunk, 0) == 0
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "flash-math"])
+@pytest.mark.parametrize("open_heads", [(1,), (), (0, 2)])
+def test_the_full_branch_on_open_heads_only_equals_the_whole_mix(backend, open_heads):
+    """``full_kv_heads``: the full branch only for the open heads, the others' weight exactly 0 (a closed gate).
+    Output and q / k / v gradients equal the whole mix with the same weights; the open heads' weight gradients too;
+    the closed heads' weight gradients are zero (in search the clamp zeroes them anyway). float64, GQA 6 / 3 heads."""
+    query, key, value = qkv(50, query_heads=6, kv_heads=3, dim=8, seed=5)
+    weight = torch.tensor([0.3, 0.6, 0.9], dtype=torch.float64)
+    closed = [head for head in range(3) if head not in open_heads]
+    weight[closed] = 0.0
+    weight.requires_grad_()
+    if backend == "sdpa":
+        mix = ATTENTION_BACKENDS["sdpa"].full_and_sliding
+    else:
+        def mix(*args, **options):
+            return flash_full_and_sliding(*args, window_kernel=MATH_WINDOW, **options)
+    inputs, scaling = (query, key, value, weight), 0.4
+    upstream = torch.randn(query.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = mix(*inputs, scaling, 7, 2, full_kv_heads=open_heads)
+    grads = torch.autograd.grad((got * upstream).sum(), inputs)
+    want = mix(*inputs, scaling, 7, 2)
+    want_grads = torch.autograd.grad((want * upstream).sum(), inputs)
+    for got_tensor, want_tensor in zip((got, *grads[:3]), (want, *want_grads[:3]), strict=True):
+        torch.testing.assert_close(got_tensor, want_tensor, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grads[3][list(open_heads)], want_grads[3][list(open_heads)], rtol=1e-10, atol=1e-10)
+    assert torch.all(grads[3][closed] == 0) and (not closed or torch.any(want_grads[3][closed] != 0))
+
+
 def test_flex_needs_cuda():
     assert not flex_supported(torch.device("cpu"))
 
@@ -173,6 +201,25 @@ def test_chunked_flex_kernel_matches_float64_reference_forward_and_backward(batc
     errors = errors_against_reference("flex", batch, length, window, sinks, heads, kv_heads, dim, torch.float64,
                                       seed=length, query_chunk=chunk)
     assert max(errors) < 2e-2, errors
+
+
+@needs_cuda
+@pytest.mark.parametrize("open_heads", [(1, 5), ()])
+def test_flex_with_closed_gates_matches_the_whole_flex_mix(open_heads):
+    """``full_kv_heads`` on the GPU: bf16 flex with the full branch on the open heads only, against flex over all
+    heads with the same weights (closed ones exactly 0): output and q / k / v gradients."""
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    query, key, value = (torch.randn(1, 2048, heads, 64, device="cuda", dtype=torch.bfloat16, generator=generator)
+                         .transpose(1, 2).requires_grad_() for heads in (16, 8, 8))
+    weight = torch.zeros(8, device="cuda")
+    weight[list(open_heads)] = torch.tensor([0.4, 0.8], device="cuda")[:len(open_heads)]
+    upstream = torch.randn(1, 16, 2048, 64, device="cuda", generator=generator)
+    results = []
+    for options in ({"full_kv_heads": open_heads}, {}):
+        out = ATTENTION_BACKENDS["flex"].full_and_sliding(query, key, value, weight, 0.125, 256, 4, **options)
+        results.append((out, *torch.autograd.grad((out.float() * upstream).sum(), (query, key, value))))
+    for got, want in zip(*results, strict=True):
+        assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
 
 
 @needs_cuda

@@ -86,6 +86,21 @@ def test_search_is_deterministic_for_a_seed():
     assert not torch.equal(first, third)
 
 
+@pytest.mark.parametrize(("granularity", "loss"), [("kv-head", "kl"), ("layer", "lm"), ("kv-head-per-layer", "kl")])
+def test_skipping_closed_gates_learns_exactly_what_the_full_search_learns(granularity, loss):
+    """--skip-closed-gates: the full branch only for heads whose gate sample is not exactly 0. Gates started near
+    closing (log_alpha -1: about half the samples clamp at 0) so that many heads are skipped; the losses of every
+    step and the learned scores equal the search that computes both branches everywhere."""
+    common = dict(steps=12, granularity=granularity, loss=loss, log_alpha_init=-1.0)
+    full = run_search(settings(**common), tiny_model("llama"), SEQUENCES, 2)
+    skipping = run_search(settings(**common, skip_closed_gates=True), tiny_model("llama"), SEQUENCES, 2)
+    closed = [record["closed_heads"] for record in skipping.metrics]
+    assert max(closed) > 0.2 and "closed_heads" not in full.metrics[0]
+    assert [r["task_loss"] for r in skipping.metrics] == pytest.approx([r["task_loss"] for r in full.metrics],
+                                                                       rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(skipping.allocation.scores, full.allocation.scores, rtol=1e-5, atol=1e-5)
+
+
 def test_compiled_search_learns_what_the_eager_search_learns(monkeypatch):
     """--compile: the gated forward and the KL teacher run through torch.compile (aot_eager here: the graph
     capture and the autograd split, without a C++ compiler), two graphs for the whole run (student and teacher; a
@@ -159,6 +174,7 @@ def test_target_warmup_ramps_linearly():
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"sparsity": 1.5}, "--sparsity"), ({"granularity": "head"}, "--granularity"), ({"loss": "mse"}, "--loss"),
     ({"window": 2048}, "smaller than --seq-len"), ({"steps": 0}, "--steps"), ({"sink_tokens": -1}, "--sink-tokens"),
+    ({"skip_closed_gates": True, "compile": True}, "cannot be combined with --compile"),
 ])
 def test_invalid_settings_are_rejected(overrides, message):
     with pytest.raises(SettingsError, match=message):

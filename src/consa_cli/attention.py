@@ -32,7 +32,7 @@ from consa_cli.hybrid_runtime import (
     causal_window_mask,  # noqa: F401 - part of this module's interface
     split_head_attention,
 )
-from consa_cli.kernels import flash_full_and_sliding, flex_full_and_sliding, prepare_flex
+from consa_cli.kernels import flash_full_and_sliding, flex_full_and_sliding, full_on_open_heads, prepare_flex
 
 ATTENTION_NAME = "consa"
 
@@ -49,6 +49,9 @@ class LayerHybrid:
     sliding_window: int
     sink_tokens: int
     backend: str = "sdpa"
+    # Relaxed weights only: the KV heads whose weight may be nonzero, read on the host by the search loop (None: all).
+    # The others' weight is exactly 0 (a closed gate), so the full-attention branch skips them.
+    open_kv_heads: tuple[int, ...] | None = None
     # Hard allocations are read on the host once, here: a forward never waits for the device to say which heads.
     full_kv_heads: tuple[int, ...] | None = field(init=False, default=None, repr=False)
     _head_indices: dict = field(init=False, default_factory=dict, repr=False)
@@ -88,10 +91,17 @@ class AttentionBackend:
     prepare: Callable | None = None
 
 
-def _mix_two_calls(kernel, query, key, value, fa_weight, scaling, window, sink_tokens, attention_mask=None):
-    """The reference relaxed mix: a full and a sliding-window attention call, then the mix."""
+def _mix_two_calls(kernel, query, key, value, fa_weight, scaling, window, sink_tokens, attention_mask=None,
+                   full_kv_heads: tuple[int, ...] | None = None):
+    """The reference relaxed mix: a full and a sliding-window attention call, then the mix. ``full_kv_heads``: the
+    KV heads whose weight may be nonzero, the only ones the full call covers (None: all; no padding mask then)."""
     groups = query.shape[1] // key.shape[1]
-    full = attend(query, key, value, attention_mask, scaling, kernel, None, sink_tokens)
+    if full_kv_heads is None or len(full_kv_heads) == key.shape[1]:
+        full = attend(query, key, value, attention_mask, scaling, kernel, None, sink_tokens)
+    else:
+        full, fa_weight = full_on_open_heads(
+            query, key, value, fa_weight, full_kv_heads,
+            lambda q, k, v: attend(q, k, v, attention_mask, scaling, kernel, None, sink_tokens))
     sliding = attend(query, key, value, attention_mask, scaling, kernel, window, sink_tokens)
     mix = fa_weight.to(device=query.device, dtype=query.dtype).repeat_interleave(groups).view(1, -1, 1, 1)
     return sliding + mix * (full - sliding)
@@ -147,7 +157,11 @@ def consa_attention_forward(
                               None if is_full else window, sinks)
                 out.index_copy_(1, q_idx, part)
     elif attention_mask is None and query.shape[-2] == key.shape[-2]:
-        out = backend.full_and_sliding(query, key, value, weight, scaling, window, sinks)
+        if hybrid.open_kv_heads is None:
+            out = backend.full_and_sliding(query, key, value, weight, scaling, window, sinks)
+        else:
+            out = backend.full_and_sliding(query, key, value, weight, scaling, window, sinks,
+                                           full_kv_heads=hybrid.open_kv_heads)
     else:  # padding or a KV cache: the reference handles both
         out = _mix_two_calls(kernel, query, key, value, weight, scaling, window, sinks, attention_mask)
     return out.transpose(1, 2).contiguous(), None
@@ -192,10 +206,15 @@ def install_hybrid(
     model.set_attn_implementation(ATTENTION_NAME)
 
 
-def set_fa_weights(model: nn.Module, fa_weights: torch.Tensor) -> None:
-    """Replace the per-KV-head full-attention weights ``[L, H]`` of an installed hybrid."""
+def set_fa_weights(model: nn.Module, fa_weights: torch.Tensor, open_heads: torch.Tensor | None = None) -> None:
+    """Replace the per-KV-head full-attention weights ``[L, H]`` of an installed hybrid.
+
+    ``open_heads``: a host ``[L, H]`` bool tensor, False where the relaxed weight is exactly 0 (a closed gate); the
+    full-attention branch then skips those heads. None: every head gets both branches.
+    """
     for layer_idx, module in enumerate(attention_modules(model)):
-        module.consa_hybrid = replace(module.consa_hybrid, fa_weight=fa_weights[layer_idx])
+        open_kv = None if open_heads is None else tuple(torch.nonzero(open_heads[layer_idx]).flatten().tolist())
+        module.consa_hybrid = replace(module.consa_hybrid, fa_weight=fa_weights[layer_idx], open_kv_heads=open_kv)
 
 
 def remove_hybrid(model: nn.Module) -> None:

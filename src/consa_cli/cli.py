@@ -168,6 +168,10 @@ def search(
     compile: bool = typer.Option(None, "--compile/--no-compile", help="Run the model's forward (gated "
                                  "student and KL teacher) through torch.compile: norms, rotary and MLP fused besides "
                                  f"the attention kernels; the first steps take longer. {_default('compile')}"),
+    skip_closed_gates: bool = typer.Option(None, "--skip-closed-gates/--no-skip-closed-gates", help="Compute the "
+                                           "full-attention branch only for the heads whose gate sample is not exactly "
+                                           "0 this step (l0): the same losses and gradients, less work as gates close; "
+                                           "not with --compile. " + _default('skip_closed_gates')),
     output: str = typer.Option(None, "--output", "-o", help=f"Run directory to write. {_default('output')}"),
     checkpoint_every: int = typer.Option(None, help="Steps between checkpoints (checkpoint.safetensors in the run "
                                          "directory, for --resume); 0: only when interrupted and at the end. "
@@ -197,8 +201,8 @@ def search(
             calibration_haystack=calibration_haystack, retrieval_filter=retrieval_filter, seed=seed, seeds=seeds,
             gate_lr=gate_lr,
             multiplier_lr=multiplier_lr, target_warmup_steps=target_warmup_steps, penalty_init=penalty_init,
-            dtype=dtype, device=device, attention_backend=attention_backend, compile=compile, output=output,
-            checkpoint_every=checkpoint_every,
+            dtype=dtype, device=device, attention_backend=attention_backend, compile=compile,
+            skip_closed_gates=skip_closed_gates, output=output, checkpoint_every=checkpoint_every,
         )
         checkpoint = None
         if resume is None:

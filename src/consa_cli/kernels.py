@@ -178,6 +178,49 @@ def query_chunk_for(length: int, query_chunk: int) -> int:
     return query_chunk if query_chunk and length > query_chunk and length % query_chunk == 0 else 0
 
 
+# --- closed gates: the full branch only for the heads that can use it -------------------------------------------
+#
+# A hard-concrete gate sample is clamped to [0, 1]; where it is clamped at 0 the mix is the sliding output alone,
+# and the gate's gradient is zero (clamp passes none back). So for those heads the full-attention branch contributes
+# nothing, forward or backward: it is computed only for the other heads (SearchSettings.skip_closed_gates). The
+# heads are read on the host once per step by the search loop, so a forward never waits for the device.
+
+_OPEN_HEADS: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_OPEN_HEADS_KEPT = 512
+
+
+def open_head_indices(full_kv_heads: tuple[int, ...], num_kv_heads: int, groups: int, device: torch.device):
+    """``(kv_idx, q_idx, open_kv)`` on ``device`` for KV heads ``full_kv_heads``: their indices, their query heads'
+    indices and a ``[num_kv_heads]`` bool mask (cached: the same few subsets recur step after step)."""
+    key = (full_kv_heads, num_kv_heads, groups, str(device))
+    if key not in _OPEN_HEADS:
+        kv = torch.tensor(full_kv_heads, dtype=torch.long)
+        query = (kv.unsqueeze(1) * groups + torch.arange(groups)).flatten()
+        mask = torch.zeros(num_kv_heads, dtype=torch.bool)
+        mask[kv] = True
+        if len(_OPEN_HEADS) >= _OPEN_HEADS_KEPT:
+            _OPEN_HEADS.pop(next(iter(_OPEN_HEADS)))
+        _OPEN_HEADS[key] = tuple(t.to(device) for t in (kv, query, mask))
+    return _OPEN_HEADS[key]
+
+
+def full_on_open_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, fa_weight: torch.Tensor,
+                       full_kv_heads: tuple[int, ...], full_attention: Callable):
+    """The full-attention branch for the KV heads ``full_kv_heads`` only (zeros elsewhere), and ``fa_weight`` with no
+    gradient for the others, whose weight is exactly 0 (their gradient through the clamp is zero anyway; detached,
+    the mix's ``<grad, full - sliding>`` over the zeros is not even formed into one). ``full_attention(q, k, v)``
+    computes causal attention on head slices."""
+    num_kv_heads = key.shape[1]
+    kv_idx, q_idx, open_kv = open_head_indices(full_kv_heads, num_kv_heads, query.shape[1] // num_kv_heads,
+                                               query.device)
+    full = query.new_zeros(query.shape)
+    if full_kv_heads:
+        part = full_attention(query.index_select(1, q_idx), key.index_select(1, kv_idx), value.index_select(1, kv_idx))
+        full = full.index_copy(1, q_idx, part.to(full.dtype))
+    weight = torch.where(open_kv.to(fa_weight.device), fa_weight, fa_weight.detach())
+    return full, weight
+
+
 def prepare_flex(length: int, window: int, sink_tokens: int, device: torch.device, batch: int = 1) -> None:
     """Before a compiled forward first runs: make the window's block mask eagerly, so the graph reads it."""
     chunk = query_chunk_for(length, DEFAULT_QUERY_CHUNK)
@@ -227,7 +270,8 @@ def _compiled_window_mix(kernel_options: tuple = (), chunk: int = 0, window: int
 def flex_full_and_sliding(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, fa_weight: torch.Tensor,
                           scaling: float, window: int, sink_tokens: int, block_size: int = DEFAULT_BLOCK_SIZE,
                           kernel_options: dict | None = None,
-                          query_chunk: int = DEFAULT_QUERY_CHUNK) -> torch.Tensor:
+                          query_chunk: int = DEFAULT_QUERY_CHUNK,
+                          full_kv_heads: tuple[int, ...] | None = None) -> torch.Tensor:
     """The relaxed mix for query heads ``[B, Hq, T, D]`` and KV heads ``[B, Hkv, T, D]``: SDPA full + flex window.
 
     ``fa_weight`` is per KV head ``[Hkv]``; it covers every query head of its group. Self-attention only (as many
@@ -235,6 +279,7 @@ def flex_full_and_sliding(query: torch.Tensor, key: torch.Tensor, value: torch.T
     Triton options, e.g. ``BLOCK_M``, ``num_warps``) are for tuning: bench/search_speed.py ``--flex-configs``.
     ``query_chunk`` > 0 computes the window over chunks of that many queries (:func:`to_window_chunks`), when the
     length is a longer multiple of it; otherwise (and with 0) over the whole sequence at once.
+    ``full_kv_heads``: the KV heads whose weight may be nonzero (:func:`full_on_open_heads`); None: all.
     """
     groups = query.shape[1] // key.shape[1]
     batch, length = query.shape[0], query.shape[-2]
@@ -246,8 +291,14 @@ def flex_full_and_sliding(query: torch.Tensor, key: torch.Tensor, value: torch.T
     # One dense layout and a fresh [Hq] weight tensor (not a view into the [L, H] weights) for every layer, so the
     # compiled graph is reused instead of recompiled per stride pattern.
     query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
+    def causal(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
+
+    if full_kv_heads is None or len(full_kv_heads) == key.shape[1]:
+        full = causal(query, key, value)
+    else:
+        full, fa_weight = full_on_open_heads(query, key, value, fa_weight, full_kv_heads, causal)
     per_query_head = fa_weight.to(device=query.device, dtype=torch.float32).repeat_interleave(groups)
-    full = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
     options = tuple(sorted((kernel_options or {}).items()))
     compiled = (_compiled_window_mix(options, chunk, window, sink_tokens, block_size) if chunk
                 else _compiled_window_mix(options))
@@ -465,15 +516,23 @@ class SlidingWindowWithSinks(torch.autograd.Function):
 
 def flash_full_and_sliding(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, fa_weight: torch.Tensor,
                            scaling: float, window: int, sink_tokens: int,
-                           window_kernel: WindowKernel = FLASH_WINDOW) -> torch.Tensor:
+                           window_kernel: WindowKernel = FLASH_WINDOW,
+                           full_kv_heads: tuple[int, ...] | None = None) -> torch.Tensor:
     """The relaxed mix for query heads ``[B, Hq, T, D]`` and KV heads ``[B, Hkv, T, D]``: SDPA full + flash window.
 
     ``fa_weight`` is per KV head ``[Hkv]``; it covers every query head of its group. Self-attention only (as many
     queries as keys), no padding mask. ``window_kernel`` is :data:`FLASH_WINDOW` (CUDA, half precision) or, for
-    tests, :data:`MATH_WINDOW`.
+    tests, :data:`MATH_WINDOW`. ``full_kv_heads``: as for :func:`flex_full_and_sliding`.
     """
     groups = query.shape[1] // key.shape[1]
-    full = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+
+    def causal(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
+
+    if full_kv_heads is None or len(full_kv_heads) == key.shape[1]:
+        full = causal(query, key, value)
+    else:
+        full, fa_weight = full_on_open_heads(query, key, value, fa_weight, full_kv_heads, causal)
     sliding = SlidingWindowWithSinks.apply(query, key, value, scaling, window, sink_tokens, window_kernel)
     # One fused kernel for sliding + w * (full - sliding), in the inputs' dtype like the two-call reference.
     mix = fa_weight.to(device=query.device, dtype=query.dtype).repeat_interleave(groups).view(1, -1, 1, 1)

@@ -310,7 +310,11 @@ def run_search(
                         teacher_logits = forward(input_ids=input_ids[kl_rows], use_cache=False).logits
 
                 z = gates.sample(generator)
-                set_fa_weights(model, layout.to_fa_weights(z))
+                weights = layout.to_fa_weights(z)
+                # One host read per step: which heads' gates are not closed (scalar-l1's sigmoid never closes one).
+                open_heads = (weights.detach() > 0).cpu() if settings.skip_closed_gates and settings.method == "l0" \
+                    else None
+                set_fa_weights(model, weights, open_heads)
                 logits = forward(input_ids=input_ids, use_cache=False).logits
                 task_loss = search_loss(logits, input_ids, loss_mask, losses, teacher_logits)
 
@@ -344,6 +348,8 @@ def run_search(
                     "full_units_threshold": int((gates.log_alpha > 0).sum().item()),
                     "seconds": round(time.perf_counter() - step_started, 3),
                 }
+                if open_heads is not None:  # the share of (layer, KV head) pairs that skipped the full branch
+                    record["closed_heads"] = round(1.0 - open_heads.float().mean().item(), 6)
                 metrics.append(record)
                 if metrics_file is not None:  # before the checkpoint: the file never lags behind it
                     metrics_file.write(json.dumps(record) + "\n")

@@ -94,6 +94,9 @@ class SearchSettings:
     # The forward (gated student and KL teacher) through torch.compile: fused norms, rotary and MLP besides the
     # attention kernels. Same computation, so a run may be resumed with it switched.
     compile: bool = False
+    # The full-attention branch only for the heads whose gate sample is not exactly 0 this step (l0 only): the same
+    # losses and gradients, less work as gates close. Read on the host once per step.
+    skip_closed_gates: bool = False
     output: str = "runs/search"
     checkpoint_every: int = 25  # steps between checkpoints; 0: only when interrupted and at the end
 
@@ -120,6 +123,9 @@ class SearchSettings:
         if self.calibration_haystack not in CALIBRATION_HAYSTACKS:
             raise SettingsError(f"--calibration-haystack must be one of {', '.join(CALIBRATION_HAYSTACKS)}, "
                                 f"got '{self.calibration_haystack}'")
+        if self.skip_closed_gates and self.compile:
+            raise SettingsError("--skip-closed-gates cannot be combined with --compile (each set of open heads "
+                                "would be another compiled graph)")
         if self.l1_weight < 0:
             raise SettingsError(f"--l1-weight must be >= 0, got {self.l1_weight}")
         if self.attention_backend not in ATTENTION_BACKENDS:
@@ -204,7 +210,7 @@ def settings_to_dict(settings) -> dict[str, Any]:
 
 # What `consa search --resume` may change: the step budget, the optimiser's rates (to get past a NaN, say) and how
 # often to checkpoint. Every other setting decides what the run computes, so it must stay as the run began.
-RESUMABLE = ("steps", "gate_lr", "multiplier_lr", "penalty_init", "checkpoint_every", "compile")
+RESUMABLE = ("steps", "gate_lr", "multiplier_lr", "penalty_init", "checkpoint_every", "compile", "skip_closed_gates")
 
 
 def resumed_settings(saved: dict[str, Any], run_dir: str | Path, completed_steps: int,
