@@ -221,6 +221,17 @@ def full_on_open_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     return full, weight
 
 
+def causal_full_branch(query, key, value, fa_weight, scaling: float, full_kv_heads: tuple[int, ...] | None):
+    """The full-attention branch from SDPA's causal kernel (GQA), on every head or only ``full_kv_heads`` (then with
+    the weights of :func:`full_on_open_heads`): ``(full, fa_weight)``."""
+    def causal(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
+
+    if full_kv_heads is None or len(full_kv_heads) == key.shape[1]:
+        return causal(query, key, value), fa_weight
+    return full_on_open_heads(query, key, value, fa_weight, full_kv_heads, causal)
+
+
 def prepare_flex(length: int, window: int, sink_tokens: int, device: torch.device, batch: int = 1) -> None:
     """Before a compiled forward first runs: make the window's block mask eagerly, so the graph reads it."""
     chunk = query_chunk_for(length, DEFAULT_QUERY_CHUNK)
@@ -291,13 +302,7 @@ def flex_full_and_sliding(query: torch.Tensor, key: torch.Tensor, value: torch.T
     # One dense layout and a fresh [Hq] weight tensor (not a view into the [L, H] weights) for every layer, so the
     # compiled graph is reused instead of recompiled per stride pattern.
     query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
-    def causal(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
-
-    if full_kv_heads is None or len(full_kv_heads) == key.shape[1]:
-        full = causal(query, key, value)
-    else:
-        full, fa_weight = full_on_open_heads(query, key, value, fa_weight, full_kv_heads, causal)
+    full, fa_weight = causal_full_branch(query, key, value, fa_weight, scaling, full_kv_heads)
     per_query_head = fa_weight.to(device=query.device, dtype=torch.float32).repeat_interleave(groups)
     options = tuple(sorted((kernel_options or {}).items()))
     compiled = (_compiled_window_mix(options, chunk, window, sink_tokens, block_size) if chunk
@@ -525,14 +530,7 @@ def flash_full_and_sliding(query: torch.Tensor, key: torch.Tensor, value: torch.
     tests, :data:`MATH_WINDOW`. ``full_kv_heads``: as for :func:`flex_full_and_sliding`.
     """
     groups = query.shape[1] // key.shape[1]
-
-    def causal(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
-
-    if full_kv_heads is None or len(full_kv_heads) == key.shape[1]:
-        full = causal(query, key, value)
-    else:
-        full, fa_weight = full_on_open_heads(query, key, value, fa_weight, full_kv_heads, causal)
+    full, fa_weight = causal_full_branch(query, key, value, fa_weight, scaling, full_kv_heads)
     sliding = SlidingWindowWithSinks.apply(query, key, value, scaling, window, sink_tokens, window_kernel)
     # One fused kernel for sliding + w * (full - sliding), in the inputs' dtype like the two-call reference.
     mix = fa_weight.to(device=query.device, dtype=query.dtype).repeat_interleave(groups).view(1, -1, 1, 1)
