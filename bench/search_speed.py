@@ -9,7 +9,9 @@ one sequence per step. Columns per sequence length and loss:
   (SDPA full + PyTorch's flash kernel with its own window, the sinks beyond the window merged by log-sum-exp) and
   ``sdpa`` (the reference: full + blocked sliding-window SDPA calls); ``NAME+compile`` (e.g. ``flex+compile``) is
   that backend with the search's ``--compile`` (the gated forward through torch.compile; the dense step stays
-  eager, as transformers runs it).
+  eager, as transformers runs it); ``NAME+skip`` with ``--skip-closed-gates`` (the full branch only for heads whose
+  gate sample is not exactly 0; ``--log-alpha-init -2`` starts the gates partly closed, as later in a search, and the
+  row records the share of closed heads).
 
 The attention-alone rows time one layer's forward + backward of the dense causal SDPA call and of each backend's
 full-and-sliding mix (``sdpa``, ``flex``, ``flash``). A backend that fails (a kernel the installed torch lacks) is
@@ -106,19 +108,26 @@ def dense_step_seconds(model, input_ids: torch.Tensor, warmup: int, repeats: int
     return seconds
 
 
+SEARCH_OPTIONS = ("compile", "skip")  # NAME+compile: --compile; NAME+skip: --skip-closed-gates
+
+
 def search_step_seconds(model, length: int, loss: str, backend: str, warmup: int, repeats: int,
-                        window: int, sinks: int) -> list[float]:
-    """consa's search loop itself, timed per step by its own metrics (each step ends in a host sync).
-    ``backend`` may end in ``+compile``: the search's ``--compile`` (the gated forward through torch.compile)."""
-    backend, _, compiled = backend.partition("+")
+                        window: int, sinks: int, log_alpha_init: float = 5.0) -> tuple[list[float], list[float]]:
+    """consa's search loop itself, timed per step by its own metrics (each step ends in a host sync): the seconds
+    and the share of closed heads of every step. ``backend`` may end in ``+compile`` (the search's ``--compile``)
+    and / or ``+skip`` (``--skip-closed-gates``); ``log_alpha_init`` below the default 5 starts the gates partly
+    closed, as they are later in a search."""
+    backend, *options = backend.split("+")
     settings = SearchSettings(granularity="kv-head-per-layer", sparsity=0.75, window=window, seq_len=length,
                               steps=warmup + repeats, loss=loss, attention_backend=backend, target_warmup_steps=0,
-                              compile=compiled == "compile")
+                              compile="compile" in options, skip_closed_gates="skip" in options,
+                              log_alpha_init=log_alpha_init)
     sequences = torch.randint(0, model.config.vocab_size, (settings.steps, length),
                               generator=torch.Generator().manual_seed(1))
     result = run_search(settings, model, sequences, sinks)
     assert result.allocation.metadata["attention_backend"] == backend
-    return [record["seconds"] for record in result.metrics]
+    return [record["seconds"] for record in result.metrics], [record.get("closed_heads", 0.0)
+                                                              for record in result.metrics]
 
 
 def register_chunked_flex(chunk: int) -> str:
@@ -199,7 +208,11 @@ def main() -> None:
     parser.add_argument("--losses", nargs="+", default=["lm", "kl"])
     parser.add_argument("--backends", nargs="+", default=["flex", "sdpa"],
                         help="search backends to time, space- or comma-separated (flex, flash, sdpa, eager); "
-                             "NAME+compile times the search's --compile with that backend")
+                             "NAME+compile times the search's --compile with that backend, NAME+skip its "
+                             "--skip-closed-gates")
+    parser.add_argument("--log-alpha-init", type=float, default=5.0,
+                        help="the gates' starting log_alpha (search default 5: all open); lower values start them "
+                             "partly closed, as later in a search, for NAME+skip rows")
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--sink-tokens", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=3, help="steps not timed (the first compiles the kernels)")
@@ -221,10 +234,11 @@ def main() -> None:
     kernel_backends = [name for name in args.kernel_backends.split(",") if name]
     args.backends += chunked
     unknown = sorted({name for name in args.backends
-                      if name.removesuffix("+compile") not in ATTENTION_BACKENDS or name.count("+") > 1})
+                      if name.split("+")[0] not in ATTENTION_BACKENDS
+                      or not set(name.split("+")[1:]) <= set(SEARCH_OPTIONS)})
     if unknown:
         parser.error(f"unknown --backends {', '.join(unknown)}; choose from {', '.join(ATTENTION_BACKENDS)}, each "
-                     "optionally with +compile")
+                     "optionally with +compile and / or +skip")
     flex_configs = json.loads(args.flex_configs)
     if flex_configs or chunked:
         # Every candidate is another compiled graph of the same function, and dynamo's default recompile limit
@@ -272,8 +286,8 @@ def main() -> None:
             for backend in backends:
                 reset_peak(device)
                 try:
-                    seconds = search_step_seconds(model, length, loss, backend, args.warmup, args.repeats,
-                                                  args.window, args.sink_tokens)
+                    seconds, closed = search_step_seconds(model, length, loss, backend, args.warmup, args.repeats,
+                                                          args.window, args.sink_tokens, args.log_alpha_init)
                 except Exception as error:  # noqa: BLE001 -- recorded; the other backends still run
                     row[f"{backend}_failed"] = failure(error)
                     continue
@@ -281,6 +295,8 @@ def main() -> None:
                 row[f"{backend}_seconds"] = step
                 row[f"{backend}_peak_gib"] = peak_gib(device)
                 row[f"{backend}_warmup_s"] = round(sum(seconds[:args.warmup]), 1)
+                if backend.endswith("+skip") or "+skip+" in backend:
+                    row[f"{backend}_closed_heads"] = round(statistics.mean(closed[args.warmup:]), 3)
                 if length == recipe["seq_len"] and loss == recipe["loss"]:
                     row[f"{backend}_projected_recipe_minutes"] = round(
                         (sum(seconds[:args.warmup]) + step * (recipe["steps"] - args.warmup)) / 60, 1)
@@ -288,7 +304,7 @@ def main() -> None:
         dense_again = dense_step_seconds(model, input_ids, args.warmup, args.repeats)
         dense_seconds = min(dense_seconds, statistics.median(dense_again[args.warmup:]))
         compiled_dense = None
-        if any(name.endswith("+compile") for name in backends):
+        if any("compile" in name.split("+")[1:] for name in backends):
             # A compiled search step next to a compiled dense step too: the fair reference for what compilation
             # itself buys (the goal's reference stays the eager dense step, as transformers runs it).
             try:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from conftest import bench_module, tiny_model
 
 import consa_cli.losses
 from consa_cli.attention import hybrid_attention
@@ -358,3 +359,19 @@ def test_a_natively_hybrid_model_starts_the_search_from_its_own_pattern(granular
     assert (log_alpha[[0, 2]] < 0).all() and (log_alpha[[1, 3]] > 0).all()
     dense = run_search(settings(steps=1, granularity=granularity, sparsity=0.5), tiny_model("llama"), SEQUENCES, 2)
     assert dense.metrics[0]["expected_sparsity"] < 0.05  # a plain model still starts all-full
+
+
+def test_search_speed_bench_times_the_skipping_search_on_a_tiny_model(monkeypatch, tmp_path):
+    """bench/search_speed.py on the CPU (tiny model): the +skip row runs --skip-closed-gates and records the share
+    of closed heads; an unknown option is refused."""
+    module = bench_module("search_speed", monkeypatch)
+    out = tmp_path / "speed.json"
+    monkeypatch.setattr("sys.argv", ["search_speed.py", "--tiny", "--lengths", "64", "--losses", "lm", "--window",
+                                     "16", "--warmup", "1", "--repeats", "2", "--backends", "sdpa,sdpa+skip",
+                                     "--log-alpha-init", "-1", "--json", str(out)])
+    module.main()
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["sdpa+skip_closed_heads"] > 0.2 and row["sdpa_tokens_per_s"] > 0 and row["sdpa+skip_tokens_per_s"] > 0
+    monkeypatch.setattr("sys.argv", ["search_speed.py", "--tiny", "--backends", "sdpa+fast", "--json", str(out)])
+    with pytest.raises(SystemExit):
+        module.main()
