@@ -46,6 +46,10 @@ def test_sample_asks_for_a_fact_beyond_the_window_and_scores_only_its_answer(cha
             "room-code": (question.split("the door of the ")[-1].split(" room")[0], "{} room opens with the code{}."),
             "home-city": (question.split("In which city does ")[-1].split(" live")[0], "{} has lived in{} for"),
             "locker-number": (question.split("holds the bag of ")[-1].split("?")[0], "{} keeps a bag in locker number{}."),
+            "flight-gate": (question.split("does the flight ")[-1].split(" booked")[0], "{} booked leaves from gate{}."),
+            "pet-name": (question.split("the dog of ")[-1].split(" called")[0], "{} has a small dog called{}."),
+            "meeting-day": (question.split("day does ")[-1].split(" meet")[0], "{} meets the garden club every{}."),
+            "phone-extension": (question.split("desk phone of ")[-1].split(" have")[0], "{} has the extension{}."),
         }[fmt]
         needle_at = decoded.index(needle.format(key, answer))
         first_answer_token = LENGTH - len(answer)

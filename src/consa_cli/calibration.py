@@ -11,7 +11,9 @@ by a fixed phrase, magic numbers, variable chains): letter codes of named rooms,
 locker numbers, asked in other words, so retrieval accuracy measured afterwards is on formats the search never
 saw. ``locker-number`` is the one whose answer is a digit string, as the passkey's is (copying digits is what
 passkey retrieval needs; the wording, keys and length differ); the default keeps the first two, the formats every
-measured run so far used, so their runs resume and reproduce exactly.
+measured run so far used, so their runs resume and reproduce exactly. Four more (``flight-gate``: a letter and two
+digits; ``pet-name``; ``meeting-day``; ``phone-extension``: four digits) exist to test whether more varied
+calibration facts transfer better to the held-out evaluation (docs/results.md 1g.9: the few tried do not).
 
 The haystack the needles lie in is calibration-split text (``text``, the default and what every measured run used)
 or :data:`CALIBRATION_FILLER` cycled (``filler``): a repetitive haystack like the evaluation's pass-key filler, to
@@ -33,7 +35,8 @@ from consa_cli.data import DataError
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-CALIBRATION_FORMATS = ("room-code", "home-city", "locker-number")
+CALIBRATION_FORMATS = ("room-code", "home-city", "locker-number", "flight-gate", "pet-name", "meeting-day",
+                       "phone-extension")
 DEFAULT_CALIBRATION_FORMATS = "room-code,home-city"
 CALIBRATION_HAYSTACKS = ("text", "filler")
 DEFAULT_CALIBRATION_HAYSTACK = "text"
@@ -56,6 +59,9 @@ _PEOPLE = ("Adele Brandt", "Boris Okafor", "Clara Lindqvist", "Dmitri Havel", "E
 _CITIES = ("Lisbon", "Oslo", "Krakow", "Valencia", "Tampere", "Ghent", "Bergen", "Porto", "Zagreb", "Lyon",
            "Graz", "Turin", "Aarhus", "Brno", "Seville", "Utrecht")  # fmt: skip
 _CODE_LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZ"
+_PET_NAMES = ("Biscuit", "Pepper", "Juniper", "Mango", "Ziggy", "Waffles", "Clover", "Nugget", "Pickles", "Tofu",
+              "Marble", "Sprout", "Bramble", "Noodle", "Fennel", "Cricket")  # fmt: skip
+_WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 
 
 @dataclass
@@ -96,6 +102,22 @@ def _fact(fmt: str, rng: random.Random, key: str) -> tuple[str, str, str]:
         number = "".join(rng.choice("0123456789") for _ in range(6))
         return (f" At the station, {key} keeps a bag in locker number {number}.",
                 f"\nWhich locker at the station holds the bag of {key}? It is locker number", f" {number}")
+    if fmt == "flight-gate":
+        gate = rng.choice("ABCDEF") + str(rng.randint(10, 59))
+        return (f" The flight {key} booked leaves from gate {gate}.",
+                f"\nFrom which gate does the flight {key} booked leave? It leaves from gate", f" {gate}")
+    if fmt == "pet-name":
+        pet = rng.choice(_PET_NAMES)
+        return (f" {key} has a small dog called {pet}.", f"\nWhat is the dog of {key} called? The dog is called",
+                f" {pet}")
+    if fmt == "meeting-day":
+        day = rng.choice(_WEEKDAYS)
+        return (f" {key} meets the garden club every {day}.",
+                f"\nOn which day does {key} meet the garden club? Every", f" {day}")
+    if fmt == "phone-extension":
+        extension = "".join(rng.choice("0123456789") for _ in range(4))
+        return (f" The desk phone of {key} has the extension {extension}.",
+                f"\nWhich extension does the desk phone of {key} have? The extension is", f" {extension}")
     city = rng.choice(_CITIES)
     return (f" {key} has lived in {city} for many years.", f"\nIn which city does {key} live? {key} lives in",
             f" {city}")

@@ -136,7 +136,8 @@ def search(
                                              "from `consa eval --retrieval`'s). 0: natural text only. "
                                              f"{_default('retrieval_fraction')}"),
     retrieval_formats: str = typer.Option(None, metavar="FORMATS", help="Comma-separated formats of the synthetic "
-                                          "retrieval samples, taken in turn: room-code, home-city, locker-number. "
+                                          "retrieval samples, taken in turn: room-code, home-city, locker-number, "
+                                          "flight-gate, pet-name, meeting-day, phone-extension. "
                                           f"{_default('retrieval_formats')}"),
     calibration_haystack: str = typer.Option(None, metavar="HAYSTACK", help="What the synthetic retrieval samples' "
                                              "needles lie in: text (calibration-split text) or filler (a few plain "
