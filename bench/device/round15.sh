@@ -19,12 +19,8 @@ done
 wait
 for f in *.log; do echo "== $f"; tr '\r' '\n' < $f | grep -E "vote of|Error|error" | tail -2; done
 ls */allocation.safetensors | wc -l | grep -qx 4 || { echo "searches unfinished: run again"; exit 0; }
-for arm in div7 div7f; do
-  python3 $REPO/bench/vote_allocations.py $arm-a/seed-*/allocation.safetensors $arm-b/seed-*/allocation.safetensors \
-      --output vote4-$arm.safetensors
-done
-E="--device cuda --max-sequences 100 --seq-len 1024 --retrieval passkey,multikey --retrieval-lengths 1024,2048
-   --retrieval-depths 0.1,0.5,0.9 --retrieval-samples 8"
+vote4 div7 div7f
+E=$EVAL_ARGS
 $CONSA eval vote4-*.safetensors div7-?/seed-* $E --retrieval-haystack noise --json $OUT/round15-eval.json > eval1.log 2>&1 &
 $CONSA eval div7f-?/seed-* $E --no-dense --retrieval-haystack noise --json $OUT/round15-eval-seeds.json > eval2.log 2>&1 &
 $CONSA eval vote4-*.safetensors $E --retrieval-haystack prose --json $OUT/round15-prose-eval.json > eval3.log 2>&1 &
