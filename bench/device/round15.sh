@@ -1,8 +1,8 @@
 #!/bin/bash
 # Round 15 (issue 3, prepared in session 10; not yet run): calibration facts the dense model actually retrieves.
 # The dense SmolLM2-135M answers 50% of the four new formats' samples in calibration text at 1024 tokens (flight-gate,
-# pet-name, meeting-day, phone-extension; docs/results/calibration-answers-new4-text-cpu.json), against 17% of the
-# default formats' (1g.7) -- and the held-out vote answers them clearly worse than dense (NLL +0.41 +- 0.13), where on
+# pet-name, meeting-day, phone-extension; docs/results/calibration-answers-new4-text-cpu.json), against 10% of the
+# default formats' (calibration-answers-default-text-48-cpu.json) -- and the held-out vote answers them clearly worse than dense (NLL +0.41 +- 0.13), where on
 # the default formats masks scored better than dense: a signal that rewards keeping what the dense model retrieves.
 # Two arms, 1g.5's design otherwise (1024 tokens, batch 1, 150 steps, text haystack, four seeds, held-out formats
 # only): `new4` (the four new formats) and `div7` (all seven). Carry .devcarry/b after a call that left
