@@ -207,9 +207,9 @@ def open_head_indices(full_kv_heads: tuple[int, ...], num_kv_heads: int, groups:
 def full_on_open_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, fa_weight: torch.Tensor,
                        full_kv_heads: tuple[int, ...], full_attention: Callable):
     """The full-attention branch for the KV heads ``full_kv_heads`` only (zeros elsewhere), and ``fa_weight`` with no
-    gradient for the others, whose weight is exactly 0 (their gradient through the clamp is zero anyway; detached,
-    the mix's ``<grad, full - sliding>`` over the zeros is not even formed into one). ``full_attention(q, k, v)``
-    computes causal attention on head slices."""
+    gradient for the others, whose weight is exactly 0. Their true gradient, ``<grad, full - sliding>``, would be
+    cancelled by the clamp of the gate sample anyway; detached, the zeros standing in for their full output cannot
+    leak into it. ``full_attention(q, k, v)`` computes causal attention on head slices."""
     num_kv_heads = key.shape[1]
     kv_idx, q_idx, open_kv = open_head_indices(full_kv_heads, num_kv_heads, query.shape[1] // num_kv_heads,
                                                query.device)
