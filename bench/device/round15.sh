@@ -5,7 +5,8 @@
 # default formats' (calibration-answers-default-text-48-cpu.json) -- and the held-out vote answers them clearly worse than dense (NLL +0.41 +- 0.13), where on
 # the default formats masks scored better than dense: a signal that rewards keeping what the dense model retrieves.
 # Two arms, 1g.5's design otherwise (1024 tokens, batch 1, 150 steps, text haystack, four seeds, held-out formats
-# only): `new4` (the four new formats) and `div7` (all seven). Carry .devcarry/b after a call that left
+# only): `new4` (the four new formats) and `div7` (all seven). (One CPU seed of `new4`: 33% of dense and no better
+# than the interleaved rule on PPL, results.md 1g.9 -- one draw of a wide spread.) Carry .devcarry/b after a call that left
 # .devcarry/a's part 1 in /root/keep; results in $OUT; resumable as round14.sh (searches stop at ${LIMIT:-420} s;
 # run again to finish).
 source bench/device/env.sh
