@@ -295,7 +295,7 @@ def main() -> None:
                 row[f"{backend}_seconds"] = step
                 row[f"{backend}_peak_gib"] = peak_gib(device)
                 row[f"{backend}_warmup_s"] = round(sum(seconds[:args.warmup]), 1)
-                if backend.endswith("+skip") or "+skip+" in backend:
+                if "skip" in backend.split("+")[1:]:
                     row[f"{backend}_closed_heads"] = round(statistics.mean(closed[args.warmup:]), 3)
                 if length == recipe["seq_len"] and loss == recipe["loss"]:
                     row[f"{backend}_projected_recipe_minutes"] = round(

@@ -79,8 +79,9 @@ class AttentionBackend:
 
     ``attend(query, key, value, mask, is_causal, scaling)``: one attention kernel over aligned heads, which the
     inference runtime (:mod:`consa_cli.hybrid_runtime`) calls for hard allocations (full, sliding or both on
-    separate head slices). ``full_and_sliding(query, key, value, fa_weight, scaling, window, sink_tokens)``: the
-    relaxed mix ``sliding + w * (full - sliding)`` that search needs, for query heads ``[B, Hq, T, D]``, KV heads
+    separate head slices). ``full_and_sliding(query, key, value, fa_weight, scaling, window, sink_tokens,
+    full_kv_heads=None)``: the relaxed mix ``sliding + w * (full - sliding)`` that search needs (the full branch
+    only on ``full_kv_heads`` when given), for query heads ``[B, Hq, T, D]``, KV heads
     ``[B, Hkv, T, D]`` and ``fa_weight`` per KV head, in self-attention without a padding mask.
     """
 
@@ -157,11 +158,8 @@ def consa_attention_forward(
                               None if is_full else window, sinks)
                 out.index_copy_(1, q_idx, part)
     elif attention_mask is None and query.shape[-2] == key.shape[-2]:
-        if hybrid.open_kv_heads is None:
-            out = backend.full_and_sliding(query, key, value, weight, scaling, window, sinks)
-        else:
-            out = backend.full_and_sliding(query, key, value, weight, scaling, window, sinks,
-                                           full_kv_heads=hybrid.open_kv_heads)
+        out = backend.full_and_sliding(query, key, value, weight, scaling, window, sinks,
+                                       full_kv_heads=hybrid.open_kv_heads)
     else:  # padding or a KV cache: the reference handles both
         out = _mix_two_calls(kernel, query, key, value, weight, scaling, window, sinks, attention_mask)
     return out.transpose(1, 2).contiguous(), None
