@@ -50,6 +50,9 @@ def test_sample_asks_for_a_fact_beyond_the_window_and_scores_only_its_answer(cha
             "pet-name": (question.split("the dog of ")[-1].split(" called")[0], "{} has a small dog called{}."),
             "meeting-day": (question.split("day does ")[-1].split(" meet")[0], "{} meets the garden club every{}."),
             "phone-extension": (question.split("desk phone of ")[-1].split(" have")[0], "{} has the extension{}."),
+            # the prompt repeats the needle up to its first word ("... the words lamp,"); the rest is the answer
+            "word-list": (question.split(" wrote down")[0],
+                          "{} wrote down the words " + question.rsplit(" ", 1)[1] + "{}."),
         }[fmt]
         needle_at = decoded.index(needle.format(key, answer))
         first_answer_token = LENGTH - len(answer)

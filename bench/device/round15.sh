@@ -1,5 +1,5 @@
 #!/bin/bash
-# Round 15 (issue 3, prepared in session 10; not yet run): calibration facts the dense model actually retrieves.
+# Round 15 (issue 3, prepared in session 10, ran in session 11: results.md 1g.10): calibration facts the dense model actually retrieves.
 # The dense SmolLM2-135M answers 50% of the four new formats' samples in calibration text at 1024 tokens (flight-gate,
 # pet-name, meeting-day, phone-extension; docs/results/calibration-answers-new4-text-cpu.json), against 10% of the
 # default formats' (calibration-answers-default-text-48-cpu.json) -- and the held-out vote answers them clearly worse than dense (NLL +0.41 +- 0.13), where on

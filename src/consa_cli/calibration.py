@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 CALIBRATION_FORMATS = ("room-code", "home-city", "locker-number", "flight-gate", "pet-name", "meeting-day",
-                       "phone-extension")
+                       "phone-extension", "word-list")
 DEFAULT_CALIBRATION_FORMATS = "room-code,home-city"
 CALIBRATION_HAYSTACKS = ("text", "filler")
 DEFAULT_CALIBRATION_HAYSTACK = "text"
@@ -62,6 +62,10 @@ _CODE_LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZ"
 _PET_NAMES = ("Biscuit", "Pepper", "Juniper", "Mango", "Ziggy", "Waffles", "Clover", "Nugget", "Pickles", "Tofu",
               "Marble", "Sprout", "Bramble", "Noodle", "Fennel", "Cricket")  # fmt: skip
 _WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+_NOUNS = ("lamp", "violin", "carrot", "anchor", "pillow", "rocket", "saddle", "tulip", "kettle", "walnut", "helmet",
+          "ladder", "candle", "mirror", "basket", "feather", "compass", "hammer", "lemon", "button", "whistle",
+          "blanket", "trumpet", "pebble")  # fmt: skip
+WORD_LIST_LENGTH = 4
 
 
 @dataclass
@@ -118,6 +122,13 @@ def _fact(fmt: str, rng: random.Random, key: str) -> tuple[str, str, str]:
         extension = "".join(rng.choice("0123456789") for _ in range(4))
         return (f" The desk phone of {key} has the extension {extension}.",
                 f"\nWhich extension does the desk phone of {key} have? The extension is", f" {extension}")
+    if fmt == "word-list":
+        # A copy task rather than a question: the prompt repeats the needle's words up to its first listed word and
+        # the answer is the rest of the list, so the dense model's own induction copying answers it, whatever the
+        # phrasing (the evaluation's passkey and multikey prompts also repeat their needle's words).
+        words = rng.sample(_NOUNS, WORD_LIST_LENGTH)
+        return (f" {key} wrote down the words {', '.join(words)}.",
+                f"\n{key} wrote down the words {words[0]},", " " + ", ".join(words[1:]))
     city = rng.choice(_CITIES)
     return (f" {key} has lived in {city} for many years.", f"\nIn which city does {key} live? {key} lives in",
             f" {city}")

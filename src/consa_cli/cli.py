@@ -137,7 +137,7 @@ def search(
                                              f"{_default('retrieval_fraction')}"),
     retrieval_formats: str = typer.Option(None, metavar="FORMATS", help="Comma-separated formats of the synthetic "
                                           "retrieval samples, taken in turn: room-code, home-city, locker-number, "
-                                          "flight-gate, pet-name, meeting-day, phone-extension. "
+                                          "flight-gate, pet-name, meeting-day, phone-extension, word-list. "
                                           f"{_default('retrieval_formats')}"),
     calibration_haystack: str = typer.Option(None, metavar="HAYSTACK", help="What the synthetic retrieval samples' "
                                              "needles lie in: text (calibration-split text) or filler (a few plain "
@@ -172,7 +172,8 @@ def search(
     skip_closed_gates: bool = typer.Option(None, "--skip-closed-gates/--no-skip-closed-gates", help="Compute the "
                                            "full-attention branch only for the heads whose gate sample is not exactly "
                                            "0 this step (l0): the same losses and gradients, less work as gates close; "
-                                           "not with --compile. " + _default('skip_closed_gates')),
+                                           "not with --compile. \\[default: on for CUDA searches of 8192 or more "
+                                           "tokens per sequence without --compile, else off]"),
     output: str = typer.Option(None, "--output", "-o", help=f"Run directory to write. {_default('output')}"),
     checkpoint_every: int = typer.Option(None, help="Steps between checkpoints (checkpoint.safetensors in the run "
                                          "directory, for --resume); 0: only when interrupted and at the end. "
