@@ -18,14 +18,16 @@ full-and-sliding mix (``sdpa``, ``flex``, ``flash``). A backend that fails (a ke
 recorded as ``failed: ...`` in its cells and the run goes on.
 
 Tokens/s are from the median step after warm-up (the first steps compile the kernels); the dense step is measured
-before and after the searches and the faster median kept (a conservative ratio); peak memory is
+before and after the searches and the faster median kept (a conservative ratio); ``--rounds N`` repeats it all N
+times (every other round in reverse order) and pools the timed steps, listing each round's own ratio too -- the
+speed of one machine drifts by up to ~15% within an hour (docs/benchmarks.md, session 10); peak memory is
 ``torch.cuda.max_memory_allocated``. The projected search time is the recipe's step count times the measured step
 plus the measured warm-up. Results go to ``--json`` after every row. ``--flex-configs`` adds tuning candidates
 for the flex window (the block mask's tile, FlexAttention's kernel options) to the attention-alone rows;
 ``--kernels-only`` skips the model steps. ``--flex-query-chunks 0 512`` adds the flex backend with its window
 over query chunks of that size (``flex_full_and_sliding(query_chunk=N)``; 0: no chunks, the flex backend before
-session 10; ``flex`` itself uses ``kernels.DEFAULT_QUERY_CHUNK``) as backends ``flex-qcN``, to the step rows and the
-attention-alone rows:
+session 10; ``flex`` itself uses ``kernels.default_query_chunk``: 1024 with sinks, none without) as backends
+``flex-qcN``, to the step rows and the attention-alone rows:
 
     python bench/search_speed.py --lengths 4096 8192 --kernels-only --json /tmp/flex-sweep.json \
         --flex-configs '[{"block_size": 64}, {"kernel_options": {"BLOCK_M": 64, "BLOCK_N": 64}}]'
@@ -217,6 +219,11 @@ def main() -> None:
     parser.add_argument("--sink-tokens", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=3, help="steps not timed (the first compiles the kernels)")
     parser.add_argument("--repeats", type=int, default=8, help="timed steps")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time the dense step and every backend this many times, every other round in reverse "
+                             "order; the row pools the rounds' timed steps and lists each round's ratio "
+                             "(X_vs_dense_rounds: that round's dense median over its median), so run-to-run drift "
+                             "shows and hits both sides of a comparison")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model of the same layout (smoke test, CPU)")
     parser.add_argument("--flex-configs", default="[]",
                         help='JSON list of flex tuning candidates timed in the kernel-alone rows, e.g. '
@@ -276,31 +283,50 @@ def main() -> None:
         if args.kernels_only:
             continue
         input_ids = torch.randint(0, shape["vocab_size"], (1, length), device=device)
-        reset_peak(device)
-        dense = dense_step_seconds(model, input_ids, args.warmup, args.repeats)
-        dense_seconds = statistics.median(dense[args.warmup:])
-        dense_peak = peak_gib(device)
-        rows = []
-        for loss in args.losses:
-            row = {"tokens": length, "loss": loss}
+        dense_medians, dense_peak = [], None
+        steps = {(loss, backend): [] for loss in args.losses for backend in backends}  # timed seconds, all rounds
+        round_ratios = {(loss, backend): [] for loss in args.losses for backend in backends}
+        rows = {loss: {"tokens": length, "loss": loss} for loss in args.losses}
+        for round_index in range(args.rounds):
+            reset_peak(device)
+            dense = dense_step_seconds(model, input_ids, args.warmup, args.repeats)
+            dense_medians.append(statistics.median(dense[args.warmup:]))
+            dense_peak = peak_gib(device)
+            # Every other round in reverse order, so a drift of the machine's speed within a round (clocks, the
+            # host) does not always favour the backend timed first.
+            order = backends if round_index % 2 == 0 else backends[::-1]
+            for loss in args.losses:
+                row = rows[loss]
+                for backend in order:
+                    if f"{backend}_failed" in row:
+                        continue
+                    reset_peak(device)
+                    try:
+                        seconds, closed = search_step_seconds(model, length, loss, backend, args.warmup,
+                                                              args.repeats, args.window, args.sink_tokens,
+                                                              args.log_alpha_init)
+                    except Exception as error:  # noqa: BLE001 -- recorded; the other backends still run
+                        row[f"{backend}_failed"] = failure(error)
+                        continue
+                    steps[loss, backend] += seconds[args.warmup:]
+                    round_ratios[loss, backend].append(
+                        round(dense_medians[-1] / statistics.median(seconds[args.warmup:]), 3))
+                    row[f"{backend}_peak_gib"] = peak_gib(device)
+                    row[f"{backend}_warmup_s"] = round(sum(seconds[:args.warmup]), 1)
+                    if "skip" in backend.split("+")[1:]:
+                        row[f"{backend}_closed_heads"] = round(statistics.mean(closed[args.warmup:]), 3)
+                    if length == recipe["seq_len"] and loss == recipe["loss"]:
+                        step = statistics.median(seconds[args.warmup:])
+                        row[f"{backend}_projected_recipe_minutes"] = round(
+                            (sum(seconds[:args.warmup]) + step * (recipe["steps"] - args.warmup)) / 60, 1)
+        for loss, row in rows.items():
             for backend in backends:
-                reset_peak(device)
-                try:
-                    seconds, closed = search_step_seconds(model, length, loss, backend, args.warmup, args.repeats,
-                                                          args.window, args.sink_tokens, args.log_alpha_init)
-                except Exception as error:  # noqa: BLE001 -- recorded; the other backends still run
-                    row[f"{backend}_failed"] = failure(error)
-                    continue
-                step = statistics.median(seconds[args.warmup:])
-                row[f"{backend}_seconds"] = step
-                row[f"{backend}_peak_gib"] = peak_gib(device)
-                row[f"{backend}_warmup_s"] = round(sum(seconds[:args.warmup]), 1)
-                if "skip" in backend.split("+")[1:]:
-                    row[f"{backend}_closed_heads"] = round(statistics.mean(closed[args.warmup:]), 3)
-                if length == recipe["seq_len"] and loss == recipe["loss"]:
-                    row[f"{backend}_projected_recipe_minutes"] = round(
-                        (sum(seconds[:args.warmup]) + step * (recipe["steps"] - args.warmup)) / 60, 1)
-            rows.append(row)
+                if steps[loss, backend]:
+                    row[f"{backend}_seconds"] = statistics.median(steps[loss, backend])
+                    if args.rounds > 1:
+                        row[f"{backend}_vs_dense_rounds"] = round_ratios[loss, backend]
+        rows = list(rows.values())
+        dense_seconds = min(dense_medians)
         dense_again = dense_step_seconds(model, input_ids, args.warmup, args.repeats)
         dense_seconds = min(dense_seconds, statistics.median(dense_again[args.warmup:]))
         compiled_dense = None
@@ -322,6 +348,7 @@ def main() -> None:
                 row["dense_compiled_tokens_per_s"] = round(length / compiled_dense)
             for backend in backends:
                 if f"{backend}_failed" in row:
+                    row.pop(f"{backend}_seconds", None)  # (a later round failed: no ratio from part of the rounds)
                     continue
                 step = row.pop(f"{backend}_seconds")
                 row[f"{backend}_tokens_per_s"] = round(length / step)

@@ -109,7 +109,7 @@ def test_chunked_flex_window_graph_forward_on_cpu_equals_the_reference():
 
 def test_prepare_flex_makes_the_mask_the_window_will_use():
     """Before a compiled search: the chunked block mask for lengths that are longer multiples of the default chunk
-    (for the search's sequences per step), the whole-sequence mask otherwise."""
+    (for the search's sequences per step) when there are sinks, the whole-sequence mask otherwise."""
     from consa_cli import kernels
 
     chunk = kernels.DEFAULT_QUERY_CHUNK
@@ -118,6 +118,11 @@ def test_prepare_flex_makes_the_mask_the_window_will_use():
     kernels.prepare_flex(chunk + 64, 64, 4, torch.device("cpu"), batch=3)
     assert (chunk + 64, 64, 4, "cpu", kernels.DEFAULT_BLOCK_SIZE) in kernels._WINDOW_MASKS
     assert kernels.query_chunk_for(chunk, chunk) == 0 and kernels.query_chunk_for(4 * chunk, 0) == 0
+    # Without sinks the chunks are no straggler's cure (they measured slower): the whole-sequence mask.
+    assert kernels.default_query_chunk(0) == 0 and kernels.default_query_chunk(4) == chunk
+    kernels.prepare_flex(2 * chunk, 64, 0, torch.device("cpu"), batch=3)
+    assert (2 * chunk, 64, 0, "cpu", kernels.DEFAULT_BLOCK_SIZE) in kernels._WINDOW_MASKS
+    assert ("chunks", 3, 2 * chunk, chunk, 64, 0, "cpu", kernels.DEFAULT_BLOCK_SIZE) not in kernels._WINDOW_MASKS
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "flash-math"])

@@ -16,10 +16,12 @@ from consa_cli.attention import hybrid_attention
 from consa_cli.calibration import CalibrationSet
 from consa_cli.losses import kl_to_teacher, next_token_loss, search_loss
 from consa_cli.search import (
+    SKIP_CLOSED_GATES_MIN_TOKENS,
     HardConcreteGates,
     UnitLayout,
     resolve_attention_backend,
     run_search,
+    skips_closed_gates,
     target_at,
 )
 from consa_cli.settings import LOSSES, SearchSettings, SettingsError, build_settings
@@ -100,6 +102,22 @@ def test_skipping_closed_gates_learns_exactly_what_the_full_search_learns(granul
     assert [r["task_loss"] for r in skipping.metrics] == pytest.approx([r["task_loss"] for r in full.metrics],
                                                                        rel=1e-5, abs=1e-6)
     torch.testing.assert_close(skipping.allocation.scores, full.allocation.scores, rtol=1e-5, atol=1e-5)
+    assert skipping.allocation.metadata["skip_closed_gates"] and not full.allocation.metadata["skip_closed_gates"]
+
+
+def test_closed_gates_are_skipped_by_default_only_where_it_was_measured_to_pay():
+    """skip_closed_gates None (the default): on for CUDA searches of SKIP_CLOSED_GATES_MIN_TOKENS or more tokens
+    without --compile; an explicit flag wins; never for scalar-l1, whose gates do not close."""
+    cuda, cpu, long = torch.device("cuda"), torch.device("cpu"), SKIP_CLOSED_GATES_MIN_TOKENS
+    default = SearchSettings()
+    assert default.skip_closed_gates is None
+    assert skips_closed_gates(default, cuda, long) and skips_closed_gates(default, cuda, 2 * long)
+    assert not skips_closed_gates(default, cuda, long - 1)
+    assert not skips_closed_gates(default, cpu, long)
+    assert not skips_closed_gates(dataclasses.replace(default, compile=True), cuda, long)
+    assert skips_closed_gates(dataclasses.replace(default, skip_closed_gates=True), cpu, 64)
+    assert not skips_closed_gates(dataclasses.replace(default, skip_closed_gates=False), cuda, long)
+    assert not skips_closed_gates(dataclasses.replace(default, method="scalar-l1", skip_closed_gates=True), cuda, long)
 
 
 def test_compiled_search_learns_what_the_eager_search_learns(monkeypatch):
@@ -363,7 +381,7 @@ def test_a_natively_hybrid_model_starts_the_search_from_its_own_pattern(granular
 
 def test_search_speed_bench_times_the_skipping_search_on_a_tiny_model(monkeypatch, tmp_path):
     """bench/search_speed.py on the CPU (tiny model): the +skip row runs --skip-closed-gates and records the share
-    of closed heads; an unknown option is refused."""
+    of closed heads; --rounds times every backend in every round; an unknown option is refused."""
     module = bench_module("search_speed", monkeypatch)
     out = tmp_path / "speed.json"
     monkeypatch.setattr("sys.argv", ["search_speed.py", "--tiny", "--lengths", "64", "--losses", "lm", "--window",
@@ -372,6 +390,17 @@ def test_search_speed_bench_times_the_skipping_search_on_a_tiny_model(monkeypatc
     module.main()
     row = json.loads(out.read_text())["rows"][0]
     assert row["sdpa+skip_closed_heads"] > 0.2 and row["sdpa_tokens_per_s"] > 0 and row["sdpa+skip_tokens_per_s"] > 0
+    assert "sdpa_vs_dense_rounds" not in row  # one round: nothing to list
+    monkeypatch.setattr("sys.argv", ["search_speed.py", "--tiny", "--lengths", "64", "--losses", "lm", "kl",
+                                     "--window", "16", "--warmup", "1", "--repeats", "2", "--backends", "sdpa,eager",
+                                     "--rounds", "3", "--json", str(out)])
+    module.main()
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["loss"] for row in rows] == ["lm", "kl"]
+    for row in rows:  # every backend timed in every round, each round's ratio listed
+        assert len(row["sdpa_vs_dense_rounds"]) == 3 and len(row["eager_vs_dense_rounds"]) == 3
+        assert all(ratio > 0 for ratio in row["sdpa_vs_dense_rounds"] + row["eager_vs_dense_rounds"])
+        assert row["sdpa_tokens_per_s"] > 0 and row["eager_tokens_per_s"] > 0
     monkeypatch.setattr("sys.argv", ["search_speed.py", "--tiny", "--backends", "sdpa+fast", "--json", str(out)])
     with pytest.raises(SystemExit):
         module.main()

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Issue 4 (prepared in session 10; not yet run), no model carry, two calls:
+# Issue 4 (prepared in session 10, ran in session 11: docs/benchmarks.md "Session 11"), no model carry, two calls:
 #   bash bench/device/issue4_profile_chunks.sh 1   (<= 9 min) the CUDA tests of the closed-gate path; LM and KL
 #       steps of flex with --skip-closed-gates, the gates started mostly closed (log_alpha -3: about 80% of samples
 #       clamp at 0, as late in a 0.75 search) next to flex started the same way; then flex (chunks of 1024, the

@@ -5,9 +5,9 @@ Search needs, for every gated unit, both its full-attention and its sliding-wind
 (flash attention, the very kernel a dense forward uses) and the window (``q - window < k <= q`` plus the first
 ``sink_tokens`` keys) from FlexAttention with a block-sparse mask, which visits only the window's key blocks; the
 mix is compiled into the window's graph. Forward and backward, GQA without repeating K/V, no ``T x T`` mask.
-The extra work over a dense forward is one windowed attention. Sequences longer than :data:`DEFAULT_QUERY_CHUNK`
-(and a multiple of it) run the window over query chunks, so the sinks' key block does not hold up the backward
-(:func:`to_window_chunks`).
+The extra work over a dense forward is one windowed attention. With sinks, sequences longer than
+:data:`DEFAULT_QUERY_CHUNK` (and a multiple of it) run the window over query chunks, so the sinks' key block does not
+hold up the backward (:func:`to_window_chunks`).
 
 Measured against the alternative of one pass over the causal keys split in a windowed and a beyond-window part
 merged by their log-sum-exps (docs/benchmarks.md): that pass is no faster at 8192 tokens (FlexAttention's kernels
@@ -52,8 +52,15 @@ def flex_supported(device: torch.device) -> bool:
 DEFAULT_BLOCK_SIZE = 128
 # Queries per chunk of the window's FlexAttention call (see to_window_chunks). Measured on an H200 (docs/benchmarks.md,
 # session 10): the mix alone 13% / 7% faster than without chunks at 4096 / 8192 tokens (512 and 2048 close), the
-# Qwen3-0.6B search step faster in 5 of 6 paired runs (best 0.837x dense), for 0.7-1.4 GiB more peak memory.
+# Qwen3-0.6B search step faster in 5 of 6 paired runs (best 0.837x dense), for 0.7-1.4 GiB more peak memory. Only
+# with sinks: they are the straggler the chunks cut short. Without sinks the chunked mix is the slower one (2.15 vs
+# 1.77 ms at 4096 tokens, 3.14 vs 2.81 ms at 8192; session 11), so the default leaves such windows unchunked.
 DEFAULT_QUERY_CHUNK = 1024
+
+
+def default_query_chunk(sink_tokens: int) -> int:
+    """The flex window's query chunk when none is given: :data:`DEFAULT_QUERY_CHUNK` with sinks, 0 without."""
+    return DEFAULT_QUERY_CHUNK if sink_tokens else 0
 
 
 # Block masks made so far, by (length, window, sinks, device, tile). A plain dict, not functools.lru_cache: dynamo
@@ -234,7 +241,7 @@ def causal_full_branch(query, key, value, fa_weight, scaling: float, full_kv_hea
 
 def prepare_flex(length: int, window: int, sink_tokens: int, device: torch.device, batch: int = 1) -> None:
     """Before a compiled forward first runs: make the window's block mask eagerly, so the graph reads it."""
-    chunk = query_chunk_for(length, DEFAULT_QUERY_CHUNK)
+    chunk = query_chunk_for(length, default_query_chunk(sink_tokens))
     if chunk:
         window_chunk_block_mask(batch, length, chunk, window, sink_tokens, str(device))
     else:
@@ -281,7 +288,7 @@ def _compiled_window_mix(kernel_options: tuple = (), chunk: int = 0, window: int
 def flex_full_and_sliding(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, fa_weight: torch.Tensor,
                           scaling: float, window: int, sink_tokens: int, block_size: int = DEFAULT_BLOCK_SIZE,
                           kernel_options: dict | None = None,
-                          query_chunk: int = DEFAULT_QUERY_CHUNK,
+                          query_chunk: int | None = None,
                           full_kv_heads: tuple[int, ...] | None = None) -> torch.Tensor:
     """The relaxed mix for query heads ``[B, Hq, T, D]`` and KV heads ``[B, Hkv, T, D]``: SDPA full + flex window.
 
@@ -289,12 +296,13 @@ def flex_full_and_sliding(query: torch.Tensor, key: torch.Tensor, value: torch.T
     queries as keys), no padding mask. ``block_size`` (the mask's tile) and ``kernel_options`` (FlexAttention's
     Triton options, e.g. ``BLOCK_M``, ``num_warps``) are for tuning: bench/search_speed.py ``--flex-configs``.
     ``query_chunk`` > 0 computes the window over chunks of that many queries (:func:`to_window_chunks`), when the
-    length is a longer multiple of it; otherwise (and with 0) over the whole sequence at once.
+    length is a longer multiple of it; otherwise (and with 0) over the whole sequence at once; None:
+    :func:`default_query_chunk` (chunks only with sinks).
     ``full_kv_heads``: the KV heads whose weight may be nonzero (:func:`full_on_open_heads`); None: all.
     """
     groups = query.shape[1] // key.shape[1]
     batch, length = query.shape[0], query.shape[-2]
-    chunk = query_chunk_for(length, query_chunk)
+    chunk = query_chunk_for(length, default_query_chunk(sink_tokens) if query_chunk is None else query_chunk)
     if chunk:
         window_mask = window_chunk_block_mask(batch, length, chunk, window, sink_tokens, str(query.device), block_size)
     else:

@@ -187,6 +187,25 @@ def resolve_attention_backend(name: str, device: torch.device, dtype: torch.dtyp
     return name
 
 
+# From this many tokens per sequence a CUDA search skips closed gates' full branch by default: on an H200 it made the
+# step faster at 8192 tokens in every paired round (LM loss 0.85-0.90x the dense step against 0.79-0.84x, KL +3-14%)
+# and at 4096 slower in most, where the step is already bound by the host (docs/benchmarks.md, session 11); on a CPU
+# it saved nothing measurable.
+SKIP_CLOSED_GATES_MIN_TOKENS = 8192
+
+
+def skips_closed_gates(settings: SearchSettings, device: torch.device, length: int) -> bool:
+    """Whether a search of ``length``-token sequences on ``device`` computes the full branch only for open gates:
+    ``--skip-closed-gates`` as given, or by default (None) on CUDA from :data:`SKIP_CLOSED_GATES_MIN_TOKENS` tokens,
+    not with ``--compile``. Only the l0 method has gates that close (scalar-l1's sigmoid never reaches 0). Either way
+    the search computes the same losses and gradients; this only decides the work."""
+    if settings.method != "l0":
+        return False
+    if settings.skip_closed_gates is not None:
+        return settings.skip_closed_gates
+    return device.type == "cuda" and not settings.compile and length >= SKIP_CLOSED_GATES_MIN_TOKENS
+
+
 def target_at(step: int, settings: SearchSettings) -> float:
     """Target sparsity at ``step``: a linear ramp from 0 over the warm-up, then the requested target."""
     if settings.target_warmup_steps == 0:
@@ -285,6 +304,7 @@ def run_search(
     attention_backend = resolve_attention_backend(settings.attention_backend, device, next(model.parameters()).dtype)
     install_hybrid(model, all_full, settings.window, sink_tokens, attention_backend)
     forward = model
+    skip_closed = skips_closed_gates(settings, device, calibration.sequences.shape[1])
     if settings.compile:
         prepare = ATTENTION_BACKENDS[attention_backend].prepare
         if prepare is not None:  # e.g. flex's block mask, which the graph then reads instead of rebuilding
@@ -312,8 +332,7 @@ def run_search(
                 z = gates.sample(generator)
                 weights = layout.to_fa_weights(z)
                 # One host read per step: which heads' gates are not closed (scalar-l1's sigmoid never closes one).
-                open_heads = (weights.detach() > 0).cpu() if settings.skip_closed_gates and settings.method == "l0" \
-                    else None
+                open_heads = (weights.detach() > 0).cpu() if skip_closed else None
                 set_fa_weights(model, weights, open_heads)
                 logits = forward(input_ids=input_ids, use_cache=False).logits
                 task_loss = search_loss(logits, input_ids, loss_mask, losses, teacher_logits)
@@ -386,6 +405,7 @@ def run_search(
         "units_where_ranking_differs_from_threshold": int((allocation.unit_mask != threshold_units).sum()),
         "final_expected_sparsity": 1.0 - gates.prob_full().mean().item(),
         "attention_backend": attention_backend,
+        "skip_closed_gates": skip_closed,
     }
     if resumes:
         allocation.metadata["resumes"] = resumes
@@ -577,7 +597,8 @@ def search(settings: SearchSettings, force: bool = False, on_start: Callable[[di
 
 
 SEED_RUN_PREFIX = "seed-"
-IGNORED_ON_RESTART = ("checkpoint_every", "compile")  # settings that never change what a search computes
+# Settings that never change what a search computes.
+IGNORED_ON_RESTART = ("checkpoint_every", "compile", "skip_closed_gates")
 # What a run directory of several seeds holds besides the seeds' own run directories.
 SEEDS_RUN_FILES = (ALLOCATION_FILE, RUN_FILE)
 

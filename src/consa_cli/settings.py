@@ -95,8 +95,9 @@ class SearchSettings:
     # attention kernels. Same computation, so a run may be resumed with it switched.
     compile: bool = False
     # The full-attention branch only for the heads whose gate sample is not exactly 0 this step (l0 only): the same
-    # losses and gradients, less work as gates close. Read on the host once per step.
-    skip_closed_gates: bool = False
+    # losses and gradients, less work as gates close. Read on the host once per step. None: on where it was measured
+    # to pay (consa_cli.search.skips_closed_gates: CUDA, long sequences, not compiled).
+    skip_closed_gates: bool | None = None
     output: str = "runs/search"
     checkpoint_every: int = 25  # steps between checkpoints; 0: only when interrupted and at the end
 
