@@ -147,9 +147,9 @@ def test_nan_names_the_last_good_checkpoint_and_resume_may_change_rates(tmp_path
     real_kl = consa_cli.search.search_loss
     calls = []
 
-    def nan_at_step_4(*args):
+    def nan_at_step_4(*args, **kwargs):
         calls.append(None)
-        return real_kl(*args) * (float("nan") if len(calls) == 4 else 1.0)
+        return real_kl(*args, **kwargs) * (float("nan") if len(calls) == 4 else 1.0)
 
     monkeypatch.setattr(consa_cli.search, "search_loss", nan_at_step_4)
     with pytest.raises(FloatingPointError) as error:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -83,8 +84,59 @@ def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tens
     return _ChunkedLoss.apply(logits.flatten(0, 1), targets.flatten(), _next_token_chunk, weights)
 
 
-def search_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor, losses: str | Sequence[str],
-                teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+@dataclass(frozen=True)
+class LossPart:
+    """One loss over some sequences of a batch: which sequences (``sequences``: their batch indices; ``rows``: those
+    indices on the device, None when it is every sequence), which flattened logits rows it reads (``student_rows`` /
+    ``other_rows``: None for every row in place) and each row's weight."""
+
+    loss: str
+    sequences: tuple[int, ...]
+    rows: torch.Tensor | None
+    student_rows: torch.Tensor | None
+    other_rows: torch.Tensor | None
+    weights: torch.Tensor
+
+
+def plan_search_loss(loss_mask: torch.Tensor, losses: str | Sequence[str],
+                     device: torch.device | str | None = None) -> tuple[LossPart, ...]:
+    """The index and weight tensors of :func:`search_loss` for one batch, made from ``loss_mask`` on the host and
+    then moved to ``device`` (default: ``loss_mask``'s).
+
+    The search makes them at the start of a step, before any of its work is queued: read or copied later, in the
+    middle of a step, they would make the host wait for the device (every host read of a device tensor, and every
+    copy from pageable host memory, synchronises), and a host that waits cannot queue the next kernels ahead.
+    """
+    device = loss_mask.device if device is None else torch.device(device)
+    host_mask = loss_mask.cpu()
+    batch, length = host_mask.shape
+    losses = [losses] * batch if isinstance(losses, str) else list(losses)
+    scored = host_mask.clone()
+    scored[[i for i, loss in enumerate(losses) if loss == "lm"], -1] = False
+    weights = scored / (scored.sum(dim=1, keepdim=True).clamp(min=1) * batch)
+    positions = torch.arange(length)
+    all_but_last, last = bool(host_mask[:, :-1].all()), bool(host_mask[:, -1].all())
+    parts = []
+    for loss in ("kl", "lm"):
+        sequences = tuple(i for i, name in enumerate(losses) if name == loss)
+        if not sequences:
+            continue
+        rows = None if len(sequences) == batch else torch.tensor(sequences).to(device)
+        if len(sequences) == batch and all_but_last and (loss == "lm" or last):
+            # the logits in place, no copy (lm: the last position weighs 0)
+            parts.append(LossPart(loss, sequences, rows, None, None, weights.flatten().to(device)))
+            continue
+        selected = scored[list(sequences)]
+        student_rows = (torch.tensor(sequences).unsqueeze(1) * length + positions)[selected]
+        other_rows = (torch.arange(len(sequences)).unsqueeze(1) * length + positions)[selected]
+        parts.append(LossPart(loss, sequences, rows, student_rows.to(device), other_rows.to(device),
+                              weights[list(sequences)][selected].to(device)))
+    return tuple(parts)
+
+
+def search_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor | None,
+                losses: str | Sequence[str], teacher_logits: torch.Tensor | None = None,
+                plan: Sequence[LossPart] | None = None) -> torch.Tensor:
     """The search's task loss: each sequence's mean over the logit positions ``loss_mask [B, T]`` selects, then
     the mean over the batch.
 
@@ -92,34 +144,22 @@ def search_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.
     ``teacher_logits``, which hold only the ``kl`` sequences, in batch order (``[count of kl sequences, T,
     vocab]``); ``lm`` is next-token cross-entropy (the last position has no next token and never counts). A mixed
     batch adds the per-sequence terms, each weighted 1/B. Where only some positions count, only their logits rows
-    are used, so a retrieval sample scoring three answer tokens costs three rows, not a thousand.
+    are used, so a retrieval sample scoring three answer tokens costs three rows, not a thousand. ``plan``:
+    :func:`plan_search_loss` of ``loss_mask`` and ``losses`` made ahead (then ``loss_mask`` is not read); without
+    it, made here.
     """
-    batch, length = input_ids.shape
-    losses = [losses] * batch if isinstance(losses, str) else list(losses)
-    scored = loss_mask.clone()
-    scored[[i for i, loss in enumerate(losses) if loss == "lm"], -1] = False
-    weights = scored / (scored.sum(dim=1, keepdim=True).clamp(min=1) * batch)
-    positions = torch.arange(length, device=scored.device)
-    # Read once per call (each bool() of a device tensor is a host sync): are all positions before the last scored,
-    # and is the last one (which only kl scores)?
-    all_but_last, last = bool(loss_mask[:, :-1].all()), bool(loss_mask[:, -1].all())
-    parts = []
-    for loss, chunk_fn in (("kl", _kl_chunk), ("lm", _next_token_chunk)):
-        sequences = [i for i, name in enumerate(losses) if name == loss]
-        if not sequences:
-            continue
-        if loss == "kl":
-            other = teacher_logits.detach().flatten(0, -2)
+    if plan is None:
+        plan = plan_search_loss(loss_mask, losses, logits.device)
+    terms = []
+    for part in plan:
+        if part.loss == "kl":
+            chunk_fn, other = _kl_chunk, teacher_logits.detach().flatten(0, -2)
         else:
-            other = torch.nn.functional.pad(input_ids[sequences, 1:], (0, 1), value=IGNORE).flatten()
-        every_position = all_but_last and (loss == "lm" or last)
-        if len(sequences) == batch and every_position:  # the logits in place, no copy (lm: the last weighs 0)
-            parts.append(_ChunkedLoss.apply(logits.flatten(0, 1), other, chunk_fn, weights.flatten()))
-            continue
-        selected = scored[sequences]
-        student_rows = (torch.tensor(sequences, device=scored.device).unsqueeze(1) * length + positions)[selected]
-        other_rows = (torch.arange(len(sequences), device=scored.device).unsqueeze(1) * length + positions)[selected]
-        parts.append(_ChunkedLoss.apply(logits.flatten(0, 1).index_select(0, student_rows),
-                                        other.index_select(0, other_rows), chunk_fn,
-                                        weights[sequences][selected]))
-    return sum(parts[1:], start=parts[0])
+            chunk_fn = _next_token_chunk
+            ids = input_ids if part.rows is None else input_ids.index_select(0, part.rows)
+            other = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=IGNORE).flatten()
+        student = logits.flatten(0, 1)
+        if part.student_rows is not None:  # (None: every sequence, every row, in place)
+            student, other = student.index_select(0, part.student_rows), other.index_select(0, part.other_rows)
+        terms.append(_ChunkedLoss.apply(student, other, chunk_fn, part.weights))
+    return sum(terms[1:], start=terms[0])

@@ -54,7 +54,7 @@ from consa_cli.checkpoint import (
     save_checkpoint,
 )
 from consa_cli.kernels import flash_supported, flex_supported
-from consa_cli.losses import search_loss
+from consa_cli.losses import plan_search_loss, search_loss
 from consa_cli.models import DEFAULT_MODEL
 from consa_cli.settings import RESUMABLE, SearchSettings, SettingsError, settings_to_dict
 
@@ -317,25 +317,29 @@ def run_search(
                 step_started = time.perf_counter()
                 batch_idx = torch.stack([order[(step * settings.batch_size + i) % len(order)]
                                          for i in range(settings.batch_size)])
-                input_ids = calibration.sequences[batch_idx].to(device)
-                loss_mask = calibration.loss_mask[batch_idx].to(device)
+                # Everything the host must know or copy for this step comes first, while the device is idle: a host
+                # read or copy from pageable memory waits for all queued work, and a host that waits cannot queue
+                # the next kernels ahead of the device (at 4096 tokens the step is bound by the host; benchmarks.md).
                 losses = [settings.retrieval_loss if retrieval else settings.loss
                           for retrieval in calibration.is_retrieval[batch_idx].tolist()]
-
-                teacher_logits = None
-                kl_rows = [row for row, loss in enumerate(losses) if loss == "kl"]
-                if kl_rows:  # the original model's predictions, for the sequences whose loss has a teacher
-                    # Its own attention, not all-full: for a natively hybrid model (Gemma3) that is its own pattern.
-                    with torch.no_grad(), original_attention(model):
-                        teacher_logits = forward(input_ids=input_ids[kl_rows], use_cache=False).logits
-
+                input_ids = calibration.sequences[batch_idx].to(device)
+                loss_plan = plan_search_loss(calibration.loss_mask[batch_idx], losses, device)
                 z = gates.sample(generator)
                 weights = layout.to_fa_weights(z)
                 # One host read per step: which heads' gates are not closed (scalar-l1's sigmoid never closes one).
                 open_heads = (weights.detach() > 0).cpu() if skip_closed else None
                 set_fa_weights(model, weights, open_heads)
+
+                teacher_logits = None
+                kl_rows = [row for row, loss in enumerate(losses) if loss == "kl"]
+                if kl_rows:  # the original model's predictions, for the sequences whose loss has a teacher
+                    # Its own attention, not all-full: for a natively hybrid model (Gemma3) that is its own pattern.
+                    teacher_ids = input_ids if len(kl_rows) == len(losses) else input_ids[kl_rows]
+                    with torch.no_grad(), original_attention(model):
+                        teacher_logits = forward(input_ids=teacher_ids, use_cache=False).logits
+
                 logits = forward(input_ids=input_ids, use_cache=False).logits
-                task_loss = search_loss(logits, input_ids, loss_mask, losses, teacher_logits)
+                task_loss = search_loss(logits, input_ids, None, losses, teacher_logits, plan=loss_plan)
 
                 target = target_at(step, settings)
                 expected = layout.constraint_sparsity(gates.prob_full())
@@ -346,13 +350,15 @@ def run_search(
                 else:
                     constraint = (lagrange_linear * gap + lagrange_quadratic * gap.pow(2)).sum()
                 loss = task_loss + constraint
-                if not torch.isfinite(loss):  # checked before the update, so the gates stay the last good ones
-                    raise FloatingPointError(_non_finite_message(loss.item(), step + 1, settings, checkpoint_dir,
-                                                                 checkpointed_step))
 
                 gate_optimizer.zero_grad(set_to_none=True)
                 multiplier_optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                # Checked after the backward (a check before it would stall the host between the two passes) and
+                # before the update, so the gates stay the last good ones.
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(_non_finite_message(loss.item(), step + 1, settings, checkpoint_dir,
+                                                                 checkpointed_step))
                 gate_optimizer.step()
                 multiplier_optimizer.step()
                 record = {
