@@ -1,0 +1,198 @@
+"""Which KV heads does each retrieval signal ask for? One head at a time, on the evaluation's tasks and on calibration.
+
+The diagnostic behind docs/results.md 1g.11. Held-out calibration (retrieval samples in formats other than the
+evaluation's) keeps 20-80% of dense retrieval at sparsity 0.75 from seed to seed, while masks calibrated on the
+evaluation's own tasks keep ~87%: the searches share a core and differ in a few heads beyond it. If a calibration
+signal cannot *rank* those heads the way the evaluation's tasks do, no search on it can be expected to find them.
+
+Starting from a base allocation (kv-head granularity), each head is toggled alone: a sliding head made full (the
+"add" effects) and a full head made sliding (the "remove" effects). For every variant the answers' mean NLL is
+measured on
+
+* the evaluation's tasks (``--tasks``, default passkey and multikey, at ``--lengths`` and ``--depths``, drawn with
+  another seed than ``consa eval``'s, as ``bench/retrieval_greedy.py`` does), and
+* each calibration signal (``--signals``: ``;``-separated groups of ``consa search --retrieval-formats``, their
+  samples made exactly as the search makes them: ``mix_retrieval`` on the calibration split, ``--seq-len``,
+  ``--window``, ``--seed``, ``--calibration-haystack``),
+
+and each variant's effect is its NLL minus the base's. Reported per signal: Spearman's rank correlation between its
+add effects and the evaluation's over the sliding heads (with a permutation p value), the same for the remove
+effects, and how many of the evaluation's ``--top`` most helpful heads to add are among the signal's ``--top``.
+
+    python bench/head_effects.py docs/results/allocations/vote4-kl-lm-rf0.5-seeds0-3-s0.75.safetensors \
+        --model /tmp/smol.gguf --device cpu --seq-len 512 --lengths 512 --samples 2 --calibration-samples 12 \
+        --signals "room-code,home-city;flight-gate,pet-name,meeting-day,phone-extension;word-list" \
+        --json docs/results/head-effects.json
+
+Cost: (units + 1) x (prompts + signals x samples) forward passes: at 512 tokens with 12 prompts and 3 x 12 samples,
+about an hour on 2 CPU cores for SmolLM2-135M; a minute or two on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+from calibration_answers import spearman
+from retrieval_greedy import EVALUATION_SEED, answer_batches, answer_nll
+
+from consa_cli.allocation import Allocation
+from consa_cli.attention import hybrid_attention, set_fa_weights
+from consa_cli.calibration import DEFAULT_CALIBRATION_HAYSTACK, mix_retrieval, parse_formats
+from consa_cli.data import DataError, load_token_sequences
+from consa_cli.models import load_model_and_tokenizer
+from consa_cli.retrieval import haystack_filler, make_samples
+from consa_cli.search import environment_versions, resolve_device
+
+
+def calibration_batch(sequences: torch.Tensor, loss_mask: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                           int]:
+    """The retrieval samples of a calibration set as one :func:`answer_nll` batch: each sample ends in its answer, so
+    the answers are the last tokens, right-aligned (``-100`` before a shorter answer)."""
+    lengths = loss_mask.sum(dim=1).tolist()
+    for row, length in enumerate(lengths):  # mix_retrieval's samples: the scored logits are the ones before the end
+        if not loss_mask[row, -length - 1 : -1].all():
+            raise ValueError(f"sample {row} does not end in its answer")
+    width = max(lengths)
+    answers = torch.full((len(lengths), width), -100, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        answers[row, width - length :] = sequences[row, -length:]
+    return sequences.to(device), answers.to(device), width
+
+
+def permutation_p(first: list[float], second: list[float], shuffles: int, seed: int = 0) -> float:
+    """Share of shuffles of ``second`` whose Spearman correlation with ``first`` is at least the observed one."""
+    observed = spearman(first, second)
+    rng = random.Random(seed)
+    shuffled = list(second)
+    hits = 0
+    for _ in range(shuffles):
+        rng.shuffle(shuffled)
+        hits += spearman(first, shuffled) >= observed
+    return (hits + 1) / (shuffles + 1)
+
+
+def head_effects(model, base: torch.Tensor, batches: dict[str, list], on_variant=None) -> dict[str, dict]:
+    """Answer NLL per signal for ``base`` and for every one-head toggle of it: ``{"base": {signal: nll}, "heads":
+    [{"layer", "head", "in_base", signal: nll - base nll, ...}]}``. The model must run an installed hybrid."""
+    def measure(mask):
+        set_fa_weights(model, mask)
+        return {name: answer_nll(model, signal_batches) for name, signal_batches in batches.items()}
+
+    reference = measure(base)
+    rows = []
+    for layer in range(base.shape[0]):
+        for head in range(base.shape[1]):
+            variant = base.clone()
+            variant[layer, head] = ~variant[layer, head]
+            values = measure(variant)
+            rows.append({"layer": layer, "head": head, "in_base": bool(base[layer, head]),
+                         **{name: values[name] - reference[name] for name in batches}})
+            if on_variant is not None:
+                on_variant(len(rows), rows[-1])
+    set_fa_weights(model, base)
+    return {"base": reference, "heads": rows}
+
+
+def compare(effects: list[dict], reference: str, signals: list[str], top: int, shuffles: int) -> dict[str, dict]:
+    """Per signal: how its one-head effects rank against ``reference``'s (add and remove effects apart)."""
+    summary = {}
+    for signal in signals:
+        row = {}
+        for kind, in_base in (("add", False), ("remove", True)):
+            chosen = [effect for effect in effects if effect["in_base"] == in_base]
+            if len(chosen) < 3:
+                continue
+            ours, theirs = [e[signal] for e in chosen], [e[reference] for e in chosen]
+            row[f"{kind}_spearman"] = round(spearman(ours, theirs), 3)
+            row[f"{kind}_p"] = round(permutation_p(theirs, ours, shuffles), 4)
+        sliding = [effect for effect in effects if not effect["in_base"]]
+        best = {(e["layer"], e["head"]) for e in sorted(sliding, key=lambda e: e[reference])[:top]}
+        picked = {(e["layer"], e["head"]) for e in sorted(sliding, key=lambda e: e[signal])[:top]}
+        row[f"top{top}_overlap"] = len(best & picked)
+        row[f"{reference}_top{top}"] = sorted(best)
+        row[f"top{top}"] = sorted(picked)
+        summary[signal] = row
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("allocation", type=Path, help="the base allocation (kv-head granularity)")
+    parser.add_argument("--model", default=None, help="default: the allocation's model")
+    parser.add_argument("--data", default="embedded:enwiki")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--tasks", default="passkey,multikey", help="the evaluation's tasks")
+    parser.add_argument("--lengths", default="1024", help="their prompt lengths")
+    parser.add_argument("--depths", default="0.1,0.5,0.9")
+    parser.add_argument("--samples", type=int, default=2, help="prompts per task, length and depth")
+    parser.add_argument("--haystack", default="noise", help="the evaluation prompts' haystack")
+    parser.add_argument("--prompt-seed", type=int, default=2000, help=f"not {EVALUATION_SEED} (consa eval's)")
+    parser.add_argument("--signals", default="room-code,home-city",
+                        help="';'-separated calibration signals, each a --retrieval-formats list")
+    parser.add_argument("--calibration-samples", type=int, default=12, help="retrieval samples per signal")
+    parser.add_argument("--seq-len", type=int, default=1024, help="the calibration samples' length")
+    parser.add_argument("--seed", type=int, default=0, help="the calibration seed (a search's --seed)")
+    parser.add_argument("--calibration-haystack", default=DEFAULT_CALIBRATION_HAYSTACK)
+    parser.add_argument("--top", type=int, default=5)
+    parser.add_argument("--shuffles", type=int, default=2000)
+    parser.add_argument("--json", type=Path, required=True)
+    args = parser.parse_args()
+    if args.prompt_seed == EVALUATION_SEED:
+        raise SystemExit(f"--prompt-seed {EVALUATION_SEED} is consa eval's retrieval seed: choose another")
+    try:
+        base = Allocation.load(args.allocation)
+        signals = [signal.strip() for signal in args.signals.split(";") if signal.strip()]
+        for signal in signals:
+            parse_formats(signal)
+    except (DataError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
+    if base.granularity != "kv-head":
+        raise SystemExit(f"error: {args.allocation} has granularity {base.granularity}; kv-head needed")
+    device = resolve_device(args.device)
+    model, tokenizer = load_model_and_tokenizer(args.model or base.model, dtype=getattr(torch, args.dtype),
+                                                device=str(device))
+    window, sinks = base.sliding_window, base.sink_tokens
+    lengths = [int(x) for x in args.lengths.split(",")]
+    depths = [float(x) for x in args.depths.split(",")]
+    prompts = [sample for task in args.tasks.split(",")
+               for sample in make_samples(task.strip(), tokenizer, lengths, depths, args.samples, args.prompt_seed,
+                                          filler=list(haystack_filler(args.haystack)))]
+    batches = {"evaluation": answer_batches(prompts, device)}
+    text = load_token_sequences(args.data, tokenizer, args.seq_len, "calibration")[: args.calibration_samples]
+    for signal in signals:
+        # As many text rows as retrieval samples (fraction 0.5): only the retrieval rows are scored.
+        mixed = mix_retrieval(text, tokenizer, 0.5, window, args.seed, signal, args.calibration_haystack)
+        retrieval = mixed.is_retrieval
+        batches[signal] = [calibration_batch(mixed.sequences[retrieval], mixed.loss_mask[retrieval], device)]
+    units = base.fa_mask.numel()
+    print(f"{len(prompts)} evaluation prompts, {len(signals)} signals x {args.calibration_samples} samples, "
+          f"{units} one-head variants of {base.describe()}", flush=True)
+    started = time.perf_counter()
+
+    def progress(done: int, row: dict) -> None:
+        effects = "  ".join(f"{name} {row[name]:+.3f}" for name in batches)
+        print(f"  {done}/{units} ({row['layer']},{row['head']}) {'remove' if row['in_base'] else 'add'}: {effects} "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)
+
+    with hybrid_attention(model, base.fa_mask.to(device), window, sinks):
+        result = head_effects(model, base.fa_mask.to(device), batches, on_variant=progress)
+    summary = compare(result["heads"], "evaluation", signals, args.top, args.shuffles)
+    for signal, row in summary.items():
+        print(f"{signal}: add r {row.get('add_spearman')} (p {row.get('add_p')}), remove r "
+              f"{row.get('remove_spearman')} (p {row.get('remove_p')}), top-{args.top} overlap "
+              f"{row[f'top{args.top}_overlap']}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
+                                     "base": result["base"], "summary": summary, "heads": result["heads"],
+                                     "seconds": round(time.perf_counter() - started), "versions":
+                                     environment_versions()}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
