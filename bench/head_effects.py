@@ -11,9 +11,9 @@ measured on
 
 * the evaluation's tasks (``--tasks``, default passkey and multikey, at ``--lengths`` and ``--depths``, drawn with
   another seed than ``consa eval``'s, as ``bench/retrieval_greedy.py`` does), and
-* each calibration signal (``--signals``: ``;``-separated groups of ``consa search --retrieval-formats``, their
-  samples made exactly as the search makes them: ``mix_retrieval`` on the calibration split, ``--seq-len``,
-  ``--window``, ``--seed``, ``--calibration-haystack``),
+* each calibration signal (``--signals``: ``;``-separated groups of ``consa search --retrieval-formats``, each
+  optionally ``@text`` or ``@filler`` for its haystack, their samples made as the search makes them:
+  ``mix_retrieval`` on the calibration split, ``--seq-len``, ``--window``, ``--seed``, ``--calibration-haystack``),
 
 and each variant's effect is its NLL minus the base's. Reported per signal: Spearman's rank correlation between its
 add effects and the evaluation's over the sliding heads (with a permutation p value), the same for the remove
@@ -42,7 +42,7 @@ from retrieval_greedy import EVALUATION_SEED, answer_batches, answer_nll
 
 from consa_cli.allocation import Allocation
 from consa_cli.attention import hybrid_attention, set_fa_weights
-from consa_cli.calibration import DEFAULT_CALIBRATION_HAYSTACK, mix_retrieval, parse_formats
+from consa_cli.calibration import DEFAULT_CALIBRATION_HAYSTACK, check_haystack, mix_retrieval, parse_formats
 from consa_cli.data import DataError, load_token_sequences
 from consa_cli.models import load_model_and_tokenizer
 from consa_cli.retrieval import haystack_filler, make_samples
@@ -76,9 +76,11 @@ def permutation_p(first: list[float], second: list[float], shuffles: int, seed: 
     return (hits + 1) / (shuffles + 1)
 
 
-def head_effects(model, base: torch.Tensor, batches: dict[str, list], on_variant=None) -> dict[str, dict]:
+def head_effects(model, base: torch.Tensor, batches: dict[str, list], on_variant=None,
+                 toggles: str = "both") -> dict[str, dict]:
     """Answer NLL per signal for ``base`` and for every one-head toggle of it: ``{"base": {signal: nll}, "heads":
-    [{"layer", "head", "in_base", signal: nll - base nll, ...}]}``. The model must run an installed hybrid."""
+    [{"layer", "head", "in_base", signal: nll - base nll, ...}]}``; ``toggles``: ``add`` (only the sliding heads
+    made full), ``remove`` (only the full heads made sliding) or ``both``. The model must run an installed hybrid."""
     def measure(mask):
         set_fa_weights(model, mask)
         return {name: answer_nll(model, signal_batches) for name, signal_batches in batches.items()}
@@ -87,6 +89,8 @@ def head_effects(model, base: torch.Tensor, batches: dict[str, list], on_variant
     rows = []
     for layer in range(base.shape[0]):
         for head in range(base.shape[1]):
+            if toggles != "both" and bool(base[layer, head]) != (toggles == "remove"):
+                continue
             variant = base.clone()
             variant[layer, head] = ~variant[layer, head]
             values = measure(variant)
@@ -134,7 +138,11 @@ def main() -> None:
     parser.add_argument("--haystack", default="noise", help="the evaluation prompts' haystack")
     parser.add_argument("--prompt-seed", type=int, default=2000, help=f"not {EVALUATION_SEED} (consa eval's)")
     parser.add_argument("--signals", default="room-code,home-city",
-                        help="';'-separated calibration signals, each a --retrieval-formats list")
+                        help="';'-separated calibration signals, each a --retrieval-formats list, optionally with "
+                             "@HAYSTACK (text or filler; default --calibration-haystack)")
+    parser.add_argument("--toggles", choices=("both", "add", "remove"), default="both",
+                        help="which one-head variants: sliding heads made full (add), full heads made sliding "
+                             "(remove), or both")
     parser.add_argument("--calibration-samples", type=int, default=12, help="retrieval samples per signal")
     parser.add_argument("--seq-len", type=int, default=1024, help="the calibration samples' length")
     parser.add_argument("--seed", type=int, default=0, help="the calibration seed (a search's --seed)")
@@ -149,7 +157,9 @@ def main() -> None:
         base = Allocation.load(args.allocation)
         signals = [signal.strip() for signal in args.signals.split(";") if signal.strip()]
         for signal in signals:
-            parse_formats(signal)
+            formats, _, haystack = signal.partition("@")
+            parse_formats(formats)
+            check_haystack(haystack or args.calibration_haystack)
     except (DataError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
     if base.granularity != "kv-head":
@@ -167,10 +177,12 @@ def main() -> None:
     text = load_token_sequences(args.data, tokenizer, args.seq_len, "calibration")[: args.calibration_samples]
     for signal in signals:
         # As many text rows as retrieval samples (fraction 0.5): only the retrieval rows are scored.
-        mixed = mix_retrieval(text, tokenizer, 0.5, window, args.seed, signal, args.calibration_haystack)
+        formats, _, haystack = signal.partition("@")
+        mixed = mix_retrieval(text, tokenizer, 0.5, window, args.seed, formats, haystack or args.calibration_haystack)
         retrieval = mixed.is_retrieval
         batches[signal] = [calibration_batch(mixed.sequences[retrieval], mixed.loss_mask[retrieval], device)]
-    units = base.fa_mask.numel()
+    units = {"both": base.fa_mask.numel(), "add": int((~base.fa_mask).sum()), "remove": int(base.fa_mask.sum())}[
+        args.toggles]
     print(f"{len(prompts)} evaluation prompts, {len(signals)} signals x {args.calibration_samples} samples, "
           f"{units} one-head variants of {base.describe()}", flush=True)
     started = time.perf_counter()
@@ -181,7 +193,7 @@ def main() -> None:
               f"({time.perf_counter() - started:.0f} s)", flush=True)
 
     with hybrid_attention(model, base.fa_mask.to(device), window, sinks):
-        result = head_effects(model, base.fa_mask.to(device), batches, on_variant=progress)
+        result = head_effects(model, base.fa_mask.to(device), batches, on_variant=progress, toggles=args.toggles)
     summary = compare(result["heads"], "evaluation", signals, args.top, args.shuffles)
     for signal, row in summary.items():
         print(f"{signal}: add r {row.get('add_spearman')} (p {row.get('add_p')}), remove r "

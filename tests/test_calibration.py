@@ -402,6 +402,10 @@ def test_head_effects_toggle_each_head_alone_and_rank_the_signals_against_the_ev
         toggled[1, 0] = True
         set_fa_weights(model, toggled)
         expected = greedy.answer_nll(model, batches["room-code"]) - result["base"]["room-code"]
+        added = effects_module.head_effects(model, base, batches, toggles="add")["heads"]
+    assert [(r["layer"], r["head"]) for r in added] == [(r["layer"], r["head"]) for r in result["heads"]
+                                                        if not r["in_base"]]  # every sliding head, only those
+    assert next(r for r in added if (r["layer"], r["head"]) == (1, 0))["room-code"] == pytest.approx(expected)
     assert len(result["heads"]) == layers * heads
     assert [(r["layer"], r["head"], r["in_base"]) for r in result["heads"]][:2] == [(0, 0, False), (0, 1, True)]
     row = next(r for r in result["heads"] if (r["layer"], r["head"]) == (1, 0))
