@@ -15,7 +15,10 @@ measured on
   optionally ``@text`` or ``@filler`` for its haystack, their samples made as the search makes them:
   ``mix_retrieval`` on the calibration split, ``--seq-len``, ``--window``, ``--seed``, ``--calibration-haystack``),
 
-and each variant's effect is its NLL minus the base's. Reported per signal: Spearman's rank correlation between its
+and each variant's effect is its NLL minus the base's. ``--extra-prompt-seeds`` adds evaluation prompt sets of
+other seeds and ``--no-intro-prompt-seeds`` ones without the tasks' opening instruction, each compared with the
+first like a signal (how far the evaluation's own ranking repeats: the ceiling for any signal); a signal ending in
+``+intro`` opens its samples with ``calibration.CALIBRATION_INTRO`` (docs/results.md 1g.12). Reported per signal: Spearman's rank correlation between its
 add effects and the evaluation's over the sliding heads (with a permutation p value), the same for the remove
 effects, and how many of the evaluation's ``--top`` most helpful heads to add are among the signal's ``--top``.
 
@@ -62,6 +65,15 @@ def calibration_batch(sequences: torch.Tensor, loss_mask: torch.Tensor, device) 
     for row, length in enumerate(lengths):
         answers[row, width - length :] = sequences[row, -length:]
     return sequences.to(device), answers.to(device), width
+
+
+def split_signal(signal: str, default_haystack: str) -> tuple[str, str, bool]:
+    """``FORMATS[@HAYSTACK][+intro]`` -> (formats, haystack, intro)."""
+    signal, plus, option = signal.partition("+")
+    if plus and option != "intro":
+        raise ValueError(f"unknown signal option '+{option}' (only +intro)")
+    formats, _, haystack = signal.partition("@")
+    return formats, haystack or default_haystack, bool(plus)
 
 
 def permutation_p(first: list[float], second: list[float], shuffles: int, seed: int = 0) -> float:
@@ -137,9 +149,18 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=2, help="prompts per task, length and depth")
     parser.add_argument("--haystack", default="noise", help="the evaluation prompts' haystack")
     parser.add_argument("--prompt-seed", type=int, default=2000, help=f"not {EVALUATION_SEED} (consa eval's)")
+    parser.add_argument("--extra-prompt-seeds", default="",
+                        help="comma-separated prompt seeds of more evaluation prompt sets, each compared with the "
+                             "first like a signal (evaluation@SEED): how well the evaluation's own one-head effects "
+                             "repeat on other prompts, the ceiling for any calibration signal")
+    parser.add_argument("--no-intro-prompt-seeds", default="",
+                        help="comma-separated prompt seeds of evaluation prompt sets without the tasks' opening "
+                             "instruction (evaluation-nointro@SEED), compared with the first like a signal: which "
+                             "heads serve the instruction rather than the needle")
     parser.add_argument("--signals", default="room-code,home-city",
                         help="';'-separated calibration signals, each a --retrieval-formats list, optionally with "
-                             "@HAYSTACK (text or filler; default --calibration-haystack)")
+                             "@HAYSTACK (text or filler; default --calibration-haystack), and +intro for samples "
+                             "that open with calibration.CALIBRATION_INTRO (e.g. room-code,home-city@filler+intro)")
     parser.add_argument("--toggles", choices=("both", "add", "remove"), default="both",
                         help="which one-head variants: sliding heads made full (add), full heads made sliding "
                              "(remove), or both")
@@ -151,15 +172,22 @@ def main() -> None:
     parser.add_argument("--shuffles", type=int, default=2000)
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
-    if args.prompt_seed == EVALUATION_SEED:
-        raise SystemExit(f"--prompt-seed {EVALUATION_SEED} is consa eval's retrieval seed: choose another")
+    try:
+        extra_seeds = [int(seed) for seed in args.extra_prompt_seeds.split(",") if seed.strip()]
+        no_intro_seeds = [int(seed) for seed in args.no_intro_prompt_seeds.split(",") if seed.strip()]
+    except ValueError:
+        raise SystemExit("error: --extra-prompt-seeds and --no-intro-prompt-seeds take integers") from None
+    if EVALUATION_SEED in (args.prompt_seed, *extra_seeds, *no_intro_seeds):
+        raise SystemExit(f"prompt seed {EVALUATION_SEED} is consa eval's retrieval seed: choose another")
+    if len({args.prompt_seed, *extra_seeds}) < 1 + len(extra_seeds):
+        raise SystemExit("error: the prompt seeds must differ from each other")
     try:
         base = Allocation.load(args.allocation)
         signals = [signal.strip() for signal in args.signals.split(";") if signal.strip()]
         for signal in signals:
-            formats, _, haystack = signal.partition("@")
+            formats, haystack, _ = split_signal(signal, args.calibration_haystack)
             parse_formats(formats)
-            check_haystack(haystack or args.calibration_haystack)
+            check_haystack(haystack)
     except (DataError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
     if base.granularity != "kv-head":
@@ -170,20 +198,29 @@ def main() -> None:
     window, sinks = base.sliding_window, base.sink_tokens
     lengths = [int(x) for x in args.lengths.split(",")]
     depths = [float(x) for x in args.depths.split(",")]
-    prompts = [sample for task in args.tasks.split(",")
-               for sample in make_samples(task.strip(), tokenizer, lengths, depths, args.samples, args.prompt_seed,
-                                          filler=list(haystack_filler(args.haystack)))]
+    def evaluation_prompts(seed: int, intro: bool = True) -> list:
+        return [sample for task in args.tasks.split(",")
+                for sample in make_samples(task.strip(), tokenizer, lengths, depths, args.samples, seed,
+                                           filler=list(haystack_filler(args.haystack)), intro=intro)]
+
+    prompts = evaluation_prompts(args.prompt_seed)
     batches = {"evaluation": answer_batches(prompts, device)}
+    repeats = [f"evaluation@{seed}" for seed in extra_seeds]
+    for seed, name in zip(extra_seeds, repeats, strict=True):
+        batches[name] = answer_batches(evaluation_prompts(seed), device)
+    for seed in no_intro_seeds:
+        repeats.append(f"evaluation-nointro@{seed}")
+        batches[repeats[-1]] = answer_batches(evaluation_prompts(seed, intro=False), device)
     text = load_token_sequences(args.data, tokenizer, args.seq_len, "calibration")[: args.calibration_samples]
     for signal in signals:
         # As many text rows as retrieval samples (fraction 0.5): only the retrieval rows are scored.
-        formats, _, haystack = signal.partition("@")
-        mixed = mix_retrieval(text, tokenizer, 0.5, window, args.seed, formats, haystack or args.calibration_haystack)
+        formats, haystack, intro = split_signal(signal, args.calibration_haystack)
+        mixed = mix_retrieval(text, tokenizer, 0.5, window, args.seed, formats, haystack, intro=intro)
         retrieval = mixed.is_retrieval
         batches[signal] = [calibration_batch(mixed.sequences[retrieval], mixed.loss_mask[retrieval], device)]
     units = {"both": base.fa_mask.numel(), "add": int((~base.fa_mask).sum()), "remove": int(base.fa_mask.sum())}[
         args.toggles]
-    print(f"{len(prompts)} evaluation prompts, {len(signals)} signals x {args.calibration_samples} samples, "
+    print(f"{len(prompts)} evaluation prompts (x{1 + len(extra_seeds)} prompt seeds), {len(signals)} signals x {args.calibration_samples} samples, "
           f"{units} one-head variants of {base.describe()}", flush=True)
     started = time.perf_counter()
 
@@ -194,7 +231,7 @@ def main() -> None:
 
     with hybrid_attention(model, base.fa_mask.to(device), window, sinks):
         result = head_effects(model, base.fa_mask.to(device), batches, on_variant=progress, toggles=args.toggles)
-    summary = compare(result["heads"], "evaluation", signals, args.top, args.shuffles)
+    summary = compare(result["heads"], "evaluation", [*repeats, *signals], args.top, args.shuffles)
     for signal, row in summary.items():
         print(f"{signal}: add r {row.get('add_spearman')} (p {row.get('add_p')}), remove r "
               f"{row.get('remove_spearman')} (p {row.get('remove_p')}), top-{args.top} overlap "

@@ -27,7 +27,8 @@ for the flex window (the block mask's tile, FlexAttention's kernel options) to t
 ``--kernels-only`` skips the model steps. ``--flex-query-chunks 0 512`` adds the flex backend with its window
 over query chunks of that size (``flex_full_and_sliding(query_chunk=N)``; 0: no chunks, the flex backend before
 session 10; ``flex`` itself uses ``kernels.default_query_chunk``: 1024 with sinks, none without) as backends
-``flex-qcN``, to the step rows and the attention-alone rows:
+``flex-qcN``, to the step rows and the attention-alone rows. ``--device-busy`` replaces the step rows by the
+device's kernel time per step against the step's wall time (torch.profiler): how much of a step the host costs.
 
     python bench/search_speed.py --lengths 4096 8192 --kernels-only --json /tmp/flex-sweep.json \
         --flex-configs '[{"block_size": 64}, {"kernel_options": {"BLOCK_M": 64, "BLOCK_N": 64}}]'
@@ -110,11 +111,16 @@ def dense_step_seconds(model, input_ids: torch.Tensor, warmup: int, repeats: int
     return seconds
 
 
-SEARCH_OPTIONS = ("compile", "skip")  # NAME+compile: --compile; NAME+skip: --skip-closed-gates
+# NAME+compile: --compile; NAME+skip: --skip-closed-gates; NAME+graphs: --compile with torch.compile's
+# mode="reduce-overhead" (the forwards and their backward replayed as CUDA graphs); NAME+cached: every step reads one
+# calibration sequence, so after the first the KL teacher's hidden state comes from the search's teacher cache (the
+# steady state of a search longer than its calibration set; without it every step is a new sequence).
+SEARCH_OPTIONS = ("compile", "skip", "graphs", "cached")
 
 
 def search_step_seconds(model, length: int, loss: str, backend: str, warmup: int, repeats: int,
-                        window: int, sinks: int, log_alpha_init: float = 5.0) -> tuple[list[float], list[float]]:
+                        window: int, sinks: int, log_alpha_init: float = 5.0,
+                        on_step=None) -> tuple[list[float], list[float]]:
     """consa's search loop itself, timed per step by its own metrics (each step ends in a host sync): the seconds
     and the share of closed heads of every step. ``backend`` may end in ``+compile`` (the search's ``--compile``)
     and / or ``+skip`` (``--skip-closed-gates``); ``log_alpha_init`` below the default 5 starts the gates partly
@@ -122,14 +128,70 @@ def search_step_seconds(model, length: int, loss: str, backend: str, warmup: int
     backend, *options = backend.split("+")
     settings = SearchSettings(granularity="kv-head-per-layer", sparsity=0.75, window=window, seq_len=length,
                               steps=warmup + repeats, loss=loss, attention_backend=backend, target_warmup_steps=0,
-                              compile="compile" in options, skip_closed_gates="skip" in options,
+                              compile=bool({"compile", "graphs"} & set(options)), skip_closed_gates="skip" in options,
                               log_alpha_init=log_alpha_init)
-    sequences = torch.randint(0, model.config.vocab_size, (settings.steps, length),
+    sequences = torch.randint(0, model.config.vocab_size, (1 if "cached" in options else settings.steps, length),
                               generator=torch.Generator().manual_seed(1))
-    result = run_search(settings, model, sequences, sinks)
+    if "graphs" in options:
+        import consa_cli.search
+
+        plain = consa_cli.search.compile_forward
+        consa_cli.search.compile_forward = partial(torch.compile, dynamic=False, mode="reduce-overhead")
+        try:
+            result = run_search(settings, model, sequences, sinks, on_step=on_step)
+        finally:
+            consa_cli.search.compile_forward = plain
+    else:
+        result = run_search(settings, model, sequences, sinks, on_step=on_step)
     assert result.allocation.metadata["attention_backend"] == backend
     return [record["seconds"] for record in result.metrics], [record.get("closed_heads", 0.0)
                                                               for record in result.metrics]
+
+
+def kernel_milliseconds_per_step(profiler, steps: int) -> float:
+    """Device time of every kernel and copy the profiler saw, per step (one stream: the time the device was busy)."""
+    return sum(event.self_device_time_total for event in profiler.key_averages()) / 1000 / steps
+
+
+def device_busy(model, input_ids: torch.Tensor, length: int, losses: list[str], backends: list[str], args) -> dict:
+    """Per step, the device's kernel time against the step's wall time, for the dense step and each search: the share
+    of the step the device was busy (the rest it waited for the host). Timed steps after the warm-up only, under
+    torch.profiler (CUDA activity only); the wall time is the profiled steps' own median, profiler overhead
+    included, so the busy share is a lower bound."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rows = {}
+    # (On a CPU, for a smoke test: the CPU activity, whose events have no device time.)
+    activities = [ProfilerActivity.CUDA if input_ids.is_cuda else ProfilerActivity.CPU]
+    profiler = profile(activities=activities)
+    dense_step_seconds(model, input_ids, args.warmup, 0)
+    with profiler:
+        wall = dense_step_seconds(model, input_ids, 0, args.repeats)
+    rows["dense"] = {"wall_ms": round(1000 * statistics.median(wall), 1),
+                     "kernel_ms": round(kernel_milliseconds_per_step(profiler, args.repeats), 1)}
+    for loss in losses:
+        for backend in backends:
+            profiler = profile(activities=activities)
+
+            def around(record, profiler=profiler):
+                if record["step"] == args.warmup:
+                    profiler.start()
+                elif record["step"] == args.warmup + args.repeats:
+                    profiler.stop()
+
+            try:
+                seconds, _ = search_step_seconds(model, length, loss, backend, args.warmup, args.repeats,
+                                                 args.window, args.sink_tokens, args.log_alpha_init, on_step=around)
+            except Exception as error:  # noqa: BLE001 -- recorded; the others still run
+                rows[f"{loss}/{backend}"] = {"failed": failure(error)}
+                continue
+            rows[f"{loss}/{backend}"] = {
+                "wall_ms": round(1000 * statistics.median(seconds[args.warmup:]), 1),
+                "kernel_ms": round(kernel_milliseconds_per_step(profiler, args.repeats), 1)}
+    for row in rows.values():
+        if "wall_ms" in row:
+            row["busy_share"] = round(row["kernel_ms"] / row["wall_ms"], 3) if row["wall_ms"] else None
+    return {"tokens": length, **rows}
 
 
 def register_chunked_flex(chunk: int) -> str:
@@ -211,7 +273,8 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=["flex", "sdpa"],
                         help="search backends to time, space- or comma-separated (flex, flash, sdpa, eager); "
                              "NAME+compile times the search's --compile with that backend, NAME+skip its "
-                             "--skip-closed-gates")
+                             "--skip-closed-gates, NAME+graphs --compile as CUDA graphs (mode reduce-overhead), "
+                             "NAME+cached the KL teacher read from the search's cache (one sequence revisited)")
     parser.add_argument("--log-alpha-init", type=float, default=5.0,
                         help="the gates' starting log_alpha (search default 5: all open); lower values start them "
                              "partly closed, as later in a search, for NAME+skip rows")
@@ -224,6 +287,10 @@ def main() -> None:
                              "order; the row pools the rounds' timed steps and lists each round's ratio "
                              "(X_vs_dense_rounds: that round's dense median over its median), so run-to-run drift "
                              "shows and hits both sides of a comparison")
+    parser.add_argument("--recipe-sequences", type=int, default=126,
+                        help="distinct calibration sequences of the recipe (embedded:enwiki at 4096 tokens: 126 with "
+                             "the SmolLM2 tokenizer, the one here; Qwen3's may differ a little), for the projected "
+                             "recipe time of NAME+cached rows")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model of the same layout (smoke test, CPU)")
     parser.add_argument("--flex-configs", default="[]",
                         help='JSON list of flex tuning candidates timed in the kernel-alone rows, e.g. '
@@ -234,6 +301,10 @@ def main() -> None:
     parser.add_argument("--steps-only", action="store_true", help="skip the attention-alone rows")
     parser.add_argument("--flex-query-chunks", type=int, nargs="*", default=[],
                         help="also time flex with its window over query chunks of each size (backends flex-qcN)")
+    parser.add_argument("--device-busy", action="store_true",
+                        help="instead of the timed rows: the device's kernel time per step against the step's wall "
+                             "time (torch.profiler), for the dense step and each search (is the step bound by the "
+                             "host?)")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
     args.backends = [name for entry in args.backends for name in entry.split(",") if name]
@@ -245,7 +316,7 @@ def main() -> None:
                       or not set(name.split("+")[1:]) <= set(SEARCH_OPTIONS)})
     if unknown:
         parser.error(f"unknown --backends {', '.join(unknown)}; choose from {', '.join(ATTENTION_BACKENDS)}, each "
-                     "optionally with +compile and / or +skip")
+                     "optionally with +compile, +graphs, +skip and / or +cached")
     flex_configs = json.loads(args.flex_configs)
     if flex_configs or chunked:
         # Every candidate is another compiled graph of the same function, and dynamo's default recompile limit
@@ -283,6 +354,12 @@ def main() -> None:
         if args.kernels_only:
             continue
         input_ids = torch.randint(0, shape["vocab_size"], (1, length), device=device)
+        if args.device_busy:
+            report.setdefault("device_busy", []).append(device_busy(model, input_ids, length, args.losses, backends,
+                                                                    args))
+            print(report["device_busy"][-1], flush=True)
+            save()
+            continue
         dense_medians, dense_peak = [], None
         steps = {(loss, backend): [] for loss in args.losses for backend in backends}  # timed seconds, all rounds
         round_ratios = {(loss, backend): [] for loss in args.losses for backend in backends}
@@ -315,12 +392,22 @@ def main() -> None:
                     row[f"{backend}_warmup_s"] = round(sum(seconds[:args.warmup]), 1)
                     if "skip" in backend.split("+")[1:]:
                         row[f"{backend}_closed_heads"] = round(statistics.mean(closed[args.warmup:]), 3)
-                    if length == recipe["seq_len"] and loss == recipe["loss"]:
+                    if length == recipe["seq_len"] and loss == recipe["loss"] and "cached" not in backend.split("+"):
                         step = statistics.median(seconds[args.warmup:])
                         row[f"{backend}_projected_recipe_minutes"] = round(
                             (sum(seconds[:args.warmup]) + step * (recipe["steps"] - args.warmup)) / 60, 1)
         for loss, row in rows.items():
             for backend in backends:
+                uncached = "+".join(part for part in backend.split("+") if part != "cached")
+                if (loss == "kl" and length == recipe["seq_len"] and backend != uncached and steps[loss, backend]
+                        and steps[loss, uncached] and loss == recipe["loss"]):
+                    # The recipe with the teacher cache: a teacher forward at the first visit of each of its
+                    # sequences (the uncached step), the cached step at every later one.
+                    first_visits = min(args.recipe_sequences, recipe["steps"])
+                    computing, recalling = statistics.median(steps[loss, uncached]), statistics.median(steps[loss, backend])
+                    row[f"{backend}_projected_recipe_minutes"] = round(
+                        (row[f"{uncached}_warmup_s"] + computing * (first_visits - args.warmup)
+                         + recalling * (recipe["steps"] - first_visits)) / 60, 2)
                 if steps[loss, backend]:
                     row[f"{backend}_seconds"] = statistics.median(steps[loss, backend])
                     if args.rounds > 1:

@@ -60,6 +60,28 @@ def test_sample_asks_for_a_fact_beyond_the_window_and_scores_only_its_answer(cha
         assert int(mask.sum()) == len(answer) and answer.strip()
 
 
+def test_an_intro_opens_the_sample_and_leaves_its_facts_as_they_were(char_tokenizer):
+    """intro=True: CALIBRATION_INTRO after the first token, the same facts and answer, every needle still beyond
+    the window; mix_retrieval passes it to every retrieval sample and leaves the text rows alone."""
+    from consa_cli.calibration import CALIBRATION_INTRO
+
+    length = 900
+    ids = char_tokenizer("the quick brown fox jumps over the lazy dog. " * 200, add_special_tokens=False)["input_ids"]
+    text = torch.tensor(ids[: 2 * length]).view(2, length)
+    for fmt in ("room-code", "locker-number"):
+        plain, plain_mask = retrieval_sample(char_tokenizer, text[0], fmt, random.Random(4), WINDOW)
+        ids, mask = retrieval_sample(char_tokenizer, text[0], fmt, random.Random(4), WINDOW, intro=True)
+        assert ids.shape == mask.shape == (length,)
+        assert char_tokenizer.decode(ids[1:]).startswith(CALIBRATION_INTRO)
+        assert torch.equal(ids[mask.roll(1)], plain[plain_mask.roll(1)])  # the same answer
+        question = char_tokenizer.decode(ids).rsplit("\n", 1)[1]
+        assert question == char_tokenizer.decode(plain).rsplit("\n", 1)[1]  # the same fact asked
+    mixed = mix_retrieval(text, char_tokenizer, 0.5, WINDOW, seed=0, intro=True)
+    assert torch.equal(mixed.sequences[:2], text)
+    assert all(char_tokenizer.decode(row[1:]).startswith(CALIBRATION_INTRO) for row in mixed.sequences[2:])
+    assert mixed.loss_mask[2:].sum(dim=1).min() > 0 and not mixed.loss_mask[2:, :-8].any()  # answers at the end
+
+
 def test_mixture_has_the_requested_share_is_seeded_and_keeps_text_rows(char_tokenizer):
     text = text_sequences(char_tokenizer)
     mixed = mix_retrieval(text, char_tokenizer, 0.25, WINDOW, seed=0)
@@ -416,3 +438,7 @@ def test_head_effects_toggle_each_head_alone_and_rank_the_signals_against_the_ev
     assert summary["same"]["add_spearman"] == 1.0 and summary["same"]["top2_overlap"] == 2
     assert summary["reversed"]["add_spearman"] == -1.0 and summary["reversed"]["top2_overlap"] == 0
     assert summary["same"]["add_p"] < 0.05 < summary["reversed"]["add_p"]
+    assert effects_module.split_signal("room-code,home-city", "text") == ("room-code,home-city", "text", False)
+    assert effects_module.split_signal("word-list@filler+intro", "text") == ("word-list", "filler", True)
+    with pytest.raises(ValueError, match="only \\+intro"):
+        effects_module.split_signal("word-list+fast", "text")

@@ -97,6 +97,20 @@ def test_prompts_have_exactly_the_requested_token_length(char_tokenizer, task):
         assert re.fullmatch(r" \d{5,7}", sample.answer_text)
 
 
+def test_prompts_without_the_instruction_keep_their_length_and_puzzle(char_tokenizer):
+    """intro=False (head_effects' diagnostic): no opening instruction, the same length, answer and question."""
+    from consa_cli.retrieval import _INTROS
+
+    for task in TASKS:
+        plain = make_samples(task, char_tokenizer, [600], [0.5], 2, seed=0, filler=FILLER)
+        bare = make_samples(task, char_tokenizer, [600], [0.5], 2, seed=0, filler=FILLER, intro=False)
+        for with_intro, without in zip(plain, bare, strict=True):
+            text = char_tokenizer.decode(without.prompt_ids)
+            assert _INTROS[task] in char_tokenizer.decode(with_intro.prompt_ids) and _INTROS[task] not in text
+            assert without.prompt_ids.shape == (600,) and without.answer_text == with_intro.answer_text
+            assert text.rsplit("\n", 1)[1] == char_tokenizer.decode(with_intro.prompt_ids).rsplit("\n", 1)[1]
+
+
 @pytest.mark.parametrize("task", TASKS)
 def test_needle_sits_at_the_requested_depth(char_tokenizer, task):
     samples = make_samples(task, char_tokenizer, [1500], DEPTHS, 1, seed=1, filler=FILLER)

@@ -25,6 +25,7 @@ from consa_cli.search import (
     target_at,
 )
 from consa_cli.settings import LOSSES, SearchSettings, SettingsError, build_settings
+from consa_cli.teacher import logits_from_hidden
 
 SEQUENCES = torch.randint(0, 96, (16, 64), generator=torch.Generator().manual_seed(3))
 
@@ -310,9 +311,9 @@ def test_mixed_batch_loss_adds_each_sequences_own_loss(chunk_elements, monkeypat
 
 
 def count_forwards(model) -> list[int]:
-    """The batch size of every forward ``model`` runs from now on."""
+    """The batch size of every forward of ``model``'s decoder from now on (the student's and the teacher's)."""
     batches = []
-    model.register_forward_hook(lambda module, args, kwargs, output: batches.append(kwargs["input_ids"].shape[0]),
+    model.base_model.register_forward_hook(lambda module, args, kwargs, output: batches.append(kwargs["input_ids"].shape[0]),
                                 with_kwargs=True)
     return batches
 
@@ -323,9 +324,12 @@ def count_forwards(model) -> list[int]:
 def test_teacher_runs_only_on_the_sequences_that_need_kl(loss, retrieval_loss, per_step):
     model = tiny_model("llama")
     batches = count_forwards(model)
-    run_search(settings(steps=3, batch_size=16, loss=loss, retrieval_loss=retrieval_loss), model,
-               mixed_calibration(), sink_tokens=2)
+    common = dict(steps=3, batch_size=16, loss=loss, retrieval_loss=retrieval_loss)
+    run_search(settings(**common, teacher_cache_gib=0.0), model, mixed_calibration(), sink_tokens=2)
     assert batches == per_step * 3  # every step sees all 16 sequences: 8 of text, 8 of retrieval
+    batches.clear()
+    run_search(settings(**common), model, mixed_calibration(), sink_tokens=2)  # teacher cache on (the default)
+    assert batches == per_step + [16, 16]  # the same sequences again: the teacher ran at the first step only
 
 
 def test_retrieval_loss_changes_only_what_retrieval_rows_learn():
@@ -349,9 +353,9 @@ def test_kl_teacher_is_the_original_model_even_when_it_is_natively_hybrid():
 
     def record(module, args, kwargs, output):
         if not torch.is_grad_enabled():  # the teacher forward is the only one without gradients
-            teacher_calls.append((kwargs["input_ids"], output.logits))
+            teacher_calls.append((kwargs["input_ids"], logits_from_hidden(model, output.last_hidden_state)))
 
-    handle = model.register_forward_hook(record, with_kwargs=True)
+    handle = model.base_model.register_forward_hook(record, with_kwargs=True)
     try:
         run_search(settings(steps=2, loss="kl", granularity="kv-head"), model, SEQUENCES, sink_tokens=0)
     finally:
@@ -401,6 +405,28 @@ def test_search_speed_bench_times_the_skipping_search_on_a_tiny_model(monkeypatc
         assert len(row["sdpa_vs_dense_rounds"]) == 3 and len(row["eager_vs_dense_rounds"]) == 3
         assert all(ratio > 0 for ratio in row["sdpa_vs_dense_rounds"] + row["eager_vs_dense_rounds"])
         assert row["sdpa_tokens_per_s"] > 0 and row["eager_tokens_per_s"] > 0
+    # +cached: one calibration sequence, so the KL teacher comes from the search's cache after the first step; the
+    # recipe's projection takes a teacher forward at the first visit of each of its sequences, the cache after.
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("seq_len: 64\nsteps: 10\nloss: kl\nwindow: 16\n")
+    monkeypatch.setattr(module, "RECIPE", recipe)
+    monkeypatch.setattr("sys.argv", ["search_speed.py", "--tiny", "--lengths", "64", "--losses", "kl", "--window",
+                                     "16", "--warmup", "1", "--repeats", "2", "--backends", "sdpa,sdpa+cached",
+                                     "--recipe-sequences", "4", "--json", str(out)])
+    module.main()
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["sdpa+cached_tokens_per_s"] > 0 and row["sdpa_projected_recipe_minutes"] >= 0
+    computing, recalling = 64 / row["sdpa_tokens_per_s"], 64 / row["sdpa+cached_tokens_per_s"]
+    expected = (row["sdpa_warmup_s"] + computing * 3 + recalling * 6) / 60
+    assert row["sdpa+cached_projected_recipe_minutes"] == pytest.approx(expected, abs=0.006)
+    # --device-busy: kernel time against wall time per step (no device time on a CPU: the structure only)
+    monkeypatch.setattr("sys.argv", ["search_speed.py", "--tiny", "--lengths", "64", "--losses", "kl", "--window",
+                                     "16", "--warmup", "1", "--repeats", "2", "--backends", "sdpa", "--device-busy",
+                                     "--json", str(out)])
+    module.main()
+    busy = json.loads(out.read_text())["device_busy"][0]
+    assert set(busy) == {"tokens", "dense", "kl/sdpa"} and busy["kl/sdpa"]["wall_ms"] > 0
+    assert busy["dense"]["kernel_ms"] == 0.0 and busy["dense"]["busy_share"] == 0.0
     monkeypatch.setattr("sys.argv", ["search_speed.py", "--tiny", "--backends", "sdpa+fast", "--json", str(out)])
     with pytest.raises(SystemExit):
         module.main()

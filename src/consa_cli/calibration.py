@@ -168,9 +168,17 @@ def filler_haystack(tokenizer: PreTrainedTokenizerBase, length: int, start: int)
     return torch.tensor(ids[:length], dtype=torch.long)
 
 
+# An instruction before the haystack, as long-context retrieval prompts have (the evaluation's tasks open with one),
+# in words none of the evaluation's instructions use (consa_cli.retrieval._INTROS).
+CALIBRATION_INTRO = ("Below is a long document with a few facts hidden in it. Read it carefully, because a question "
+                     "about one of those facts follows at the end.")
+
+
 def retrieval_sample(tokenizer: PreTrainedTokenizerBase, text_ids: torch.LongTensor, fmt: str,
-                     rng: random.Random, window: int) -> tuple[torch.LongTensor, torch.BoolTensor]:
-    """One retrieval calibration sample as long as ``text_ids``: text with needles, then question and answer.
+                     rng: random.Random, window: int, intro: bool = False) -> tuple[torch.LongTensor,
+                                                                                     torch.BoolTensor]:
+    """One retrieval calibration sample as long as ``text_ids``: text with needles, then question and answer;
+    with ``intro``, :data:`CALIBRATION_INTRO` first (the text is cut by its length).
 
     Every needle sits more than ``window`` tokens before the answer, so a sliding-window unit cannot see it and
     only full-attention units can carry the fact to the answer.
@@ -186,14 +194,18 @@ def retrieval_sample(tokenizer: PreTrainedTokenizerBase, text_ids: torch.LongTen
     needles = [encode(needle) for needle, _, _ in facts]
     tail = encode(question_text) + encode(answer_text)
     answer_len = len(encode(answer_text))
+    head = encode(CALIBRATION_INTRO) if intro else []
     length = len(text_ids)
-    text_budget = length - len(tail) - sum(map(len, needles))
+    text_budget = length - len(head) - len(tail) - sum(map(len, needles))
     latest = text_budget - window  # a needle ending here still lies beyond the window of the first answer token
     if latest < 1:
         raise DataError(f"--seq-len {length} is too short for retrieval calibration with --window {window}: the "
                         "needles must lie a full window before the question")
     positions = sorted(rng.randrange(1, latest) for _ in needles)  # after the first token (BOS or not)
     text = text_ids[:text_budget].tolist()
+    if head:  # after the text's first token (a BOS where the tokenizer puts one), as the evaluation's instruction
+        text = text[:1] + head + text[1:]
+        positions = [position + len(head) for position in positions]
     ids: list[int] = []
     previous = 0
     for position, needle in zip(positions, needles, strict=True):
@@ -208,14 +220,16 @@ def retrieval_sample(tokenizer: PreTrainedTokenizerBase, text_ids: torch.LongTen
 def mix_retrieval(text: torch.LongTensor, tokenizer: PreTrainedTokenizerBase, retrieval_fraction: float,
                   window: int, seed: int, formats: str = DEFAULT_CALIBRATION_FORMATS,
                   haystack: str = DEFAULT_CALIBRATION_HAYSTACK,
-                  keep: Callable[[torch.LongTensor, torch.BoolTensor], bool] | None = None) -> CalibrationSet:
+                  keep: Callable[[torch.LongTensor, torch.BoolTensor], bool] | None = None,
+                  intro: bool = False) -> CalibrationSet:
     """Calibration set of ``text`` sequences plus retrieval samples making up ``retrieval_fraction`` of it.
 
     The retrieval samples take the ``formats`` (comma-separated) in turn; their ``haystack`` is text sequences of
     the same calibration split (``text``, cycled) or :func:`filler_haystack` from a seeded sentence (``filler``).
     Everything depends only on ``seed``; the facts and needle positions do not depend on ``haystack``. ``keep``
     (``sample ids, loss mask -> bool``): only samples it accepts are used, drawn until ``count`` are (at most
-    :data:`MAX_DRAWS_PER_SAMPLE` draws per sample needed; see :func:`answered_by`).
+    :data:`MAX_DRAWS_PER_SAMPLE` draws per sample needed; see :func:`answered_by`). ``intro``: each sample opens
+    with :data:`CALIBRATION_INTRO`.
     """
     cycle = parse_formats(formats)
     check_haystack(haystack)
@@ -237,7 +251,7 @@ def mix_retrieval(text: torch.LongTensor, tokenizer: PreTrainedTokenizerBase, re
                             "--retrieval-filter none")
         haystack_ids = (text[(tries * 7 + 3) % len(text)] if haystack == "text"
                         else filler_haystack(tokenizer, length, filler_rng.randrange(len(CALIBRATION_FILLER))))
-        sample = retrieval_sample(tokenizer, haystack_ids, cycle[tries % len(cycle)], rng, window)
+        sample = retrieval_sample(tokenizer, haystack_ids, cycle[tries % len(cycle)], rng, window, intro)
         tries += 1
         if keep is None or keep(*sample):
             samples.append(sample)

@@ -174,6 +174,11 @@ def search(
                                            "0 this step (l0): the same losses and gradients, less work as gates close; "
                                            "not with --compile. \\[default: on for CUDA searches of 8192 or more "
                                            "tokens per sequence without --compile, else off]"),
+    teacher_cache_gib: float = typer.Option(None, help="Keep the KL teacher's last hidden state of each calibration "
+                                            "sequence the search visits again, up to this many GiB on the search's "
+                                            "device: a revisit then costs the output head instead of a teacher "
+                                            "forward (the same numbers); 0 recomputes every visit. "
+                                            f"{_default('teacher_cache_gib')}"),
     output: str = typer.Option(None, "--output", "-o", help=f"Run directory to write. {_default('output')}"),
     checkpoint_every: int = typer.Option(None, help="Steps between checkpoints (checkpoint.safetensors in the run "
                                          "directory, for --resume); 0: only when interrupted and at the end. "
@@ -181,8 +186,8 @@ def search(
     resume: Path = typer.Option(None, "--resume", metavar="RUN_DIR", help="Continue the run in RUN_DIR from its last "
                                 "checkpoint (after Ctrl-C, a kill or a NaN), ending exactly as an uninterrupted run "
                                 "would; or extend a finished run with a higher --steps. It keeps its own settings: "
-                                "only --steps, --gate-lr, --multiplier-lr, --penalty-init and --checkpoint-every may "
-                                "change."),
+                                "only --steps, --gate-lr, --multiplier-lr, --penalty-init, --checkpoint-every, "
+                                "--compile, --skip-closed-gates and --teacher-cache-gib may change."),
     recipe: Path = typer.Option(None, help="YAML file of settings (see recipes/); flags override it."),
     force: bool = typer.Option(False, help="Overwrite an existing run directory."),
 ):
@@ -204,7 +209,8 @@ def search(
             gate_lr=gate_lr,
             multiplier_lr=multiplier_lr, target_warmup_steps=target_warmup_steps, penalty_init=penalty_init,
             dtype=dtype, device=device, attention_backend=attention_backend, compile=compile,
-            skip_closed_gates=skip_closed_gates, output=output, checkpoint_every=checkpoint_every,
+            skip_closed_gates=skip_closed_gates, teacher_cache_gib=teacher_cache_gib, output=output,
+            checkpoint_every=checkpoint_every,
         )
         checkpoint = None
         if resume is None:

@@ -120,11 +120,13 @@ def make_samples(
     samples_per_cell: int,
     seed: int,
     filler: list[str] | None = None,
+    intro: bool = True,
 ) -> list[RetrievalSample]:
     """``samples_per_cell`` samples of ``task`` for every (length, depth), listed cell by cell.
 
     Every prompt is exactly ``length`` tokens of ``tokenizer``: the tokens it puts before a text by default
-    (BOS, if any), a short instruction, the haystack with the needles, and the question. The haystack is
+    (BOS, if any), a short instruction (none with ``intro`` False, a diagnostic), the haystack with the needles,
+    and the question. The haystack is
     ``filler`` (default: the :data:`DEFAULT_HAYSTACK`'s) cycled from a seeded sentence, the first one cut to fit.
     A needle at depth ``d`` (0 = start of the haystack, 1 = just before the question) goes to the sentence
     boundary nearest ``d`` of the haystack's filler tokens. Each sample depends only on ``seed``, the task,
@@ -141,7 +143,7 @@ def make_samples(
     encoded = _encode_pieces(tokenizer, [" " + text for text in texts])
     sentences = [(text, ids) for text, ids in zip(texts, encoded, strict=True) if ids]
     lead = _leading_special_ids(tokenizer)
-    intro = tokenizer(_INTROS[task], add_special_tokens=False)["input_ids"]
+    intro = tokenizer(_INTROS[task], add_special_tokens=False)["input_ids"] if intro else []
     samples = []
     for length in lengths:
         for depth in depths:

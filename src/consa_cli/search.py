@@ -57,6 +57,7 @@ from consa_cli.kernels import flash_supported, flex_supported
 from consa_cli.losses import plan_search_loss, search_loss
 from consa_cli.models import DEFAULT_MODEL
 from consa_cli.settings import RESUMABLE, SearchSettings, SettingsError, settings_to_dict
+from consa_cli.teacher import TeacherCache, remaining_visits
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
@@ -310,6 +311,21 @@ def run_search(
         if prepare is not None:  # e.g. flex's block mask, which the graph then reads instead of rebuilding
             prepare(calibration.sequences.shape[1], settings.window, sink_tokens, device, batch=settings.batch_size)
         forward = compile_forward(model)
+    is_kl = [(settings.retrieval_loss if retrieval else settings.loss) == "kl"
+             for retrieval in calibration.is_retrieval.tolist()]
+    teacher = None
+    if any(is_kl):
+        decoder = model.base_model
+        decoder_forward = compile_forward(decoder) if settings.compile else decoder
+
+        def teacher_hidden(ids: torch.Tensor) -> torch.Tensor:
+            # Its own attention, not all-full: for a natively hybrid model (Gemma3) that is its own pattern.
+            with torch.no_grad(), original_attention(model):
+                return decoder_forward(input_ids=ids, use_cache=False).last_hidden_state
+
+        teacher = TeacherCache(model, teacher_hidden,
+                               remaining_visits(order, settings.batch_size, first_step, settings.steps, is_kl),
+                               int(settings.teacher_cache_gib * 2**30))
     metrics_file = metrics_path.open("a" if resume is not None else "w") if metrics_path is not None else None
     try:
         with deferred_stop_signals(active=checkpoint_dir is not None) as stop_signals:
@@ -333,10 +349,8 @@ def run_search(
                 teacher_logits = None
                 kl_rows = [row for row, loss in enumerate(losses) if loss == "kl"]
                 if kl_rows:  # the original model's predictions, for the sequences whose loss has a teacher
-                    # Its own attention, not all-full: for a natively hybrid model (Gemma3) that is its own pattern.
                     teacher_ids = input_ids if len(kl_rows) == len(losses) else input_ids[kl_rows]
-                    with torch.no_grad(), original_attention(model):
-                        teacher_logits = forward(input_ids=teacher_ids, use_cache=False).logits
+                    teacher_logits = teacher.logits([int(batch_idx[row]) for row in kl_rows], teacher_ids)
 
                 logits = forward(input_ids=input_ids, use_cache=False).logits
                 task_loss = search_loss(logits, input_ids, None, losses, teacher_logits, plan=loss_plan)
@@ -413,6 +427,8 @@ def run_search(
         "attention_backend": attention_backend,
         "skip_closed_gates": skip_closed,
     }
+    if teacher is not None:  # teacher forwards run, and those a kept hidden state made unnecessary
+        allocation.metadata["teacher_forwards"] = {"computed": teacher.computed, "recalled": teacher.recalled}
     if resumes:
         allocation.metadata["resumes"] = resumes
     return SearchResult(allocation=allocation, metrics=metrics, seconds=time.perf_counter() - started,
@@ -604,7 +620,7 @@ def search(settings: SearchSettings, force: bool = False, on_start: Callable[[di
 
 SEED_RUN_PREFIX = "seed-"
 # Settings that never change what a search computes.
-IGNORED_ON_RESTART = ("checkpoint_every", "compile", "skip_closed_gates")
+IGNORED_ON_RESTART = ("checkpoint_every", "compile", "skip_closed_gates", "teacher_cache_gib")
 # What a run directory of several seeds holds besides the seeds' own run directories.
 SEEDS_RUN_FILES = (ALLOCATION_FILE, RUN_FILE)
 

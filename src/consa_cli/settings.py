@@ -98,6 +98,10 @@ class SearchSettings:
     # losses and gradients, less work as gates close. Read on the host once per step. None: on where it was measured
     # to pay (consa_cli.search.skips_closed_gates: CUDA, long sequences, not compiled).
     skip_closed_gates: bool | None = None
+    # The KL teacher's last hidden state of each calibration sequence the search will visit again, kept on the
+    # search's device up to this many GiB (consa_cli.teacher): a revisit costs the output head, not a forward. Same
+    # numbers either way; 0 recomputes every visit.
+    teacher_cache_gib: float = 4.0
     output: str = "runs/search"
     checkpoint_every: int = 25  # steps between checkpoints; 0: only when interrupted and at the end
 
@@ -129,6 +133,8 @@ class SearchSettings:
                                 "would be another compiled graph)")
         if self.l1_weight < 0:
             raise SettingsError(f"--l1-weight must be >= 0, got {self.l1_weight}")
+        if not self.teacher_cache_gib >= 0:  # (also NaN)
+            raise SettingsError(f"--teacher-cache-gib must be >= 0, got {self.teacher_cache_gib}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise SettingsError(f"--attention-backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
                                 f"got '{self.attention_backend}'")
@@ -211,7 +217,8 @@ def settings_to_dict(settings) -> dict[str, Any]:
 
 # What `consa search --resume` may change: the step budget, the optimiser's rates (to get past a NaN, say) and how
 # often to checkpoint. Every other setting decides what the run computes, so it must stay as the run began.
-RESUMABLE = ("steps", "gate_lr", "multiplier_lr", "penalty_init", "checkpoint_every", "compile", "skip_closed_gates")
+RESUMABLE = ("steps", "gate_lr", "multiplier_lr", "penalty_init", "checkpoint_every", "compile", "skip_closed_gates",
+             "teacher_cache_gib")
 
 
 def resumed_settings(saved: dict[str, Any], run_dir: str | Path, completed_steps: int,
