@@ -430,3 +430,32 @@ def test_search_speed_bench_times_the_skipping_search_on_a_tiny_model(monkeypatc
     monkeypatch.setattr("sys.argv", ["search_speed.py", "--tiny", "--backends", "sdpa+fast", "--json", str(out)])
     with pytest.raises(SystemExit):
         module.main()
+
+
+def test_the_step_split_at_the_relaxed_weights_has_the_search_steps_gradient(monkeypatch, tmp_path):
+    """bench/graph_step.py (the CUDA-graph prototype) splits the step at a static leaf of relaxed weights and sends
+    the leaf's gradient on through the gate sample: the same loss and log_alpha gradient as one backward; and the
+    script runs on a CPU without graphs."""
+    from consa_cli.attention import install_hybrid, remove_hybrid
+
+    module = bench_module("graph_step", monkeypatch)
+    model = tiny_model("qwen3")
+    layout = UnitLayout("kv-head", model.config.num_hidden_layers, model.config.num_key_value_heads)
+    gates = HardConcreteGates(layout.num_units, -0.5, 2.0 / 3.0, -0.1, 1.1)
+    ids = SEQUENCES[:1]
+    install_hybrid(model, torch.ones(layout.num_layers, layout.num_kv_heads, dtype=torch.bool), 8, 2)
+    try:
+        plain = module.plain_step(model, gates, layout, ids, torch.Generator().manual_seed(4))
+        plain_grad, gates.log_alpha.grad = gates.log_alpha.grad.clone(), None
+        gated = module.GatedLogits(model)
+        split = module.split_step(gated, gated, gates, layout, ids, torch.Generator().manual_seed(4))
+    finally:
+        remove_hybrid(model)
+    assert plain_grad.abs().max() > 0 and split == plain
+    torch.testing.assert_close(gates.log_alpha.grad, plain_grad, rtol=1e-5, atol=1e-7)
+    out = tmp_path / "graph.json"
+    monkeypatch.setattr("sys.argv", ["graph_step.py", "--tiny", "--lengths", "64", "--window", "16", "--warmup", "1",
+                                     "--repeats", "2", "--json", str(out)])
+    module.main()
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["plain_ms"] > 0 and row["split_ms"] > 0 and "graphed_ms" not in row  # no graphs on a CPU

@@ -1,0 +1,187 @@
+"""The search step with its gated forward and backward replayed as CUDA graphs: a prototype for issue 4.
+
+At 4096 tokens the search step's kernels take 0.83x of the dense step's kernel time, yet the step runs at
+0.5-0.8x dense, because the device idles half of every step waiting for the host to launch work
+(docs/benchmarks.md, session 12: ``search_speed.py --device-busy``). torch.compile's reduce-overhead mode made the
+step 6x slower. This prototype captures the step by hand, split at the relaxed weights:
+
+* a static leaf ``fa_weights [L, H]`` (a parameter of :class:`GatedLogits`, the only one that needs a gradient)
+  holds this step's relaxed weights, copied in from the gate sample;
+* the gated model's logits as a function of ``input_ids`` (and that leaf) are captured with
+  ``torch.cuda.make_graphed_callables``: one graph for the forward, one for the backward;
+* the loss stays eager (its chunks are compiled), and the gradient the backward leaves on the leaf is sent on
+  through the gate sample to ``log_alpha`` (``weights.backward(leaf.grad)``).
+
+By the chain rule that is the gradient of the search's single backward; ``tests/test_search.py`` checks the split
+on the CPU (:func:`split_step` against :func:`plain_step`), and on CUDA this script checks the graphed step against
+the eager split step before timing. Timed per round, in the same process: the dense step (as ``search_speed.py``),
+the plain search step, the eager split step and the graphed split step; LM loss, one sequence per step, flex.
+
+    python bench/graph_step.py --lengths 4096 8192 --rounds 2 --json docs/results/graph-step-h200.json
+
+Not yet run on a GPU (written in session 12, after the lease was spent): its first run says whether the graphs
+capture at all (the forward must not read the device from the host), are exact, and pay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from search_speed import QWEN3_0_6B, TINY, build_model, dense_step_seconds, failure, synchronize
+from torch import nn
+
+from consa_cli.attention import install_hybrid, remove_hybrid, set_fa_weights
+from consa_cli.losses import next_token_loss
+from consa_cli.search import HardConcreteGates, UnitLayout, environment_versions, resolve_attention_backend
+
+
+class GatedLogits(nn.Module):
+    """The gated model's logits as a function of ``input_ids``, its relaxed weights a parameter ``fa_weights``
+    (float32 ``[L, H]``) read by every attention module: what ``make_graphed_callables`` captures."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        config, device = model.config, next(model.parameters()).device
+        self.fa_weights = nn.Parameter(torch.ones(config.num_hidden_layers, config.num_key_value_heads,
+                                                  device=device))
+        set_fa_weights(model, self.fa_weights)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+def plain_step(model, gates, layout, input_ids, generator) -> torch.Tensor:
+    """The search's step (LM loss): one backward from the loss to ``log_alpha``; returns the loss."""
+    weights = layout.to_fa_weights(gates.sample(generator))
+    set_fa_weights(model, weights)
+    loss = next_token_loss(model(input_ids=input_ids, use_cache=False).logits, input_ids)
+    loss.backward()
+    return loss.detach()
+
+
+def split_step(gated: GatedLogits, forward, gates, layout, input_ids, generator) -> torch.Tensor:
+    """The same step split at the relaxed weights: ``forward`` (``gated`` or its graphed version) gives the logits,
+    the loss's backward leaves d loss / d weights on ``gated.fa_weights``, then it goes on to ``log_alpha``."""
+    weights = layout.to_fa_weights(gates.sample(generator))
+    with torch.no_grad():
+        gated.fa_weights.copy_(weights)
+    gated.fa_weights.grad = None
+    loss = next_token_loss(forward(input_ids), input_ids)
+    loss.backward()
+    weights.backward(gated.fa_weights.grad)
+    return loss.detach()
+
+
+def timed(step, device, warmup: int, repeats: int) -> list[float]:
+    seconds = []
+    for _ in range(warmup + repeats):
+        synchronize(device)
+        started = time.perf_counter()
+        step()
+        synchronize(device)
+        seconds.append(time.perf_counter() - started)
+    return seconds[warmup:]
+
+
+def measure(model, layout: UnitLayout, length: int, backend: str, device: torch.device, args) -> dict:
+    """One sequence length: the graphs' exactness against the eager split step, then the steps timed in rounds."""
+    config = model.config
+    input_ids = torch.randint(0, config.vocab_size, (1, length), device=device)
+    row = {"tokens": length, "backend": backend}
+    gates = HardConcreteGates(layout.num_units, -1.0, 2.0 / 3.0, -0.1, 1.1).to(device)  # gates partly open
+    install_hybrid(model, torch.ones(layout.num_layers, layout.num_kv_heads, dtype=torch.bool), args.window,
+                   args.sink_tokens, backend)
+    try:
+        # Two wrappers, each with its own leaf: make_graphed_callables replaces a module's forward by the graphs,
+        # and the graphs read the leaf that was installed while they were captured.
+        eager, graph_module = GatedLogits(model), None
+        generator = torch.Generator().manual_seed(0)
+        steps = {"plain": (None, lambda: plain_step(model, gates, layout, input_ids, generator)),
+                 "split": (eager, lambda: split_step(eager, eager, gates, layout, input_ids, generator))}
+        if device.type == "cuda":
+            try:
+                split_step(eager, eager, gates, layout, input_ids, generator)  # compile the kernels first
+                graph_module = GatedLogits(model)  # (installs its leaf for the capture)
+                graphed = torch.cuda.make_graphed_callables(graph_module, (input_ids,))
+                # Exact? The same gate sample through the eager and the graphed split step.
+                results = []
+                for wrapper in (eager, graph_module):
+                    set_fa_weights(model, wrapper.fa_weights)
+                    gates.log_alpha.grad = None
+                    loss = split_step(wrapper, graphed if wrapper is graph_module else eager, gates, layout,
+                                      input_ids, torch.Generator().manual_seed(1))
+                    results.append((loss.item(), gates.log_alpha.grad.clone()))
+                row["graphed_loss_difference"] = abs(results[0][0] - results[1][0])
+                row["graphed_grad_max_difference"] = (results[0][1] - results[1][1]).abs().max().item()
+                row["grad_max"] = results[0][1].abs().max().item()
+                steps["graphed"] = (graph_module, lambda: split_step(graph_module, graphed, gates, layout,
+                                                                     input_ids, generator))
+            except Exception as error:  # noqa: BLE001 -- recorded: whether the capture works is the question
+                row["graphed_failed"] = failure(error)
+        seconds = {name: [] for name in ("dense", *steps)}
+        for round_index in range(args.rounds):
+            order = list(seconds) if round_index % 2 == 0 else list(seconds)[::-1]
+            for name in order:
+                if name == "dense":
+                    remove_hybrid(model)
+                    seconds[name] += dense_step_seconds(model, input_ids, args.warmup, args.repeats)[
+                        args.warmup:]
+                    install_hybrid(model, torch.ones(layout.num_layers, layout.num_kv_heads, dtype=torch.bool),
+                                   args.window, args.sink_tokens, backend)
+                    continue
+                wrapper, step = steps[name]
+                if wrapper is not None:  # the leaf this step's forward reads (eagerly; the graphs have theirs)
+                    set_fa_weights(model, wrapper.fa_weights)
+                gates.log_alpha.grad = None
+                seconds[name] += timed(step, device, args.warmup, args.repeats)
+        dense = statistics.median(seconds["dense"])
+        for name, values in seconds.items():
+            row[f"{name}_ms"] = round(1000 * statistics.median(values), 2)
+            row[f"{name}_vs_dense"] = round(dense / statistics.median(values), 3)
+    finally:
+        remove_hybrid(model)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--sink-tokens", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=1, help="every other round in reverse order")
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model (on a CPU: no graphs, the rest runs)")
+    parser.add_argument("--json", type=Path, required=True)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(TINY if args.tiny else QWEN3_0_6B, device)
+    config = model.config
+    layout = UnitLayout("kv-head", config.num_hidden_layers, config.num_key_value_heads)
+    report = {"date": datetime.date.today().isoformat(), "command": "python " + " ".join(sys.argv),
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "versions": environment_versions(), "window": args.window, "sink_tokens": args.sink_tokens,
+              "rows": []}
+
+    def save() -> None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+    backend = resolve_attention_backend("auto", device, torch.bfloat16)
+    for length in args.lengths:
+        row = measure(model, layout, length, backend, device, args)
+        report["rows"].append(row)
+        print(row, flush=True)
+        save()
+
+
+if __name__ == "__main__":
+    main()
