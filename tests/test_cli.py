@@ -45,6 +45,7 @@ def test_search_export_eval_show_end_to_end(tmp_path, tiny_model_dir, tiny_text_
                     "--steps", "3", "--sparsity", "0.5", "--output", run_dir)
     assert result.exit_code == 0, result.output
     assert "learned kv-head allocation: 4/8 units full attention (sparsity 0.500)" in result.stdout
+    assert "KL teacher: 3 forwards run, 0 read from the cache." in result.stdout  # no sequence visited twice
     assert result.stderr == ""  # no library progress bars around consa's own output
     assert {p.name for p in run_dir.iterdir()} == {"allocation.safetensors", "checkpoint.safetensors", "metrics.jsonl", "run.json"}
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -295,7 +295,10 @@ def search(
             unanimous = sum(votes == len(meta["seeds"]) for votes in meta["unit_votes"])
             threshold = (f"vote of {len(meta['seeds'])} seeds ({', '.join(map(str, meta['seeds']))}): "
                          f"{unanimous} of its {allocation.num_full_units} full units kept by every seed. ")
-        console.print(f"{threshold}{result.seconds:.0f} s. Written to {settings.output}")
+        teacher = meta.get("teacher_forwards")
+        teacher = (f"KL teacher: {teacher['computed']} forwards run, {teacher['recalled']} read from the cache. "
+                   if teacher else "")
+        console.print(f"{threshold}{teacher}{result.seconds:.0f} s. Written to {settings.output}")
 
 
 def _print_mask(allocation) -> None:
