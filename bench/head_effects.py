@@ -18,7 +18,8 @@ measured on
 and each variant's effect is its NLL minus the base's. ``--extra-prompt-seeds`` adds evaluation prompt sets of
 other seeds and ``--no-intro-prompt-seeds`` ones without the tasks' opening instruction, each compared with the
 first like a signal (how far the evaluation's own ranking repeats: the ceiling for any signal); a signal ending in
-``+intro`` opens its samples with ``calibration.CALIBRATION_INTRO`` (docs/results.md 1g.12). Reported per signal: Spearman's rank correlation between its
+``+intro`` opens its samples with ``calibration.CALIBRATION_INTRO``, one with ``+answered`` keeps only samples the
+dense model answers (docs/results.md 1g.12). Reported per signal: Spearman's rank correlation between its
 add effects and the evaluation's over the sliding heads (with a permutation p value), the same for the remove
 effects, and how many of the evaluation's ``--top`` most helpful heads to add are among the signal's ``--top``.
 
@@ -45,7 +46,13 @@ from retrieval_greedy import EVALUATION_SEED, answer_batches, answer_nll
 
 from consa_cli.allocation import Allocation
 from consa_cli.attention import hybrid_attention, set_fa_weights
-from consa_cli.calibration import DEFAULT_CALIBRATION_HAYSTACK, check_haystack, mix_retrieval, parse_formats
+from consa_cli.calibration import (
+    DEFAULT_CALIBRATION_HAYSTACK,
+    answered_by,
+    check_haystack,
+    mix_retrieval,
+    parse_formats,
+)
 from consa_cli.data import DataError, load_token_sequences
 from consa_cli.models import load_model_and_tokenizer
 from consa_cli.retrieval import haystack_filler, make_samples
@@ -67,13 +74,19 @@ def calibration_batch(sequences: torch.Tensor, loss_mask: torch.Tensor, device) 
     return sequences.to(device), answers.to(device), width
 
 
-def split_signal(signal: str, default_haystack: str) -> tuple[str, str, bool]:
-    """``FORMATS[@HAYSTACK][+intro]`` -> (formats, haystack, intro)."""
-    signal, plus, option = signal.partition("+")
-    if plus and option != "intro":
-        raise ValueError(f"unknown signal option '+{option}' (only +intro)")
+SIGNAL_OPTIONS = ("intro", "answered")
+
+
+def split_signal(signal: str, default_haystack: str) -> tuple[str, str, set[str]]:
+    """``FORMATS[@HAYSTACK][+OPTION...]`` -> (formats, haystack, options): ``+intro`` opens every sample with
+    ``calibration.CALIBRATION_INTRO``; ``+answered`` keeps only samples the dense model answers (the search's
+    ``--retrieval-filter answered``)."""
+    signal, *options = signal.split("+")
+    unknown = [option for option in options if option not in SIGNAL_OPTIONS]
+    if unknown:
+        raise ValueError(f"unknown signal option '+{unknown[0]}' (choose from +{', +'.join(SIGNAL_OPTIONS)})")
     formats, _, haystack = signal.partition("@")
-    return formats, haystack or default_haystack, bool(plus)
+    return formats, haystack or default_haystack, set(options)
 
 
 def permutation_p(first: list[float], second: list[float], shuffles: int, seed: int = 0) -> float:
@@ -159,8 +172,9 @@ def main() -> None:
                              "heads serve the instruction rather than the needle")
     parser.add_argument("--signals", default="room-code,home-city",
                         help="';'-separated calibration signals, each a --retrieval-formats list, optionally with "
-                             "@HAYSTACK (text or filler; default --calibration-haystack), and +intro for samples "
-                             "that open with calibration.CALIBRATION_INTRO (e.g. room-code,home-city@filler+intro)")
+                             "@HAYSTACK (text or filler; default --calibration-haystack), +intro for samples that "
+                             "open with calibration.CALIBRATION_INTRO and +answered for only samples the dense "
+                             "model answers (e.g. room-code,home-city@filler+intro+answered)")
     parser.add_argument("--toggles", choices=("both", "add", "remove"), default="both",
                         help="which one-head variants: sliding heads made full (add), full heads made sliding "
                              "(remove), or both")
@@ -214,8 +228,14 @@ def main() -> None:
     text = load_token_sequences(args.data, tokenizer, args.seq_len, "calibration")[: args.calibration_samples]
     for signal in signals:
         # As many text rows as retrieval samples (fraction 0.5): only the retrieval rows are scored.
-        formats, haystack, intro = split_signal(signal, args.calibration_haystack)
-        mixed = mix_retrieval(text, tokenizer, 0.5, window, args.seed, formats, haystack, intro=intro)
+        formats, haystack, options = split_signal(signal, args.calibration_haystack)
+        # (answered: judged by the dense model, before the hybrid is installed below)
+        try:
+            mixed = mix_retrieval(text, tokenizer, 0.5, window, args.seed, formats, haystack,
+                                  keep=answered_by(model) if "answered" in options else None,
+                                  intro="intro" in options)
+        except DataError as error:
+            raise SystemExit(f"error: signal {signal}: {error}") from None
         retrieval = mixed.is_retrieval
         batches[signal] = [calibration_batch(mixed.sequences[retrieval], mixed.loss_mask[retrieval], device)]
     units = {"both": base.fa_mask.numel(), "add": int((~base.fa_mask).sum()), "remove": int(base.fa_mask.sum())}[

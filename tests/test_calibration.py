@@ -438,7 +438,9 @@ def test_head_effects_toggle_each_head_alone_and_rank_the_signals_against_the_ev
     assert summary["same"]["add_spearman"] == 1.0 and summary["same"]["top2_overlap"] == 2
     assert summary["reversed"]["add_spearman"] == -1.0 and summary["reversed"]["top2_overlap"] == 0
     assert summary["same"]["add_p"] < 0.05 < summary["reversed"]["add_p"]
-    assert effects_module.split_signal("room-code,home-city", "text") == ("room-code,home-city", "text", False)
-    assert effects_module.split_signal("word-list@filler+intro", "text") == ("word-list", "filler", True)
-    with pytest.raises(ValueError, match="only \\+intro"):
+    assert effects_module.split_signal("room-code,home-city", "text") == ("room-code,home-city", "text", set())
+    assert effects_module.split_signal("word-list@filler+intro", "text") == ("word-list", "filler", {"intro"})
+    assert effects_module.split_signal("word-list+answered+intro", "filler") == ("word-list", "filler",
+                                                                                  {"intro", "answered"})
+    with pytest.raises(ValueError, match="unknown signal option '\\+fast'"):
         effects_module.split_signal("word-list+fast", "text")
