@@ -69,19 +69,13 @@ class TeacherCache:
 
     def _hidden(self, sequence_ids: Sequence[int], input_ids: torch.Tensor) -> torch.Tensor:
         missing = [row for row, index in enumerate(sequence_ids) if index not in self.kept]
-        computed = None
-        if missing:
-            rows = input_ids if len(missing) == len(sequence_ids) else input_ids[missing]
-            computed = self.decoder_forward(rows)
-            self.computed += len(missing)
+        self.computed += len(missing)
         self.recalled += len(sequence_ids) - len(missing)
-        if computed is not None and len(missing) == len(sequence_ids):
-            hidden = computed
-        else:
-            parts, fresh = [], iter(range(len(missing)))
-            for row, index in enumerate(sequence_ids):
-                parts.append(computed[next(fresh)] if row in missing else self.kept[index])
-            hidden = torch.stack(parts)
+        if len(missing) == len(sequence_ids):
+            hidden = self.decoder_forward(input_ids)
+        else:  # the kept rows from the cache, the others from one forward over them, in batch order
+            fresh = iter(self.decoder_forward(input_ids[missing]) if missing else ())
+            hidden = torch.stack([self.kept[index] if index in self.kept else next(fresh) for index in sequence_ids])
         for row, index in enumerate(sequence_ids):
             self._after_visit(index, hidden[row])
         return hidden
