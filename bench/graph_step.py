@@ -31,6 +31,7 @@ import json
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -107,8 +108,17 @@ def measure(model, layout: UnitLayout, length: int, backend: str, device: torch.
         steps = {"plain": (None, lambda: plain_step(model, gates, layout, input_ids, generator)),
                  "split": (eager, lambda: split_step(eager, eager, gates, layout, input_ids, generator))}
         if device.type == "cuda":
+            split_step(eager, eager, gates, layout, input_ids, generator)  # compile the kernels first
+            # A forward or backward that waits for the device cannot be captured: find the first such wait.
+            torch.cuda.set_sync_debug_mode("error")
             try:
-                split_step(eager, eager, gates, layout, input_ids, generator)  # compile the kernels first
+                split_step(eager, eager, gates, layout, input_ids, generator)
+                row["synchronizes"] = None
+            except RuntimeError:
+                row["synchronizes"] = traceback.format_exc(limit=-8)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            try:
                 graph_module = GatedLogits(model)  # (installs its leaf for the capture)
                 graphed = torch.cuda.make_graphed_callables(graph_module, (input_ids,))
                 # Exact? The same gate sample through the eager and the graphed split step.
@@ -126,6 +136,7 @@ def measure(model, layout: UnitLayout, length: int, backend: str, device: torch.
                                                                      input_ids, generator))
             except Exception as error:  # noqa: BLE001 -- recorded: whether the capture works is the question
                 row["graphed_failed"] = failure(error)
+                row["graphed_traceback"] = traceback.format_exc(limit=-12)
         seconds = {name: [] for name in ("dense", *steps)}
         for round_index in range(args.rounds):
             order = list(seconds) if round_index % 2 == 0 else list(seconds)[::-1]
@@ -160,8 +171,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=1, help="every other round in reverse order")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model (on a CPU: no graphs, the rest runs)")
+    parser.add_argument("--no-cudnn-attention", action="store_true",
+                        help="SDPA without its cuDNN kernels (the capture of the cuDNN attention backward failed in "
+                             "session 13: 'operation would make the legacy stream depend on a capturing stream')")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
+    if args.no_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(TINY if args.tiny else QWEN3_0_6B, device)
     config = model.config
@@ -169,6 +185,7 @@ def main() -> None:
     report = {"date": datetime.date.today().isoformat(), "command": "python " + " ".join(sys.argv),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "versions": environment_versions(), "window": args.window, "sink_tokens": args.sink_tokens,
+              "cudnn_attention": not args.no_cudnn_attention,
               "rows": []}
 
     def save() -> None:
@@ -181,6 +198,8 @@ def main() -> None:
         report["rows"].append(row)
         print(row, flush=True)
         save()
+        if "graphed_failed" in row:  # (a failed capture leaves the CUDA generator unusable in this process)
+            break
 
 
 if __name__ == "__main__":

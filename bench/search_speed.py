@@ -114,8 +114,9 @@ def dense_step_seconds(model, input_ids: torch.Tensor, warmup: int, repeats: int
 # NAME+compile: --compile; NAME+skip: --skip-closed-gates; NAME+graphs: --compile with torch.compile's
 # mode="reduce-overhead" (the forwards and their backward replayed as CUDA graphs); NAME+cached: every step reads one
 # calibration sequence, so after the first the KL teacher's hidden state comes from the search's teacher cache (the
-# steady state of a search longer than its calibration set; without it every step is a new sequence).
-SEARCH_OPTIONS = ("compile", "skip", "graphs", "cached")
+# steady state of a search longer than its calibration set; without it every step is a new sequence); NAME+chunks: the
+# losses as compiled chunk functions instead of the fused Triton kernels (consa_cli.losses.FUSED_KERNELS off).
+SEARCH_OPTIONS = ("compile", "skip", "graphs", "cached", "chunks")
 
 
 def search_step_seconds(model, length: int, loss: str, backend: str, warmup: int, repeats: int,
@@ -132,6 +133,15 @@ def search_step_seconds(model, length: int, loss: str, backend: str, warmup: int
                               log_alpha_init=log_alpha_init)
     sequences = torch.randint(0, model.config.vocab_size, (1 if "cached" in options else settings.steps, length),
                               generator=torch.Generator().manual_seed(1))
+    if "chunks" in options:
+        import consa_cli.losses
+
+        consa_cli.losses.FUSED_KERNELS = False
+        try:
+            return search_step_seconds(model, length, loss, "+".join([backend, *(o for o in options if o != "chunks")]),
+                                       warmup, repeats, window, sinks, log_alpha_init, on_step)
+        finally:
+            consa_cli.losses.FUSED_KERNELS = True
     if "graphs" in options:
         import consa_cli.search
 
@@ -149,8 +159,12 @@ def search_step_seconds(model, length: int, loss: str, backend: str, warmup: int
 
 
 def kernel_milliseconds_per_step(profiler, steps: int) -> float:
-    """Device time of every kernel and copy the profiler saw, per step (one stream: the time the device was busy)."""
-    return sum(event.self_device_time_total for event in profiler.key_averages()) / 1000 / steps
+    """Device time of every kernel and copy the profiler saw, per step (one stream: the time the device was busy).
+    Only the device's own events count: with the CPU activity on, an operator's row repeats its kernels' time."""
+    from torch.autograd import DeviceType
+
+    return sum(event.self_device_time_total for event in profiler.key_averages()
+               if event.device_type != DeviceType.CPU) / 1000 / steps
 
 
 def device_busy(model, input_ids: torch.Tensor, length: int, losses: list[str], backends: list[str], args) -> dict:
@@ -163,12 +177,24 @@ def device_busy(model, input_ids: torch.Tensor, length: int, losses: list[str], 
     rows = {}
     # (On a CPU, for a smoke test: the CPU activity, whose events have no device time.)
     activities = [ProfilerActivity.CUDA if input_ids.is_cuda else ProfilerActivity.CPU]
+    if args.host_tables:  # the host's side too: which operators take its time (slower: profiler overhead)
+        activities = sorted({*activities, ProfilerActivity.CPU}, key=str)
+        args.host_tables.mkdir(parents=True, exist_ok=True)
+
+    def host_table(name: str, profiler) -> None:
+        if args.host_tables:
+            table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=45, max_name_column_width=70)
+            (args.host_tables / f"host-{length}-{name.replace('/', '-')}.txt").write_text(
+                f"{name}, {length} tokens, {args.repeats} profiled steps (self CPU time: the host's own work)\n"
+                + table)
+
     profiler = profile(activities=activities)
     dense_step_seconds(model, input_ids, args.warmup, 0)
     with profiler:
         wall = dense_step_seconds(model, input_ids, 0, args.repeats)
     rows["dense"] = {"wall_ms": round(1000 * statistics.median(wall), 1),
                      "kernel_ms": round(kernel_milliseconds_per_step(profiler, args.repeats), 1)}
+    host_table("dense", profiler)
     for loss in losses:
         for backend in backends:
             profiler = profile(activities=activities)
@@ -188,6 +214,7 @@ def device_busy(model, input_ids: torch.Tensor, length: int, losses: list[str], 
             rows[f"{loss}/{backend}"] = {
                 "wall_ms": round(1000 * statistics.median(seconds[args.warmup:]), 1),
                 "kernel_ms": round(kernel_milliseconds_per_step(profiler, args.repeats), 1)}
+            host_table(f"{loss}/{backend}", profiler)
     for row in rows.values():
         if "wall_ms" in row:
             row["busy_share"] = round(row["kernel_ms"] / row["wall_ms"], 3) if row["wall_ms"] else None
@@ -274,7 +301,8 @@ def main() -> None:
                         help="search backends to time, space- or comma-separated (flex, flash, sdpa, eager); "
                              "NAME+compile times the search's --compile with that backend, NAME+skip its "
                              "--skip-closed-gates, NAME+graphs --compile as CUDA graphs (mode reduce-overhead), "
-                             "NAME+cached the KL teacher read from the search's cache (one sequence revisited)")
+                             "NAME+cached the KL teacher read from the search's cache (one sequence revisited), "
+                             "NAME+chunks the losses as compiled chunks instead of the fused Triton kernels")
     parser.add_argument("--log-alpha-init", type=float, default=5.0,
                         help="the gates' starting log_alpha (search default 5: all open); lower values start them "
                              "partly closed, as later in a search, for NAME+skip rows")
@@ -305,6 +333,9 @@ def main() -> None:
                         help="instead of the timed rows: the device's kernel time per step against the step's wall "
                              "time (torch.profiler), for the dense step and each search (is the step bound by the "
                              "host?)")
+    parser.add_argument("--host-tables", type=Path, default=None,
+                        help="with --device-busy: also profile the host and write, per step kind, a table of the "
+                             "operators by their own CPU time to this folder")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
     args.backends = [name for entry in args.backends for name in entry.split(",") if name]
@@ -316,7 +347,7 @@ def main() -> None:
                       or not set(name.split("+")[1:]) <= set(SEARCH_OPTIONS)})
     if unknown:
         parser.error(f"unknown --backends {', '.join(unknown)}; choose from {', '.join(ATTENTION_BACKENDS)}, each "
-                     "optionally with +compile, +graphs, +skip and / or +cached")
+                     "optionally with +compile, +graphs, +skip, +cached and / or +chunks")
     flex_configs = json.loads(args.flex_configs)
     if flex_configs or chunked:
         # Every candidate is another compiled graph of the same function, and dynamo's default recompile limit

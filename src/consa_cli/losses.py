@@ -3,8 +3,9 @@
 At 4096 tokens Qwen3's 151936-word vocabulary makes the logits 1.2 GB in bfloat16, and every float32 intermediate
 of a plain ``cross_entropy(logits.float(), ...)`` (the upcast, the log-softmax, the teacher's probabilities, the
 gradient) 2.5 GB more. Here each chunk of tokens is upcast, its loss summed and its gradient written in the logits'
-own dtype, so nothing of float32 bigger than a chunk exists; backward only scales the stored gradient. On CUDA each
-chunk is one compiled (fused) graph.
+own dtype, so nothing of float32 bigger than a chunk exists; backward only scales the stored gradient. On CUDA with
+Triton the rows go through the fused kernels of :mod:`consa_cli.loss_kernels` instead (each row read twice, its
+gradient written once); without Triton each chunk is one compiled graph.
 
 Every row (token position) carries a weight in the total, so a loss can count only some positions and average each
 sequence on its own (a retrieval calibration sample scores its answer tokens only; see :func:`search_loss`).
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 CHUNK_ELEMENTS = 1 << 25  # float32 elements of one chunk's intermediates (128 MiB)
+FUSED_KERNELS = True  # on CUDA, the Triton kernels where Triton imports (benchmarks set False to compare)
 IGNORE = -100  # target of positions without a next token
 
 
@@ -44,14 +46,39 @@ def _compiled(chunk_fn):
     return torch.compile(chunk_fn, dynamic=False)
 
 
+@functools.cache
+def _fused_kernels() -> dict | None:
+    """The Triton kernel of each chunk function, or None without Triton."""
+    try:
+        from consa_cli import loss_kernels
+    except ImportError:
+        return None
+    return {_kl_chunk: loss_kernels.kl_rows,
+            _next_token_chunk: functools.partial(loss_kernels.next_token_rows, ignore_index=IGNORE)}
+
+
+def _fused(chunk_fn, logits: torch.Tensor):
+    """``chunk_fn``'s fused kernel where it applies (CUDA, Triton, rows with unit column stride), else None."""
+    if not (FUSED_KERNELS and logits.is_cuda and logits.stride(-1) == 1):
+        return None
+    kernels = _fused_kernels()
+    return None if kernels is None else kernels[chunk_fn]
+
+
 class _ChunkedLoss(torch.autograd.Function):
     """Weighted sum over rows of ``chunk_fn``'s per-row losses; the gradient is computed in forward and kept."""
 
     @staticmethod
     def forward(ctx, logits, other, chunk_fn, weights):
-        chunk_fn = _compiled(chunk_fn) if logits.is_cuda else chunk_fn
         grad = torch.empty_like(logits)
-        weights = weights.to(device=logits.device, dtype=torch.float32).unsqueeze(-1)
+        weights = weights.to(device=logits.device, dtype=torch.float32)
+        fused = _fused(chunk_fn, logits)
+        if fused is not None:
+            total = fused(logits, other.contiguous(), weights.contiguous(), grad)
+            ctx.save_for_backward(grad)
+            return total
+        chunk_fn = _compiled(chunk_fn) if logits.is_cuda else chunk_fn
+        weights = weights.unsqueeze(-1)
         rows = max(1, CHUNK_ELEMENTS // logits.shape[-1])
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
         for start in range(0, logits.shape[0], rows):
