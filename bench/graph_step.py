@@ -53,9 +53,12 @@ class GatedLogits(nn.Module):
         config, device = model.config, next(model.parameters()).device
         self.fa_weights = nn.Parameter(torch.ones(config.num_hidden_layers, config.num_key_value_heads,
                                                   device=device))
-        set_fa_weights(model, self.fa_weights)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # Each layer's row of the leaf is taken here, inside the forward: rows taken once outside it would put their
+        # backward (SelectBackward) on the stream they were made on, the legacy default stream, which a capture of
+        # the backward cannot depend on (session 13's first capture failed so: cudaErrorStreamCaptureImplicit).
+        set_fa_weights(self.model, self.fa_weights)
         return self.model(input_ids=input_ids, use_cache=False).logits
 
 
@@ -105,8 +108,8 @@ def measure(model, layout: UnitLayout, length: int, backend: str, device: torch.
         # and the graphs read the leaf that was installed while they were captured.
         eager, graph_module = GatedLogits(model), None
         generator = torch.Generator().manual_seed(0)
-        steps = {"plain": (None, lambda: plain_step(model, gates, layout, input_ids, generator)),
-                 "split": (eager, lambda: split_step(eager, eager, gates, layout, input_ids, generator))}
+        steps = {"plain": lambda: plain_step(model, gates, layout, input_ids, generator),
+                 "split": lambda: split_step(eager, eager, gates, layout, input_ids, generator)}
         if device.type == "cuda":
             split_step(eager, eager, gates, layout, input_ids, generator)  # compile the kernels first
             # A forward or backward that waits for the device cannot be captured: find the first such wait.
@@ -119,12 +122,11 @@ def measure(model, layout: UnitLayout, length: int, backend: str, device: torch.
             finally:
                 torch.cuda.set_sync_debug_mode("default")
             try:
-                graph_module = GatedLogits(model)  # (installs its leaf for the capture)
+                graph_module = GatedLogits(model)
                 graphed = torch.cuda.make_graphed_callables(graph_module, (input_ids,))
                 # Exact? The same gate sample through the eager and the graphed split step.
                 results = []
                 for wrapper in (eager, graph_module):
-                    set_fa_weights(model, wrapper.fa_weights)
                     gates.log_alpha.grad = None
                     loss = split_step(wrapper, graphed if wrapper is graph_module else eager, gates, layout,
                                       input_ids, torch.Generator().manual_seed(1))
@@ -132,8 +134,7 @@ def measure(model, layout: UnitLayout, length: int, backend: str, device: torch.
                 row["graphed_loss_difference"] = abs(results[0][0] - results[1][0])
                 row["graphed_grad_max_difference"] = (results[0][1] - results[1][1]).abs().max().item()
                 row["grad_max"] = results[0][1].abs().max().item()
-                steps["graphed"] = (graph_module, lambda: split_step(graph_module, graphed, gates, layout,
-                                                                     input_ids, generator))
+                steps["graphed"] = lambda: split_step(graph_module, graphed, gates, layout, input_ids, generator)
             except Exception as error:  # noqa: BLE001 -- recorded: whether the capture works is the question
                 row["graphed_failed"] = failure(error)
                 row["graphed_traceback"] = traceback.format_exc(limit=-12)
@@ -148,11 +149,8 @@ def measure(model, layout: UnitLayout, length: int, backend: str, device: torch.
                     install_hybrid(model, torch.ones(layout.num_layers, layout.num_kv_heads, dtype=torch.bool),
                                    args.window, args.sink_tokens, backend)
                     continue
-                wrapper, step = steps[name]
-                if wrapper is not None:  # the leaf this step's forward reads (eagerly; the graphs have theirs)
-                    set_fa_weights(model, wrapper.fa_weights)
                 gates.log_alpha.grad = None
-                seconds[name] += timed(step, device, args.warmup, args.repeats)
+                seconds[name] += timed(steps[name], device, args.warmup, args.repeats)
         dense = statistics.median(seconds["dense"])
         for name, values in seconds.items():
             row[f"{name}_ms"] = round(1000 * statistics.median(values), 2)
