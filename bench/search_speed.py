@@ -121,7 +121,7 @@ SEARCH_OPTIONS = ("compile", "skip", "graphs", "cached", "chunks")
 
 def search_step_seconds(model, length: int, loss: str, backend: str, warmup: int, repeats: int,
                         window: int, sinks: int, log_alpha_init: float = 5.0,
-                        on_step=None) -> tuple[list[float], list[float]]:
+                        on_step=None, batch_size: int = 1) -> tuple[list[float], list[float]]:
     """consa's search loop itself, timed per step by its own metrics (each step ends in a host sync): the seconds
     and the share of closed heads of every step. ``backend`` may end in ``+compile`` (the search's ``--compile``)
     and / or ``+skip`` (``--skip-closed-gates``); ``log_alpha_init`` below the default 5 starts the gates partly
@@ -130,8 +130,9 @@ def search_step_seconds(model, length: int, loss: str, backend: str, warmup: int
     settings = SearchSettings(granularity="kv-head-per-layer", sparsity=0.75, window=window, seq_len=length,
                               steps=warmup + repeats, loss=loss, attention_backend=backend, target_warmup_steps=0,
                               compile=bool({"compile", "graphs"} & set(options)), skip_closed_gates="skip" in options,
-                              log_alpha_init=log_alpha_init)
-    sequences = torch.randint(0, model.config.vocab_size, (1 if "cached" in options else settings.steps, length),
+                              log_alpha_init=log_alpha_init, batch_size=batch_size)
+    count = batch_size if "cached" in options else settings.steps * batch_size
+    sequences = torch.randint(0, model.config.vocab_size, (count, length),
                               generator=torch.Generator().manual_seed(1))
     if "chunks" in options:
         import consa_cli.losses
@@ -139,7 +140,7 @@ def search_step_seconds(model, length: int, loss: str, backend: str, warmup: int
         consa_cli.losses.FUSED_KERNELS = False
         try:
             return search_step_seconds(model, length, loss, "+".join([backend, *(o for o in options if o != "chunks")]),
-                                       warmup, repeats, window, sinks, log_alpha_init, on_step)
+                                       warmup, repeats, window, sinks, log_alpha_init, on_step, batch_size)
         finally:
             consa_cli.losses.FUSED_KERNELS = True
     if "graphs" in options:
@@ -207,7 +208,8 @@ def device_busy(model, input_ids: torch.Tensor, length: int, losses: list[str], 
 
             try:
                 seconds, _ = search_step_seconds(model, length, loss, backend, args.warmup, args.repeats,
-                                                 args.window, args.sink_tokens, args.log_alpha_init, on_step=around)
+                                                 args.window, args.sink_tokens, args.log_alpha_init, on_step=around,
+                                                 batch_size=args.batch_size)
             except Exception as error:  # noqa: BLE001 -- recorded; the others still run
                 rows[f"{loss}/{backend}"] = {"failed": failure(error)}
                 continue
@@ -303,6 +305,9 @@ def main() -> None:
                              "--skip-closed-gates, NAME+graphs --compile as CUDA graphs (mode reduce-overhead), "
                              "NAME+cached the KL teacher read from the search's cache (one sequence revisited), "
                              "NAME+chunks the losses as compiled chunks instead of the fused Triton kernels")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="sequences per step, the search's and the dense step's alike (the search's "
+                             "--batch-size); tokens/s count them all")
     parser.add_argument("--log-alpha-init", type=float, default=5.0,
                         help="the gates' starting log_alpha (search default 5: all open); lower values start them "
                              "partly closed, as later in a search, for NAME+skip rows")
@@ -368,6 +373,7 @@ def main() -> None:
         "versions": environment_versions(),
         "model": "Qwen3-0.6B shape, random weights, bfloat16" if not args.tiny else "tiny Qwen3, random weights",
         "window": args.window, "sink_tokens": args.sink_tokens, "granularity": "kv-head-per-layer",
+        "batch_size": args.batch_size,
         "rows": [], "kernels": [],
     }
 
@@ -384,7 +390,7 @@ def main() -> None:
             save()
         if args.kernels_only:
             continue
-        input_ids = torch.randint(0, shape["vocab_size"], (1, length), device=device)
+        input_ids = torch.randint(0, shape["vocab_size"], (args.batch_size, length), device=device)
         if args.device_busy:
             report.setdefault("device_busy", []).append(device_busy(model, input_ids, length, args.losses, backends,
                                                                     args))
@@ -412,7 +418,7 @@ def main() -> None:
                     try:
                         seconds, closed = search_step_seconds(model, length, loss, backend, args.warmup,
                                                               args.repeats, args.window, args.sink_tokens,
-                                                              args.log_alpha_init)
+                                                              args.log_alpha_init, batch_size=args.batch_size)
                     except Exception as error:  # noqa: BLE001 -- recorded; the other backends still run
                         row[f"{backend}_failed"] = failure(error)
                         continue
@@ -423,15 +429,17 @@ def main() -> None:
                     row[f"{backend}_warmup_s"] = round(sum(seconds[:args.warmup]), 1)
                     if "skip" in backend.split("+")[1:]:
                         row[f"{backend}_closed_heads"] = round(statistics.mean(closed[args.warmup:]), 3)
-                    if length == recipe["seq_len"] and loss == recipe["loss"] and "cached" not in backend.split("+"):
+                    if (length == recipe["seq_len"] and loss == recipe["loss"] and "cached" not in backend.split("+")
+                            and args.batch_size == 1):  # (the recipe's batch)
                         step = statistics.median(seconds[args.warmup:])
                         row[f"{backend}_projected_recipe_minutes"] = round(
                             (sum(seconds[:args.warmup]) + step * (recipe["steps"] - args.warmup)) / 60, 1)
         for loss, row in rows.items():
             for backend in backends:
                 uncached = "+".join(part for part in backend.split("+") if part != "cached")
-                if (loss == "kl" and length == recipe["seq_len"] and backend != uncached and steps[loss, backend]
-                        and steps[loss, uncached] and loss == recipe["loss"]):
+                # (only where the uncached step was timed in this run too: it gives the first visits' time)
+                if (args.batch_size == 1 and loss == "kl" and length == recipe["seq_len"] and backend != uncached
+                        and steps[loss, backend] and steps.get((loss, uncached)) and loss == recipe["loss"]):
                     # The recipe with the teacher cache: a teacher forward at the first visit of each of its
                     # sequences (the uncached step), the cached step at every later one.
                     first_visits = min(args.recipe_sequences, recipe["steps"])
@@ -458,18 +466,18 @@ def main() -> None:
             except Exception as error:  # noqa: BLE001 -- recorded; the eager rows stand
                 compiled_dense = failure(error)
         for row in rows:
-            row["dense_tokens_per_s"] = round(length / dense_seconds)
+            row["dense_tokens_per_s"] = round(args.batch_size * length / dense_seconds)
             row["dense_peak_gib"] = dense_peak
             if isinstance(compiled_dense, str):
                 row["dense_compiled_failed"] = compiled_dense
             elif compiled_dense is not None:
-                row["dense_compiled_tokens_per_s"] = round(length / compiled_dense)
+                row["dense_compiled_tokens_per_s"] = round(args.batch_size * length / compiled_dense)
             for backend in backends:
                 if f"{backend}_failed" in row:
                     row.pop(f"{backend}_seconds", None)  # (a later round failed: no ratio from part of the rounds)
                     continue
                 step = row.pop(f"{backend}_seconds")
-                row[f"{backend}_tokens_per_s"] = round(length / step)
+                row[f"{backend}_tokens_per_s"] = round(args.batch_size * length / step)
                 row[f"{backend}_vs_dense"] = round(dense_seconds / step, 3)
             report["rows"].append(row)
             print(row, flush=True)

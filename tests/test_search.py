@@ -419,6 +419,16 @@ def test_search_speed_bench_times_the_skipping_search_on_a_tiny_model(monkeypatc
     computing, recalling = 64 / row["sdpa_tokens_per_s"], 64 / row["sdpa+cached_tokens_per_s"]
     expected = (row["sdpa_warmup_s"] + computing * 3 + recalling * 6) / 60
     assert row["sdpa+cached_projected_recipe_minutes"] == pytest.approx(expected, abs=0.006)
+    # A +cached row without its uncached partner (no projection then: session 13 lost two GPU runs to a KeyError),
+    # two sequences per step, and +chunks (the compiled-chunk losses; the same on a CPU, which has no fused kernels).
+    monkeypatch.setattr("sys.argv", ["search_speed.py", "--tiny", "--lengths", "64", "--losses", "kl", "--window",
+                                     "16", "--warmup", "1", "--repeats", "2", "--backends", "sdpa+cached,sdpa+chunks",
+                                     "--batch-size", "2", "--json", str(out)])
+    module.main()
+    report = json.loads(out.read_text())
+    row = report["rows"][0]
+    assert report["batch_size"] == 2 and row["sdpa+cached_tokens_per_s"] > 0 and row["sdpa+chunks_tokens_per_s"] > 0
+    assert not any(key.endswith("projected_recipe_minutes") for key in row)  # the recipe runs one sequence a step
     # --device-busy: kernel time against wall time per step (no device time on a CPU: the structure only)
     monkeypatch.setattr("sys.argv", ["search_speed.py", "--tiny", "--lengths", "64", "--losses", "kl", "--window",
                                      "16", "--warmup", "1", "--repeats", "2", "--backends", "sdpa", "--device-busy",
@@ -427,6 +437,13 @@ def test_search_speed_bench_times_the_skipping_search_on_a_tiny_model(monkeypatc
     busy = json.loads(out.read_text())["device_busy"][0]
     assert set(busy) == {"tokens", "dense", "kl/sdpa"} and busy["kl/sdpa"]["wall_ms"] > 0
     assert busy["dense"]["kernel_ms"] == 0.0 and busy["dense"]["busy_share"] == 0.0
+    tables = tmp_path / "host"  # --host-tables: the host's operators per step kind
+    monkeypatch.setattr("sys.argv", ["search_speed.py", "--tiny", "--lengths", "64", "--losses", "lm", "--window",
+                                     "16", "--warmup", "1", "--repeats", "1", "--backends", "sdpa", "--device-busy",
+                                     "--host-tables", str(tables), "--json", str(out)])
+    module.main()
+    assert sorted(path.name for path in tables.iterdir()) == ["host-64-dense.txt", "host-64-lm-sdpa.txt"]
+    assert "aten::mm" in (tables / "host-64-lm-sdpa.txt").read_text()
     monkeypatch.setattr("sys.argv", ["search_speed.py", "--tiny", "--backends", "sdpa+fast", "--json", str(out)])
     with pytest.raises(SystemExit):
         module.main()
