@@ -231,6 +231,15 @@ def register_chunked_flex(chunk: int) -> str:
     return name
 
 
+def register_cpp_wrapper_flex() -> str:
+    """Add the flex backend with its compiled window and mix built with inductor's C++ wrapper as ``flex-cpp``
+    (this process): the host tables of session 13 put the Python wrapper's calls first among the search step's extra
+    host time at 4096 tokens."""
+    ATTENTION_BACKENDS["flex-cpp"] = AttentionBackend(
+        KERNELS["sdpa"], partial(flex_full_and_sliding, compile_options=(("cpp_wrapper", True),)), prepare_flex)
+    return "flex-cpp"
+
+
 def failure(error: Exception) -> str:
     """A failed measurement's cell: the first line of its error."""
     return f"failed: {str(error).splitlines()[0][:160] if str(error) else type(error).__name__}"
@@ -300,7 +309,8 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument("--losses", nargs="+", default=["lm", "kl"])
     parser.add_argument("--backends", nargs="+", default=["flex", "sdpa"],
-                        help="search backends to time, space- or comma-separated (flex, flash, sdpa, eager); "
+                        help="search backends to time, space- or comma-separated (flex, flash, sdpa, eager; "
+                             "flex-cpp: flex with its compiled window built with inductor's C++ wrapper); "
                              "NAME+compile times the search's --compile with that backend, NAME+skip its "
                              "--skip-closed-gates, NAME+graphs --compile as CUDA graphs (mode reduce-overhead), "
                              "NAME+cached the KL teacher read from the search's cache (one sequence revisited), "
@@ -345,6 +355,8 @@ def main() -> None:
     args = parser.parse_args()
     args.backends = [name for entry in args.backends for name in entry.split(",") if name]
     chunked = [register_chunked_flex(chunk) for chunk in args.flex_query_chunks]
+    if any(name.split("+")[0] == "flex-cpp" for name in args.backends):
+        register_cpp_wrapper_flex()
     kernel_backends = [name for name in args.kernel_backends.split(",") if name]
     args.backends += chunked
     unknown = sorted({name for name in args.backends

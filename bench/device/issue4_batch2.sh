@@ -1,7 +1,7 @@
 #!/bin/bash
 # Issue 4 (session 13), no model carry: is the 4096-token gap the per-step host overhead? Two sequences per step
-# (the search's --batch-size 2, the dense step likewise), LM and KL (cached), all gates open and late in a search
-# (log_alpha -3 with --skip-closed-gates), two rounds. NOT yet run to the end: its first run (session 13) stopped in
+# (the search's --batch-size 2, the dense step likewise), LM and KL (cached), the gates started at log_alpha -3 (as
+# late in a search) with and without --skip-closed-gates, two rounds. NOT yet run to the end: its first run (session 13) stopped in
 # the bench's recipe projection (a +cached row without its uncached partner; fixed, CPU test in test_search.py).
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader

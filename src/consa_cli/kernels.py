@@ -273,23 +273,24 @@ def chunked_window_mix(query, key, value, full, fa_weight, window_mask, scaling,
 
 @functools.cache
 def _compiled_window_mix(kernel_options: tuple = (), chunk: int = 0, window: int = 0, sink_tokens: int = 0,
-                         block_size: int = DEFAULT_BLOCK_SIZE):
+                         block_size: int = DEFAULT_BLOCK_SIZE, compile_options: tuple = ()):
     """The compiled mix, one graph per set of FlexAttention kernel options (a sorted tuple of items) and, with
-    query chunks, per chunk layout."""
+    query chunks, per chunk layout; ``compile_options``: inductor options (sorted items), e.g. ``cpp_wrapper``."""
     options = dict(kernel_options) or None
     if chunk:
         mix = functools.partial(chunked_window_mix, chunk=chunk, window=window, sink_tokens=sink_tokens,
                                 block_size=block_size, kernel_options=options)
     else:
         mix = functools.partial(window_mix, kernel_options=options)
-    return torch.compile(mix, dynamic=False, fullgraph=True)
+    return torch.compile(mix, dynamic=False, fullgraph=True, options=dict(compile_options) or None)
 
 
 def flex_full_and_sliding(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, fa_weight: torch.Tensor,
                           scaling: float, window: int, sink_tokens: int, block_size: int = DEFAULT_BLOCK_SIZE,
                           kernel_options: dict | None = None,
                           query_chunk: int | None = None,
-                          full_kv_heads: tuple[int, ...] | None = None) -> torch.Tensor:
+                          full_kv_heads: tuple[int, ...] | None = None,
+                          compile_options: tuple = ()) -> torch.Tensor:
     """The relaxed mix for query heads ``[B, Hq, T, D]`` and KV heads ``[B, Hkv, T, D]``: SDPA full + flex window.
 
     ``fa_weight`` is per KV head ``[Hkv]``; it covers every query head of its group. Self-attention only (as many
@@ -299,6 +300,8 @@ def flex_full_and_sliding(query: torch.Tensor, key: torch.Tensor, value: torch.T
     length is a longer multiple of it; otherwise (and with 0) over the whole sequence at once; None:
     :func:`default_query_chunk` (chunks only with sinks).
     ``full_kv_heads``: the KV heads whose weight may be nonzero (:func:`full_on_open_heads`); None: all.
+    ``compile_options``: inductor's options for the compiled window and mix, sorted items (benchmarks: the C++
+    wrapper, ``(("cpp_wrapper", True),)``, against the Python wrapper's launch time per call).
     """
     groups = query.shape[1] // key.shape[1]
     batch, length = query.shape[0], query.shape[-2]
@@ -313,8 +316,8 @@ def flex_full_and_sliding(query: torch.Tensor, key: torch.Tensor, value: torch.T
     full, fa_weight = causal_full_branch(query, key, value, fa_weight, scaling, full_kv_heads)
     per_query_head = fa_weight.to(device=query.device, dtype=torch.float32).repeat_interleave(groups)
     options = tuple(sorted((kernel_options or {}).items()))
-    compiled = (_compiled_window_mix(options, chunk, window, sink_tokens, block_size) if chunk
-                else _compiled_window_mix(options))
+    compiled = (_compiled_window_mix(options, chunk, window, sink_tokens, block_size, compile_options) if chunk
+                else _compiled_window_mix(options, compile_options=compile_options))
     return compiled(query, key, value, full, per_query_head, window_mask, scaling)
 
 
