@@ -5,7 +5,8 @@ Per token count, in one process: forward + backward of the next-token loss (``lm
 (compiled chunks); the median of ``--repeats`` timed calls (CUDA events around each) and the bytes a pass must move
 (read the logits twice -- the teacher's too for kl -- write the gradient, then scale it in backward) over the time,
 as achieved bandwidth. For scale, the output head's GEMM of the same tokens (hidden 1024, as Qwen3-0.6B), which
-the teacher's logits cost on a cached revisit.
+the teacher's logits cost on a cached revisit. ``*_extra_peak_gib``: the memory a forward + backward needs above its
+inputs (the logits' gradient is one logits-sized buffer; session 13 made backward scale it in place).
 
     python bench/loss_kernel_speed.py --tokens 4096 8192 --json docs/results/loss-kernels-h200.json
 """
@@ -65,6 +66,12 @@ def measure(tokens: int, device: torch.device, args) -> dict:
                 value().backward()
 
             row[f"{name}_ms"] = round(milliseconds(step, args.warmup, args.repeats), 3)
+            logits.grad = None
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            step()
+            # memory above the inputs while the loss and its gradient are made (the logits' gradient included)
+            row[f"{name}_extra_peak_gib"] = round((torch.cuda.max_memory_allocated(device) - before) / 2**30, 2)
             row[f"{name}_gb_per_s"] = round(moved[loss] / row[f"{name}_ms"] / 1e6, 1)
         row[f"{loss}_speedup"] = round(row[f"{loss}/chunks_ms"] / row[f"{loss}/fused_ms"], 2)
         row[f"{loss}_value_difference"] = abs(values[f"{loss}/fused"] - values[f"{loss}/chunks"])

@@ -259,6 +259,11 @@ def test_chunked_losses_equal_plain_torch_in_value_and_gradient(chunk_elements, 
         expected_grad, = torch.autograd.grad(3.0 * expected, student)
         torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-7)
     assert kl_to_teacher(teacher, teacher).abs() < 1e-5  # zero against itself
+    # The stored gradient is scaled in place (no second [tokens, vocab] buffer), so it can be taken only once.
+    loss = next_token_loss(student, input_ids)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):
+        loss.backward()
 
 
 def test_attention_backend_is_resolved_and_recorded():
