@@ -283,6 +283,7 @@ def test_attention_backend_is_resolved_and_recorded():
     result = run_search(settings(steps=2), tiny_model("qwen3"), SEQUENCES, sink_tokens=2)
     assert result.allocation.metadata["attention_backend"] == "sdpa"
     assert result.allocation.metadata["settings"]["attention_backend"] == "auto"
+    assert result.allocation.metadata["loss_kernels"] == "chunks"  # the CPU reference
 
 
 def mixed_calibration() -> CalibrationSet:

@@ -65,6 +65,14 @@ def _fused(chunk_fn, logits: torch.Tensor):
     return None if kernels is None else kernels[chunk_fn]
 
 
+def loss_kernels(device: torch.device | str) -> str:
+    """Which implementation the losses run with on ``device`` (recorded in a search's metadata): ``triton`` (the
+    fused kernels), ``compiled-chunks`` (CUDA without Triton's kernels) or ``chunks`` (eager, the CPU reference)."""
+    if torch.device(device).type != "cuda":
+        return "chunks"
+    return "triton" if FUSED_KERNELS and _fused_kernels() is not None else "compiled-chunks"
+
+
 class _ChunkedLoss(torch.autograd.Function):
     """Weighted sum over rows of ``chunk_fn``'s per-row losses; the gradient is computed in forward and kept."""
 

@@ -54,7 +54,7 @@ from consa_cli.checkpoint import (
     save_checkpoint,
 )
 from consa_cli.kernels import flash_supported, flex_supported
-from consa_cli.losses import plan_search_loss, search_loss
+from consa_cli.losses import loss_kernels, plan_search_loss, search_loss
 from consa_cli.models import DEFAULT_MODEL
 from consa_cli.settings import RESUMABLE, SearchSettings, SettingsError, settings_to_dict
 from consa_cli.teacher import TeacherCache, remaining_visits
@@ -425,6 +425,7 @@ def run_search(
         "units_where_ranking_differs_from_threshold": int((allocation.unit_mask != threshold_units).sum()),
         "final_expected_sparsity": 1.0 - gates.prob_full().mean().item(),
         "attention_backend": attention_backend,
+        "loss_kernels": loss_kernels(device),
         "skip_closed_gates": skip_closed,
     }
     if teacher is not None:  # teacher forwards run, and those a kept hidden state made unnecessary
