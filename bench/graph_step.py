@@ -169,13 +169,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=1, help="every other round in reverse order")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model (on a CPU: no graphs, the rest runs)")
-    parser.add_argument("--no-cudnn-attention", action="store_true",
-                        help="SDPA without its cuDNN kernels (the capture of the cuDNN attention backward failed in "
-                             "session 13: 'operation would make the legacy stream depend on a capturing stream')")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
-    if args.no_cudnn_attention:
-        torch.backends.cuda.enable_cudnn_sdp(False)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(TINY if args.tiny else QWEN3_0_6B, device)
     config = model.config
@@ -183,7 +178,6 @@ def main() -> None:
     report = {"date": datetime.date.today().isoformat(), "command": "python " + " ".join(sys.argv),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "versions": environment_versions(), "window": args.window, "sink_tokens": args.sink_tokens,
-              "cudnn_attention": not args.no_cudnn_attention,
               "rows": []}
 
     def save() -> None:

@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
+from search_speed import cuda_milliseconds
 
 import consa_cli.losses
 from consa_cli.losses import kl_to_teacher, next_token_loss
@@ -28,19 +28,6 @@ from consa_cli.search import environment_versions
 
 VOCAB = 151936
 HIDDEN = 1024
-
-
-def milliseconds(call, warmup: int, repeats: int) -> float:
-    times = []
-    for index in range(warmup + repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        call()
-        end.record()
-        end.synchronize()
-        if index >= warmup:
-            times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def measure(tokens: int, device: torch.device, args) -> dict:
@@ -65,7 +52,7 @@ def measure(tokens: int, device: torch.device, args) -> dict:
                 logits.grad = None  # (an accumulated gradient would add a pass over the logits)
                 value().backward()
 
-            row[f"{name}_ms"] = round(milliseconds(step, args.warmup, args.repeats), 3)
+            row[f"{name}_ms"] = round(cuda_milliseconds(step, args.warmup, args.repeats), 3)
             logits.grad = None
             before = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
@@ -78,7 +65,7 @@ def measure(tokens: int, device: torch.device, args) -> dict:
     consa_cli.losses.FUSED_KERNELS = True
     hidden = torch.randn(tokens, HIDDEN, device=device, dtype=torch.bfloat16)
     head = torch.randn(VOCAB, HIDDEN, device=device, dtype=torch.bfloat16)
-    row["head_gemm_ms"] = round(milliseconds(lambda: hidden @ head.T, args.warmup, args.repeats), 3)
+    row["head_gemm_ms"] = round(cuda_milliseconds(lambda: hidden @ head.T, args.warmup, args.repeats), 3)
     return row
 
 

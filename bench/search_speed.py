@@ -127,13 +127,6 @@ def search_step_seconds(model, length: int, loss: str, backend: str, warmup: int
     and / or ``+skip`` (``--skip-closed-gates``); ``log_alpha_init`` below the default 5 starts the gates partly
     closed, as they are later in a search."""
     backend, *options = backend.split("+")
-    settings = SearchSettings(granularity="kv-head-per-layer", sparsity=0.75, window=window, seq_len=length,
-                              steps=warmup + repeats, loss=loss, attention_backend=backend, target_warmup_steps=0,
-                              compile=bool({"compile", "graphs"} & set(options)), skip_closed_gates="skip" in options,
-                              log_alpha_init=log_alpha_init, batch_size=batch_size)
-    count = batch_size if "cached" in options else settings.steps * batch_size
-    sequences = torch.randint(0, model.config.vocab_size, (count, length),
-                              generator=torch.Generator().manual_seed(1))
     if "chunks" in options:
         import consa_cli.losses
 
@@ -143,6 +136,13 @@ def search_step_seconds(model, length: int, loss: str, backend: str, warmup: int
                                        warmup, repeats, window, sinks, log_alpha_init, on_step, batch_size)
         finally:
             consa_cli.losses.FUSED_KERNELS = True
+    settings = SearchSettings(granularity="kv-head-per-layer", sparsity=0.75, window=window, seq_len=length,
+                              steps=warmup + repeats, loss=loss, attention_backend=backend, target_warmup_steps=0,
+                              compile=bool({"compile", "graphs"} & set(options)), skip_closed_gates="skip" in options,
+                              log_alpha_init=log_alpha_init, batch_size=batch_size)
+    count = batch_size if "cached" in options else settings.steps * batch_size
+    sequences = torch.randint(0, model.config.vocab_size, (count, length),
+                              generator=torch.Generator().manual_seed(1))
     if "graphs" in options:
         import consa_cli.search
 
@@ -245,23 +245,27 @@ def failure(error: Exception) -> str:
     return f"failed: {str(error).splitlines()[0][:160] if str(error) else type(error).__name__}"
 
 
+def cuda_milliseconds(call, warmup: int, repeats: int) -> float:
+    """Median time of ``call()`` in ms (CUDA events around each call), after ``warmup`` untimed calls."""
+    times = []
+    for index in range(warmup + repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        if index >= warmup:
+            times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
 def kernel_milliseconds(fn, inputs: list[torch.Tensor], repeats: int) -> float:
     """Median fwd + bwd time of ``fn(*inputs)`` in ms (CUDA events), after a compiling warm-up."""
     def once():
         out = fn(*inputs)
         out.backward(torch.ones_like(out))
 
-    for _ in range(3):
-        once()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        once()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return round(statistics.median(times), 3)
+    return round(cuda_milliseconds(once, 3, repeats), 3)
 
 
 def kernel_rows(length: int, shape: dict, window: int, sinks: int, device: torch.device, repeats: int,
