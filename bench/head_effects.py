@@ -76,6 +76,59 @@ def calibration_batch(sequences: torch.Tensor, loss_mask: torch.Tensor, device) 
 
 SIGNAL_OPTIONS = ("intro", "answered")
 
+# Text signals (no retrieval format at all): the calibration text itself, every token ("text") or only its
+# long-context tokens ("key-tokens[:GAIN]", after LongPPL, Fang et al. 2024): tokens the dense model predicts at
+# least GAIN nats better than the all-sliding model (the short context the window leaves) and with an NLL below
+# KEY_TOKEN_MAX_NLL under the dense model (a token it actually predicts).
+TEXT_SIGNALS = ("text", "key-tokens")
+KEY_TOKEN_GAIN = 2.0
+KEY_TOKEN_MAX_NLL = 2.0
+
+
+def token_nll(model, input_ids: torch.Tensor, rows: int = 8) -> torch.Tensor:
+    """Per-token NLL ``[B, T-1]`` (float32) of ``input_ids [B, T]`` under the model as it runs now, ``rows`` rows
+    per forward (a row's logits are T x vocab)."""
+    parts = []
+    with torch.no_grad():
+        for chunk in input_ids.split(rows):
+            logits = model(input_ids=chunk, use_cache=False).logits[:, :-1].float()
+            parts.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2), chunk[:, 1:], reduction="none"))
+    return torch.cat(parts)
+
+
+def key_token_mask(dense_nll: torch.Tensor, short_nll: torch.Tensor, gain: float = KEY_TOKEN_GAIN,
+                   max_nll: float | None = None) -> torch.Tensor:
+    """Which next-token positions ``[B, T-1]`` are long-context tokens: ``short_nll - dense_nll >= gain`` and
+    ``dense_nll <= max_nll`` (default :data:`KEY_TOKEN_MAX_NLL`)."""
+    max_nll = KEY_TOKEN_MAX_NLL if max_nll is None else max_nll
+    return (short_nll - dense_nll >= gain) & (dense_nll <= max_nll)
+
+
+def text_signal_masks(model, text: torch.Tensor, signals: list[str], window: int, sinks: int) -> dict[str, torch.Tensor]:
+    """The scored positions ``[B, T-1]`` of each text signal on ``text``: every one for ``text``, the long-context
+    tokens for ``key-tokens[:GAIN]`` (the dense model as loaded against the all-sliding hybrid; run before any
+    hybrid is installed)."""
+    masks, dense, short = {}, None, None
+    for signal in signals:
+        name, _, gain = signal.partition(":")
+        if name == "text":
+            masks[signal] = torch.ones(text.shape[0], text.shape[1] - 1, dtype=torch.bool, device=text.device)
+            continue
+        if dense is None:
+            dense = token_nll(model, text)
+            all_sliding = torch.zeros(len(model.model.layers), model.config.num_key_value_heads, dtype=torch.bool,
+                                      device=text.device)
+            with hybrid_attention(model, all_sliding, window, sinks):
+                short = token_nll(model, text)
+        masks[signal] = key_token_mask(dense, short, float(gain) if gain else KEY_TOKEN_GAIN)
+    return masks
+
+
+def text_nll(model, text: torch.Tensor, masks: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each text signal's mean NLL over its scored positions, from one pass over ``text``."""
+    per_token = token_nll(model, text)
+    return {name: float(per_token[mask].mean()) for name, mask in masks.items()}
+
 
 def split_signal(signal: str, default_haystack: str) -> tuple[str, str, set[str]]:
     """``FORMATS[@HAYSTACK][+OPTION...]`` -> (formats, haystack, options): ``+intro`` opens every sample with
@@ -102,13 +155,17 @@ def permutation_p(first: list[float], second: list[float], shuffles: int, seed: 
 
 
 def head_effects(model, base: torch.Tensor, batches: dict[str, list], on_variant=None,
-                 toggles: str = "both") -> dict[str, dict]:
+                 toggles: str = "both", text: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
+                 ) -> dict[str, dict]:
     """Answer NLL per signal for ``base`` and for every one-head toggle of it: ``{"base": {signal: nll}, "heads":
     [{"layer", "head", "in_base", signal: nll - base nll, ...}]}``; ``toggles``: ``add`` (only the sliding heads
-    made full), ``remove`` (only the full heads made sliding) or ``both``. The model must run an installed hybrid."""
+    made full), ``remove`` (only the full heads made sliding) or ``both``; ``text``: ``(token ids, {signal: scored
+    positions})`` of the text signals (:func:`text_signal_masks`), measured from one pass. The model must run an
+    installed hybrid."""
     def measure(mask):
         set_fa_weights(model, mask)
-        return {name: answer_nll(model, signal_batches) for name, signal_batches in batches.items()}
+        values = {name: answer_nll(model, signal_batches) for name, signal_batches in batches.items()}
+        return values | (text_nll(model, *text) if text else {})
 
     reference = measure(base)
     rows = []
@@ -120,7 +177,7 @@ def head_effects(model, base: torch.Tensor, batches: dict[str, list], on_variant
             variant[layer, head] = ~variant[layer, head]
             values = measure(variant)
             rows.append({"layer": layer, "head": head, "in_base": bool(base[layer, head]),
-                         **{name: values[name] - reference[name] for name in batches}})
+                         **{name: values[name] - reference[name] for name in values}})
             if on_variant is not None:
                 on_variant(len(rows), rows[-1])
     set_fa_weights(model, base)
@@ -174,7 +231,10 @@ def main() -> None:
                         help="';'-separated calibration signals, each a --retrieval-formats list, optionally with "
                              "@HAYSTACK (text or filler; default --calibration-haystack), +intro for samples that "
                              "open with calibration.CALIBRATION_INTRO and +answered for only samples the dense "
-                             "model answers (e.g. room-code,home-city@filler+intro+answered)")
+                             "model answers (e.g. room-code,home-city@filler+intro+answered); or a text "
+                             "signal: 'text' (every token of the calibration text) or 'key-tokens[:GAIN]' (only "
+                             "tokens the dense model predicts GAIN nats better than the all-sliding model, "
+                             f"default {KEY_TOKEN_GAIN})")
     parser.add_argument("--toggles", choices=("both", "add", "remove"), default="both",
                         help="which one-head variants: sliding heads made full (add), full heads made sliding "
                              "(remove), or both")
@@ -199,6 +259,10 @@ def main() -> None:
         base = Allocation.load(args.allocation)
         signals = [signal.strip() for signal in args.signals.split(";") if signal.strip()]
         for signal in signals:
+            if signal.partition(":")[0] in TEXT_SIGNALS:
+                if signal.partition(":")[2]:
+                    float(signal.partition(":")[2])
+                continue
             formats, haystack, _ = split_signal(signal, args.calibration_haystack)
             parse_formats(formats)
             check_haystack(haystack)
@@ -227,6 +291,8 @@ def main() -> None:
         batches[repeats[-1]] = answer_batches(evaluation_prompts(seed, intro=False), device)
     text = load_token_sequences(args.data, tokenizer, args.seq_len, "calibration")[: args.calibration_samples]
     for signal in signals:
+        if signal.partition(":")[0] in TEXT_SIGNALS:
+            continue
         # As many text rows as retrieval samples (fraction 0.5): only the retrieval rows are scored.
         formats, haystack, options = split_signal(signal, args.calibration_haystack)
         # (answered: judged by the dense model, before the hybrid is installed below)
@@ -238,6 +304,12 @@ def main() -> None:
             raise SystemExit(f"error: signal {signal}: {error}") from None
         retrieval = mixed.is_retrieval
         batches[signal] = [calibration_batch(mixed.sequences[retrieval], mixed.loss_mask[retrieval], device)]
+    text_signals = [signal for signal in signals if signal.partition(":")[0] in TEXT_SIGNALS]
+    text_masks = text_signal_masks(model, text.to(device), text_signals, window, sinks)
+    for signal, mask in text_masks.items():
+        print(f"{signal}: {int(mask.sum())} tokens scored in {len(text)} text sequences", flush=True)
+        if not mask.any():
+            raise SystemExit(f"error: signal {signal} selects no token; lower its gain")
     units = {"both": base.fa_mask.numel(), "add": int((~base.fa_mask).sum()), "remove": int(base.fa_mask.sum())}[
         args.toggles]
     print(f"{len(prompts)} evaluation prompts (x{1 + len(extra_seeds)} prompt seeds), {len(signals)} signals x {args.calibration_samples} samples, "
@@ -245,12 +317,13 @@ def main() -> None:
     started = time.perf_counter()
 
     def progress(done: int, row: dict) -> None:
-        effects = "  ".join(f"{name} {row[name]:+.3f}" for name in batches)
+        effects = "  ".join(f"{name} {row[name]:+.3f}" for name in [*batches, *text_masks])
         print(f"  {done}/{units} ({row['layer']},{row['head']}) {'remove' if row['in_base'] else 'add'}: {effects} "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
 
     with hybrid_attention(model, base.fa_mask.to(device), window, sinks):
-        result = head_effects(model, base.fa_mask.to(device), batches, on_variant=progress, toggles=args.toggles)
+        result = head_effects(model, base.fa_mask.to(device), batches, on_variant=progress, toggles=args.toggles,
+                              text=(text.to(device), text_masks) if text_masks else None)
     summary = compare(result["heads"], "evaluation", [*repeats, *signals], args.top, args.shuffles)
     for signal, row in summary.items():
         print(f"{signal}: add r {row.get('add_spearman')} (p {row.get('add_p')}), remove r "

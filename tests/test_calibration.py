@@ -444,3 +444,51 @@ def test_head_effects_toggle_each_head_alone_and_rank_the_signals_against_the_ev
                                                                                   {"intro", "answered"})
     with pytest.raises(ValueError, match="unknown signal option '\\+fast'"):
         effects_module.split_signal("word-list+fast", "text")
+
+
+def test_head_effects_text_signals_score_every_token_or_only_the_long_context_ones(char_tokenizer, monkeypatch):
+    """bench/head_effects.py's text signals: 'text' scores every next token of the calibration text (its NLL is the
+    model's mean token NLL); 'key-tokens:GAIN' keeps exactly the tokens the dense model predicts GAIN nats better
+    than the all-sliding hybrid while predicting them (dense NLL <= KEY_TOKEN_MAX_NLL); a one-head effect on a
+    text signal is that head's change of the signal's NLL; a gain no token reaches selects none."""
+    from consa_cli.attention import hybrid_attention, set_fa_weights
+
+    effects_module = bench_module("head_effects", monkeypatch)
+    dense = torch.tensor([[0.5, 3.0, 0.1, 1.9]])
+    short = torch.tensor([[3.0, 6.0, 1.0, 4.0]])
+    # gains 2.5 (kept), 3.0 (but a dense NLL of 3 > 2), 0.9, 2.1 (kept)
+    assert effects_module.key_token_mask(dense, short, gain=2.0, max_nll=2.0).tolist() == [[True, False, False, True]]
+
+    model = tiny_model("llama")
+    text = text_sequences(char_tokenizer, count=3)[:, :96] % 96
+    with torch.no_grad():
+        logits = model(input_ids=text).logits[:, :-1].float()
+    per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), text[:, 1:], reduction="none")
+    torch.testing.assert_close(effects_module.token_nll(model, text, rows=2), per_token, rtol=1e-5, atol=1e-5)
+    layers, heads = model.config.num_hidden_layers, model.config.num_key_value_heads
+    with hybrid_attention(model, torch.zeros(layers, heads, dtype=torch.bool), 8, 0):
+        short = effects_module.token_nll(model, text)
+    gain = float((short - per_token).quantile(0.8))  # some tokens, not all
+    # A random model predicts nothing below 2 nats; the dense-NLL bound at the median keeps about half.
+    monkeypatch.setattr(effects_module, "KEY_TOKEN_MAX_NLL", float(per_token.median()))
+    masks = effects_module.text_signal_masks(model, text, ["text", f"key-tokens:{gain}", "key-tokens:1000"], 8, 0)
+    assert masks["text"].all() and masks["text"].shape == per_token.shape
+    expected = (short - per_token >= gain) & (per_token <= per_token.median())
+    assert torch.equal(masks[f"key-tokens:{gain}"], expected) and 0 < int(expected.sum()) < expected.numel() // 5
+    assert not masks["key-tokens:1000"].any()
+    values = effects_module.text_nll(model, text, {"text": masks["text"], "key": expected})
+    assert values["text"] == pytest.approx(float(per_token.mean()), rel=1e-5)
+    assert values["key"] == pytest.approx(float(per_token[expected].mean()), rel=1e-5)
+
+    base = torch.zeros(layers, heads, dtype=torch.bool)
+    keyed = {"text": masks["text"], "key": expected}
+    with hybrid_attention(model, base, 8, 0):
+        rows = effects_module.head_effects(model, base, {}, toggles="add", text=(text, keyed))["heads"]
+        reference = effects_module.text_nll(model, text, keyed)
+        toggled = base.clone()
+        toggled[1, 0] = True
+        set_fa_weights(model, toggled)
+        after = effects_module.text_nll(model, text, keyed)
+    row = next(r for r in rows if (r["layer"], r["head"]) == (1, 0))
+    assert len(rows) == layers * heads
+    assert row["key"] == pytest.approx(after["key"] - reference["key"]) and row["key"] != 0

@@ -108,7 +108,7 @@ def test_skipping_closed_gates_learns_exactly_what_the_full_search_learns(granul
 
 def test_closed_gates_are_skipped_by_default_only_where_it_was_measured_to_pay():
     """skip_closed_gates None (the default): on for CUDA searches of SKIP_CLOSED_GATES_MIN_TOKENS or more tokens
-    without --compile; an explicit flag wins; never for scalar-l1, whose gates do not close."""
+    per step without --compile; an explicit flag wins; never for scalar-l1, whose gates do not close."""
     cuda, cpu, long = torch.device("cuda"), torch.device("cpu"), SKIP_CLOSED_GATES_MIN_TOKENS
     default = SearchSettings()
     assert default.skip_closed_gates is None
@@ -119,6 +119,18 @@ def test_closed_gates_are_skipped_by_default_only_where_it_was_measured_to_pay()
     assert skips_closed_gates(dataclasses.replace(default, skip_closed_gates=True), cpu, 64)
     assert not skips_closed_gates(dataclasses.replace(default, skip_closed_gates=False), cuda, long)
     assert not skips_closed_gates(dataclasses.replace(default, method="scalar-l1", skip_closed_gates=True), cuda, long)
+
+
+def test_the_search_decides_skipping_on_its_tokens_per_step(monkeypatch):
+    """The default's measure is the tokens of one step, batch size x sequence length (two 4096-token sequences
+    skip like one of 8192): what run_search passes to skips_closed_gates."""
+    import consa_cli.search
+
+    seen = []
+    monkeypatch.setattr(consa_cli.search, "skips_closed_gates",
+                        lambda settings, device, tokens: seen.append(tokens) or False)
+    run_search(settings(steps=2, batch_size=3), tiny_model("llama"), SEQUENCES, 2)
+    assert seen == [3 * SEQUENCES.shape[1]]
 
 
 def test_compiled_search_learns_what_the_eager_search_learns(monkeypatch):

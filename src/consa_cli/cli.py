@@ -173,7 +173,8 @@ def search(
                                            "full-attention branch only for the heads whose gate sample is not exactly "
                                            "0 this step (l0): the same losses and gradients, less work as gates close; "
                                            "not with --compile. \\[default: on for CUDA searches of 8192 or more "
-                                           "tokens per sequence without --compile, else off]"),
+                                           "tokens per step (batch size x sequence length) without --compile, else "
+                                           "off]"),
     teacher_cache_gib: float = typer.Option(None, help="Keep the KL teacher's last hidden state of each calibration "
                                             "sequence the search visits again, up to this many GiB on the search's "
                                             "device: a revisit then costs the output head instead of a teacher "

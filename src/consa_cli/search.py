@@ -188,23 +188,26 @@ def resolve_attention_backend(name: str, device: torch.device, dtype: torch.dtyp
     return name
 
 
-# From this many tokens per sequence a CUDA search skips closed gates' full branch by default: on an H200 it made the
-# step faster at 8192 tokens in every paired round (LM loss 0.85-0.90x the dense step against 0.79-0.84x, KL +3-14%)
-# and at 4096 slower in most, where the step is already bound by the host (docs/benchmarks.md, session 11); on a CPU
-# it saved nothing measurable.
+# From this many tokens per step (batch size x sequence length) a CUDA search skips closed gates' full branch by
+# default: on an H200 it made the step faster at one 8192-token sequence in every paired round (LM loss 0.85-0.90x
+# the dense step against 0.79-0.84x, KL +3-14%; session 11) and at two 4096-token sequences (4 of 4 pairs, session
+# 14), and slower at one 4096-token sequence in most, where the step is bound by the host (docs/benchmarks.md); on a
+# CPU it saved nothing measurable.
 SKIP_CLOSED_GATES_MIN_TOKENS = 8192
 
 
-def skips_closed_gates(settings: SearchSettings, device: torch.device, length: int) -> bool:
-    """Whether a search of ``length``-token sequences on ``device`` computes the full branch only for open gates:
-    ``--skip-closed-gates`` as given, or by default (None) on CUDA from :data:`SKIP_CLOSED_GATES_MIN_TOKENS` tokens,
-    not with ``--compile``. Only the l0 method has gates that close (scalar-l1's sigmoid never reaches 0). Either way
-    the search computes the same losses and gradients; this only decides the work."""
+def skips_closed_gates(settings: SearchSettings, device: torch.device, tokens_per_step: int) -> bool:
+    """Whether a search with ``tokens_per_step`` tokens per step (batch size x sequence length) on ``device``
+    computes the full branch only for open gates: ``--skip-closed-gates`` as given, or by default (None) on CUDA
+    from :data:`SKIP_CLOSED_GATES_MIN_TOKENS` tokens per step, not with ``--compile``. Measured to pay at one
+    8192-token sequence and at two of 4096 per step, to lose at one of 4096 (docs/benchmarks.md, sessions 11 and
+    14). Only the l0 method has gates that close (scalar-l1's sigmoid never reaches 0). Either way the search
+    computes the same losses and gradients; this only decides the work."""
     if settings.method != "l0":
         return False
     if settings.skip_closed_gates is not None:
         return settings.skip_closed_gates
-    return device.type == "cuda" and not settings.compile and length >= SKIP_CLOSED_GATES_MIN_TOKENS
+    return device.type == "cuda" and not settings.compile and tokens_per_step >= SKIP_CLOSED_GATES_MIN_TOKENS
 
 
 def target_at(step: int, settings: SearchSettings) -> float:
@@ -305,7 +308,7 @@ def run_search(
     attention_backend = resolve_attention_backend(settings.attention_backend, device, next(model.parameters()).dtype)
     install_hybrid(model, all_full, settings.window, sink_tokens, attention_backend)
     forward = model
-    skip_closed = skips_closed_gates(settings, device, calibration.sequences.shape[1])
+    skip_closed = skips_closed_gates(settings, device, settings.batch_size * calibration.sequences.shape[1])
     if settings.compile:
         prepare = ATTENTION_BACKENDS[attention_backend].prepare
         if prepare is not None:  # e.g. flex's block mask, which the graph then reads instead of rebuilding
