@@ -115,8 +115,11 @@ def dense_step_seconds(model, input_ids: torch.Tensor, warmup: int, repeats: int
 # mode="reduce-overhead" (the forwards and their backward replayed as CUDA graphs); NAME+cached: every step reads one
 # calibration sequence, so after the first the KL teacher's hidden state comes from the search's teacher cache (the
 # steady state of a search longer than its calibration set; without it every step is a new sequence); NAME+chunks: the
-# losses as compiled chunk functions instead of the fused Triton kernels (consa_cli.losses.FUSED_KERNELS off).
-SEARCH_OPTIONS = ("compile", "skip", "graphs", "cached", "chunks")
+# losses as compiled chunk functions instead of the fused Triton kernels (consa_cli.losses.FUSED_KERNELS off);
+# NAME+noguards: after the first step, torch.compile's guards are evaluated only where they tell its compiled variants
+# apart (torch.compiler.set_stance(skip_guard_eval_unsafe=True)): the compiled window + mix's guard checks are host
+# time on every layer of every step (session 13's host tables: 112 dynamo cache lookups of 69 us per 4096-token step).
+SEARCH_OPTIONS = ("compile", "skip", "graphs", "cached", "chunks", "noguards")
 
 
 def search_step_seconds(model, length: int, loss: str, backend: str, warmup: int, repeats: int,
@@ -127,6 +130,20 @@ def search_step_seconds(model, length: int, loss: str, backend: str, warmup: int
     and / or ``+skip`` (``--skip-closed-gates``); ``log_alpha_init`` below the default 5 starts the gates partly
     closed, as they are later in a search."""
     backend, *options = backend.split("+")
+    if "noguards" in options:
+        rest = "+".join([backend, *(o for o in options if o != "noguards")])
+
+        def after_warmup(record, on_step=on_step):
+            if record["step"] == 1:  # every compiled variant of the loop exists after its first step
+                torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+            if on_step is not None:
+                on_step(record)
+
+        try:
+            return search_step_seconds(model, length, loss, rest, warmup, repeats, window, sinks, log_alpha_init,
+                                       after_warmup, batch_size)
+        finally:
+            torch.compiler.set_stance("default")
     if "chunks" in options:
         import consa_cli.losses
 
@@ -318,7 +335,8 @@ def main() -> None:
                              "NAME+compile times the search's --compile with that backend, NAME+skip its "
                              "--skip-closed-gates, NAME+graphs --compile as CUDA graphs (mode reduce-overhead), "
                              "NAME+cached the KL teacher read from the search's cache (one sequence revisited), "
-                             "NAME+chunks the losses as compiled chunks instead of the fused Triton kernels")
+                             "NAME+chunks the losses as compiled chunks instead of the fused Triton kernels, "
+                             "NAME+noguards torch.compile's guards skipped after the first step")
     parser.add_argument("--batch-size", type=int, default=1,
                         help="sequences per step, the search's and the dense step's alike (the search's "
                              "--batch-size); tokens/s count them all")
@@ -368,7 +386,7 @@ def main() -> None:
                       or not set(name.split("+")[1:]) <= set(SEARCH_OPTIONS)})
     if unknown:
         parser.error(f"unknown --backends {', '.join(unknown)}; choose from {', '.join(ATTENTION_BACKENDS)}, each "
-                     "optionally with +compile, +graphs, +skip, +cached and / or +chunks")
+                     "optionally with +compile, +graphs, +skip, +cached, +chunks and / or +noguards")
     flex_configs = json.loads(args.flex_configs)
     if flex_configs or chunked:
         # Every candidate is another compiled graph of the same function, and dynamo's default recompile limit

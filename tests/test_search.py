@@ -440,12 +440,16 @@ def test_search_speed_bench_times_the_skipping_search_on_a_tiny_model(monkeypatc
     # A +cached row without its uncached partner (no projection then: session 13 lost two GPU runs to a KeyError),
     # two sequences per step, and +chunks (the compiled-chunk losses; the same on a CPU, which has no fused kernels).
     monkeypatch.setattr("sys.argv", ["search_speed.py", "--tiny", "--lengths", "64", "--losses", "kl", "--window",
-                                     "16", "--warmup", "1", "--repeats", "2", "--backends", "sdpa+cached,sdpa+chunks",
-                                     "--batch-size", "2", "--json", str(out)])
+                                     "16", "--warmup", "1", "--repeats", "2", "--backends",
+                                     "sdpa+cached,sdpa+chunks,sdpa+noguards", "--batch-size", "2", "--json", str(out)])
+    stances = []  # +noguards: guards skipped from the end of the first step, the default stance back afterwards
+    monkeypatch.setattr(torch.compiler, "set_stance", lambda *args, **kwargs: stances.append((args, kwargs)))
     module.main()
     report = json.loads(out.read_text())
     row = report["rows"][0]
     assert report["batch_size"] == 2 and row["sdpa+cached_tokens_per_s"] > 0 and row["sdpa+chunks_tokens_per_s"] > 0
+    assert row["sdpa+noguards_tokens_per_s"] > 0
+    assert stances == [(("default",), {"skip_guard_eval_unsafe": True}), (("default",), {})]
     assert not any(key.endswith("projected_recipe_minutes") for key in row)  # the recipe runs one sequence a step
     # --device-busy: kernel time against wall time per step (no device time on a CPU: the structure only)
     monkeypatch.setattr("sys.argv", ["search_speed.py", "--tiny", "--lengths", "64", "--losses", "kl", "--window",
