@@ -14,6 +14,8 @@ measured on
 * each calibration signal (``--signals``: ``;``-separated groups of ``consa search --retrieval-formats``, each
   optionally ``@text`` or ``@filler`` for its haystack, their samples made as the search makes them:
   ``mix_retrieval`` on the calibration split, ``--seq-len``, ``--window``, ``--seed``, ``--calibration-haystack``),
+  or a text signal (``text``: every next token of the calibration text; ``key-tokens[:GAIN]``: only the tokens
+  the dense model predicts GAIN nats better than the all-sliding model, after LongPPL; docs/results.md 1g.13),
 
 and each variant's effect is its NLL minus the base's. ``--extra-prompt-seeds`` adds evaluation prompt sets of
 other seeds and ``--no-intro-prompt-seeds`` ones without the tasks' opening instruction, each compared with the
