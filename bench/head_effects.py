@@ -261,9 +261,12 @@ def main() -> None:
         base = Allocation.load(args.allocation)
         signals = [signal.strip() for signal in args.signals.split(";") if signal.strip()]
         for signal in signals:
-            if signal.partition(":")[0] in TEXT_SIGNALS:
-                if signal.partition(":")[2]:
-                    float(signal.partition(":")[2])
+            name, colon, gain = signal.partition(":")
+            if name in TEXT_SIGNALS:
+                if colon and name == "text":
+                    raise ValueError(f"signal {signal}: only key-tokens takes a gain (key-tokens:1)")
+                if colon and not gain.replace(".", "", 1).isdigit():
+                    raise ValueError(f"signal {signal}: the gain is a non-negative number of nats (key-tokens:1)")
                 continue
             formats, haystack, _ = split_signal(signal, args.calibration_haystack)
             parse_formats(formats)
