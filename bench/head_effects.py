@@ -310,7 +310,8 @@ def main() -> None:
         retrieval = mixed.is_retrieval
         batches[signal] = [calibration_batch(mixed.sequences[retrieval], mixed.loss_mask[retrieval], device)]
     text_signals = [signal for signal in signals if signal.partition(":")[0] in TEXT_SIGNALS]
-    text_masks = text_signal_masks(model, text.to(device), text_signals, window, sinks)
+    text_on_device = text.to(device)  # scored once for the masks, then once per variant
+    text_masks = text_signal_masks(model, text_on_device, text_signals, window, sinks)
     for signal, mask in text_masks.items():
         print(f"{signal}: {int(mask.sum())} tokens scored in {len(text)} text sequences", flush=True)
         if not mask.any():
@@ -328,7 +329,7 @@ def main() -> None:
 
     with hybrid_attention(model, base.fa_mask.to(device), window, sinks):
         result = head_effects(model, base.fa_mask.to(device), batches, on_variant=progress, toggles=args.toggles,
-                              text=(text.to(device), text_masks) if text_masks else None)
+                              text=(text_on_device, text_masks) if text_masks else None)
     summary = compare(result["heads"], "evaluation", [*repeats, *signals], args.top, args.shuffles)
     for signal, row in summary.items():
         print(f"{signal}: add r {row.get('add_spearman')} (p {row.get('add_p')}), remove r "
