@@ -67,6 +67,9 @@ RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "qwen3-0.6b-kv-hea
 QWEN3_0_6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                   num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
                   rope_theta=1_000_000.0, max_position_embeddings=40960, rms_norm_eps=1e-6)
+# Qwen3-0.6B's layers, heads and sequence, every width tiny: the device's work is small, so a step's wall time is
+# about the host's time to launch it (what bounds the 4096-token step, docs/benchmarks.md sessions 11-15).
+THIN = dict(QWEN3_0_6B, vocab_size=2048, hidden_size=128, intermediate_size=128, head_dim=16)
 TINY = dict(QWEN3_0_6B, vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=8, num_key_value_heads=4, head_dim=16)
 
@@ -144,6 +147,15 @@ def search_step_seconds(model, length: int, loss: str, backend: str, warmup: int
                                        after_warmup, batch_size)
         finally:
             torch.compiler.set_stance("default")
+    if backend == "flex-graphs" and not getattr(on_step, "marks_steps", False):
+        def mark_step(record, on_step=on_step):  # CUDA graph trees: the next forward starts a new step's graphs
+            torch.compiler.cudagraph_mark_step_begin()
+            if on_step is not None:
+                on_step(record)
+
+        mark_step.marks_steps = True
+        return search_step_seconds(model, length, loss, "+".join([backend, *options]), warmup, repeats, window, sinks,
+                                   log_alpha_init, mark_step, batch_size)
     if "chunks" in options:
         import consa_cli.losses
 
@@ -257,6 +269,16 @@ def register_cpp_wrapper_flex() -> str:
     return "flex-cpp"
 
 
+def register_flex_variants() -> None:
+    """Add, for this process: ``flex-unfused``, the flex backend with the full branch as an eager SDPA call before
+    the compiled window (the backend up to session 14), and ``flex-graphs``, the flex backend's one compiled graph
+    per layer replayed as CUDA graphs (inductor's ``triton.cudagraphs``; the search step marks each step's start)."""
+    ATTENTION_BACKENDS["flex-unfused"] = AttentionBackend(
+        KERNELS["sdpa"], partial(flex_full_and_sliding, fuse_full=False), prepare_flex)
+    ATTENTION_BACKENDS["flex-graphs"] = AttentionBackend(
+        KERNELS["sdpa"], partial(flex_full_and_sliding, compile_options=(("triton.cudagraphs", True),)), prepare_flex)
+
+
 def failure(error: Exception) -> str:
     """A failed measurement's cell: the first line of its error."""
     return f"failed: {str(error).splitlines()[0][:160] if str(error) else type(error).__name__}"
@@ -357,6 +379,9 @@ def main() -> None:
                              "the SmolLM2 tokenizer, the one here; Qwen3's may differ a little), for the projected "
                              "recipe time of NAME+cached rows")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model of the same layout (smoke test, CPU)")
+    parser.add_argument("--thin", action="store_true",
+                        help="Qwen3-0.6B's 28 layers and 16 / 8 heads with every width tiny: the wall time of a step is "
+                             "then about the host's launch time (the dense step's and each search's)")
     parser.add_argument("--flex-configs", default="[]",
                         help='JSON list of flex tuning candidates timed in the kernel-alone rows, e.g. '
                              '\'[{"block_size": 64}, {"kernel_options": {"BLOCK_M": 64, "BLOCK_N": 64}}]\'')
@@ -379,6 +404,7 @@ def main() -> None:
     chunked = [register_chunked_flex(chunk) for chunk in args.flex_query_chunks]
     if any(name.split("+")[0] == "flex-cpp" for name in args.backends):
         register_cpp_wrapper_flex()
+    register_flex_variants()
     kernel_backends = [name for name in args.kernel_backends.split(",") if name]
     args.backends += chunked
     unknown = sorted({name for name in args.backends
@@ -394,7 +420,7 @@ def main() -> None:
         torch._dynamo.config.recompile_limit = 16 + 4 * (len(flex_configs) + len(chunked))
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    shape = TINY if args.tiny else QWEN3_0_6B
+    shape = TINY if args.tiny else THIN if args.thin else QWEN3_0_6B
     model = build_model(shape, device)
     # On a CPU only the backends that run there (the default list names CUDA ones: then sdpa and eager).
     backends = args.backends if device.type == "cuda" else (
@@ -405,7 +431,8 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "versions": environment_versions(),
-        "model": "Qwen3-0.6B shape, random weights, bfloat16" if not args.tiny else "tiny Qwen3, random weights",
+        "model": ("tiny Qwen3, random weights" if args.tiny else "Qwen3-0.6B layers and heads, tiny widths (host time)"
+                  if args.thin else "Qwen3-0.6B shape, random weights, bfloat16"),
         "window": args.window, "sink_tokens": args.sink_tokens, "granularity": "kv-head-per-layer",
         "batch_size": args.batch_size,
         "rows": [], "kernels": [],
@@ -485,6 +512,10 @@ def main() -> None:
                     row[f"{backend}_seconds"] = statistics.median(steps[loss, backend])
                     if args.rounds > 1:
                         row[f"{backend}_vs_dense_rounds"] = round_ratios[loss, backend]
+                        # The paired statistic: the pooled ratio below sets the slowest rounds' steps against the
+                        # fastest round's dense step, so a machine drifting between rounds lowers it (session 15).
+                        row[f"{backend}_vs_dense_round_median"] = round(statistics.median(round_ratios[loss, backend]),
+                                                                        3)
         rows = list(rows.values())
         dense_seconds = min(dense_medians)
         dense_again = dense_step_seconds(model, input_ids, args.warmup, args.repeats)

@@ -24,6 +24,7 @@ from consa_cli.kernels import (
     flash_supported,
     flex_supported,
     from_window_chunks,
+    full_window_mix,
     to_window_chunks,
     window_block_mask,
     window_chunk_block_mask,
@@ -34,6 +35,14 @@ from consa_cli.search import run_search
 from consa_cli.settings import SearchSettings
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the flex and flash kernels run on CUDA only")
+
+
+@pytest.fixture(autouse=True)
+def fresh_compiled_graphs():
+    """A clean dynamo cache for every test: the compiled mix is one code object, and the tests' many shapes and
+    options would pass its recompile limit (8; the search compiles it once per run: one shape, one option set)."""
+    torch._dynamo.reset()
+    yield
 
 
 def qkv(length, query_heads=4, kv_heads=2, dim=16, dtype=torch.float64, device="cpu", seed=0):
@@ -105,6 +114,24 @@ def test_chunked_flex_window_graph_forward_on_cpu_equals_the_reference():
     mixed = chunked_window_mix(query, key, value, full, weight.repeat_interleave(2), mask, scaling, chunk, window,
                                sinks, block_size)
     torch.testing.assert_close(mixed, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("chunk", [0, 16])
+def test_the_whole_mix_in_one_graph_equals_the_reference_and_is_laid_out_as_the_module_hands_it_on(chunk):
+    """:func:`full_window_mix` (full branch, weights and window in one function; uncompiled, FlexAttention's CPU
+    forward) from inputs in transformers' layout, with and without query chunks, against two SDPA calls; its output
+    is a ``[B, H, T, D]`` view of ``[B, T, H, D]`` memory, so the module's ``transpose(1, 2).contiguous()`` is free."""
+    length, window, sinks, scaling, block_size = 64, 8, 2, 0.25, 16
+    query, key, value = (t.detach().float().transpose(1, 2).contiguous().transpose(1, 2) for t in qkv(length))
+    weight = torch.tensor([0.2, 0.7])
+    reference = ATTENTION_BACKENDS["sdpa"].full_and_sliding(query, key, value, weight, scaling, window, sinks)
+    mask = (window_chunk_block_mask(1, length, chunk, window, sinks, "cpu", block_size) if chunk
+            else window_block_mask(length, window, sinks, "cpu", block_size))
+    mixed = full_window_mix(query, key, value, weight, mask, scaling, chunk, window, sinks, block_size)
+    torch.testing.assert_close(mixed, reference, rtol=1e-5, atol=1e-5)
+    handed_on = mixed.transpose(1, 2)
+    assert handed_on.is_contiguous() and handed_on.contiguous().data_ptr() == mixed.data_ptr()
 
 
 def test_prepare_flex_makes_the_mask_the_window_will_use():
@@ -225,6 +252,34 @@ def test_flex_with_closed_gates_matches_the_whole_flex_mix(open_heads):
         results.append((out, *torch.autograd.grad((out.float() * upstream).sum(), (query, key, value))))
     for got, want in zip(*results, strict=True):
         assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
+
+
+@needs_cuda
+def test_the_flex_variants_agree_over_steps_with_new_inputs():
+    """The flex backend's one graph per layer (default), the same replayed as CUDA graphs, and the full branch as an
+    eager call before the compiled window (``fuse_full=False``): over three steps of new inputs (what a graph replay
+    must copy in) at 2048 tokens in chunks, outputs and q / k / v / weight gradients within bf16 noise."""
+    from consa_cli.kernels import flex_full_and_sliding
+
+    variants = {"fused": {}, "graphs": {"compile_options": (("triton.cudagraphs", True),)},
+                "unfused": {"fuse_full": False}}
+    results = {name: [] for name in variants}
+    for name, options in variants.items():
+        for step in range(3):
+            generator = torch.Generator(device="cuda").manual_seed(step)
+            query, key, value = (torch.randn(1, 2048, heads, 64, device="cuda", dtype=torch.bfloat16,
+                                             generator=generator).transpose(1, 2).requires_grad_()
+                                 for heads in (16, 8, 8))
+            weight = torch.rand(2, 8, device="cuda", generator=generator).requires_grad_()
+            upstream = torch.randn(1, 16, 2048, 64, device="cuda", generator=generator)
+            out = flex_full_and_sliding(query, key, value, weight[1], 0.125, 256, 4, **options)
+            grads = torch.autograd.grad((out.float() * upstream).sum(), (query, key, value, weight))
+            results[name].append([t.detach().float().clone() for t in (out, *grads)])
+            torch.compiler.cudagraph_mark_step_begin()
+    for name in ("fused", "graphs"):
+        for got_step, want_step in zip(results[name], results["unfused"], strict=True):
+            for got, want in zip(got_step, want_step, strict=True):
+                assert ((got - want).norm() / want.norm()).item() < 1e-2, name
 
 
 @needs_cuda

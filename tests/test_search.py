@@ -421,6 +421,7 @@ def test_search_speed_bench_times_the_skipping_search_on_a_tiny_model(monkeypatc
     assert [row["loss"] for row in rows] == ["lm", "kl"]
     for row in rows:  # every backend timed in every round, each round's ratio listed
         assert len(row["sdpa_vs_dense_rounds"]) == 3 and len(row["eager_vs_dense_rounds"]) == 3
+        assert row["sdpa_vs_dense_round_median"] == pytest.approx(sorted(row["sdpa_vs_dense_rounds"])[1], abs=1e-3)
         assert all(ratio > 0 for ratio in row["sdpa_vs_dense_rounds"] + row["eager_vs_dense_rounds"])
         assert row["sdpa_tokens_per_s"] > 0 and row["eager_tokens_per_s"] > 0
     # +cached: one calibration sequence, so the KL teacher comes from the search's cache after the first step; the

@@ -4,7 +4,8 @@ Search needs, for every gated unit, both its full-attention and its sliding-wind
 ``sliding + w * (full - sliding)``. :func:`flex_full_and_sliding` takes full attention from SDPA's causal kernel
 (flash attention, the very kernel a dense forward uses) and the window (``q - window < k <= q`` plus the first
 ``sink_tokens`` keys) from FlexAttention with a block-sparse mask, which visits only the window's key blocks; the
-mix is compiled into the window's graph. Forward and backward, GQA without repeating K/V, no ``T x T`` mask.
+full branch, the window and the mix are one compiled graph per layer (:func:`full_window_mix`; with closed gates
+skipped, the full branch runs on the open heads before the compiled window). Forward and backward, GQA without repeating K/V, no ``T x T`` mask.
 The extra work over a dense forward is one windowed attention. With sinks, sequences longer than
 :data:`DEFAULT_QUERY_CHUNK` (and a multiple of it) run the window over query chunks, so the sinks' key block does not
 hold up the backward (:func:`to_window_chunks`).
@@ -271,13 +272,39 @@ def chunked_window_mix(query, key, value, full, fa_weight, window_mask, scaling,
     return (sliding.float() + mix * (full.float() - sliding.float())).to(sliding.dtype)
 
 
+def full_window_mix(query, key, value, fa_weight, window_mask, scaling, chunk=0, window=0, sink_tokens=0,
+                    block_size=DEFAULT_BLOCK_SIZE, kernel_options=None):
+    """The whole relaxed mix in one graph: SDPA's causal kernel for the full branch, the FlexAttention window
+    (:func:`window_mix`, or :func:`chunked_window_mix` with ``chunk``), the mix with ``fa_weight`` per KV head, and
+    the output laid out as ``[B, T, H, D]`` in memory (a ``[B, H, T, D]`` view of it), which is the layout the
+    attention module hands on, so its ``transpose(1, 2).contiguous()`` copies nothing.
+
+    One compiled call per layer instead of an eager SDPA call, three eager copies, the weight's expansion and a
+    compiled window: at 4096 tokens the search step waits on the host's launches, not the device (docs/benchmarks.md,
+    sessions 11-15)."""
+    groups = query.shape[1] // key.shape[1]
+    query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
+    full = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+    per_query_head = fa_weight.float().repeat_interleave(groups)
+    if chunk:
+        mixed = chunked_window_mix(query, key, value, full, per_query_head, window_mask, scaling, chunk, window,
+                                   sink_tokens, block_size, kernel_options)
+    else:
+        mixed = window_mix(query, key, value, full, per_query_head, window_mask, scaling, kernel_options)
+    return mixed.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 @functools.cache
 def _compiled_window_mix(kernel_options: tuple = (), chunk: int = 0, window: int = 0, sink_tokens: int = 0,
-                         block_size: int = DEFAULT_BLOCK_SIZE, compile_options: tuple = ()):
+                         block_size: int = DEFAULT_BLOCK_SIZE, compile_options: tuple = (), with_full: bool = False):
     """The compiled mix, one graph per set of FlexAttention kernel options (a sorted tuple of items) and, with
-    query chunks, per chunk layout; ``compile_options``: inductor options (sorted items), e.g. ``cpp_wrapper``."""
+    query chunks, per chunk layout; ``compile_options``: inductor options (sorted items), e.g. ``cpp_wrapper`` or
+    ``triton.cudagraphs``; ``with_full``: the full branch inside the graph too (:func:`full_window_mix`)."""
     options = dict(kernel_options) or None
-    if chunk:
+    if with_full:
+        mix = functools.partial(full_window_mix, chunk=chunk, window=window, sink_tokens=sink_tokens,
+                                block_size=block_size, kernel_options=options)
+    elif chunk:
         mix = functools.partial(chunked_window_mix, chunk=chunk, window=window, sink_tokens=sink_tokens,
                                 block_size=block_size, kernel_options=options)
     else:
@@ -290,7 +317,8 @@ def flex_full_and_sliding(query: torch.Tensor, key: torch.Tensor, value: torch.T
                           kernel_options: dict | None = None,
                           query_chunk: int | None = None,
                           full_kv_heads: tuple[int, ...] | None = None,
-                          compile_options: tuple = ()) -> torch.Tensor:
+                          compile_options: tuple = (),
+                          fuse_full: bool = True) -> torch.Tensor:
     """The relaxed mix for query heads ``[B, Hq, T, D]`` and KV heads ``[B, Hkv, T, D]``: SDPA full + flex window.
 
     ``fa_weight`` is per KV head ``[Hkv]``; it covers every query head of its group. Self-attention only (as many
@@ -300,8 +328,11 @@ def flex_full_and_sliding(query: torch.Tensor, key: torch.Tensor, value: torch.T
     length is a longer multiple of it; otherwise (and with 0) over the whole sequence at once; None:
     :func:`default_query_chunk` (chunks only with sinks).
     ``full_kv_heads``: the KV heads whose weight may be nonzero (:func:`full_on_open_heads`); None: all.
-    ``compile_options``: inductor's options for the compiled window and mix, sorted items (benchmarks: the C++
-    wrapper, ``(("cpp_wrapper", True),)``, against the Python wrapper's launch time per call).
+    ``compile_options``: inductor's options for the compiled graph, sorted items (benchmarks: the C++ wrapper,
+    ``(("cpp_wrapper", True),)``, or CUDA graphs of it, ``(("triton.cudagraphs", True),)``).
+    ``fuse_full``: with every head's full branch needed (``full_kv_heads`` None or all), the full branch, the
+    weight's expansion and the copies into one compiled graph with the window (:func:`full_window_mix`); False:
+    the full branch as an eager SDPA call before the compiled window (the backend up to session 14).
     """
     groups = query.shape[1] // key.shape[1]
     batch, length = query.shape[0], query.shape[-2]
@@ -310,12 +341,17 @@ def flex_full_and_sliding(query: torch.Tensor, key: torch.Tensor, value: torch.T
         window_mask = window_chunk_block_mask(batch, length, chunk, window, sink_tokens, str(query.device), block_size)
     else:
         window_mask = window_block_mask(length, window, sink_tokens, str(query.device), block_size)
+    options = tuple(sorted((kernel_options or {}).items()))
+    every_head = full_kv_heads is None or len(full_kv_heads) == key.shape[1]
+    if fuse_full and every_head:
+        # (The layers' weights are rows of one [L, H] tensor: views that differ only in their offset share a graph.)
+        compiled = _compiled_window_mix(options, chunk, window, sink_tokens, block_size, compile_options, True)
+        return compiled(query, key, value, fa_weight, window_mask, scaling)
     # One dense layout and a fresh [Hq] weight tensor (not a view into the [L, H] weights) for every layer, so the
     # compiled graph is reused instead of recompiled per stride pattern.
     query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
     full, fa_weight = causal_full_branch(query, key, value, fa_weight, scaling, full_kv_heads)
     per_query_head = fa_weight.to(device=query.device, dtype=torch.float32).repeat_interleave(groups)
-    options = tuple(sorted((kernel_options or {}).items()))
     compiled = (_compiled_window_mix(options, chunk, window, sink_tokens, block_size, compile_options) if chunk
                 else _compiled_window_mix(options, compile_options=compile_options))
     return compiled(query, key, value, full, per_query_head, window_mask, scaling)
