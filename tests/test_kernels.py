@@ -479,3 +479,25 @@ def test_the_chunked_sink_backward_of_the_bench_equals_the_backends(monkeypatch)
         chunked = module.chunked_sink_backward(grad_out, query, sink_key, sink_value, out, lse, 0.3, 16, chunk_rows)
         for got, want in zip(chunked, expected, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_the_flash_attn_4_probe_reference_is_the_sliding_window_and_its_log_sum_exp(monkeypatch, tmp_path):
+    """bench/fa4_window_probe.py's float32 reference on ``[B, T, H, D]`` inputs: with a window as long as the sequence
+    it is causal attention, its log-sum-exp is that of the scaled causal scores, and a shorter window hides the keys
+    beyond it; without CUDA the probe stops with a one-line error."""
+    probe = bench_module("fa4_window_probe", monkeypatch)
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(1, 24, heads, 8, generator=generator) for heads in (4, 2, 2))
+    out, lse = probe.reference(query, key, value, 0.3, 24)
+    causal = torch.nn.functional.scaled_dot_product_attention(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), is_causal=True, scale=0.3, enable_gqa=True)
+    torch.testing.assert_close(out, causal.transpose(1, 2), rtol=1e-5, atol=1e-5)
+    scores = query.transpose(1, 2) @ key.repeat_interleave(2, 2).permute(0, 2, 3, 1) * 0.3
+    scores = scores.masked_fill(torch.ones(24, 24, dtype=torch.bool).triu(1), float("-inf"))
+    torch.testing.assert_close(lse, scores.logsumexp(-1), rtol=1e-5, atol=1e-5)
+    windowed, _ = probe.reference(query, key, value, 0.3, 1)  # each query sees itself only
+    torch.testing.assert_close(windowed, value.repeat_interleave(2, 2), rtol=1e-5, atol=1e-5)
+    if not torch.cuda.is_available():
+        monkeypatch.setattr("sys.argv", ["fa4_window_probe.py", "--json", str(tmp_path / "probe.json")])
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            probe.main()
