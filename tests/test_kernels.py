@@ -20,11 +20,14 @@ from consa_cli.kernels import (
     MATH_WINDOW,
     SlidingWindowWithSinks,
     chunked_window_mix,
+    fa4_full_and_sliding,
+    fa4_supported,
     flash_full_and_sliding,
     flash_supported,
     flex_supported,
     from_window_chunks,
     full_window_mix,
+    math_window_with_lse,
     to_window_chunks,
     window_block_mask,
     window_chunk_block_mask,
@@ -501,3 +504,53 @@ def test_the_flash_attn_4_probe_reference_is_the_sliding_window_and_its_log_sum_
         monkeypatch.setattr("sys.argv", ["fa4_window_probe.py", "--json", str(tmp_path / "probe.json")])
         with pytest.raises(SystemExit, match="needs a CUDA GPU"):
             probe.main()
+
+
+# --- fa4: flash-attn-4's window (CUDA, the package installed); on CPU the same mix with a plain-torch window ---------
+
+
+@pytest.mark.parametrize("sinks", [0, 3])
+@pytest.mark.parametrize(("length", "window"), [(37, 11), (101, 13), (13, 11)])
+def test_the_fa4_mix_with_a_math_window_matches_the_reference_forward_and_backward(length, window, sinks):
+    """The fa4 backend's mix -- window output and log-sum-exp, the sinks beyond the window merged under autograd,
+    the mix -- with the plain-torch stand-in for flash-attn-4's window, against autograd through the two-call SDPA
+    reference in float64: output and the gradients of q, k, v and the gate weights (batch 2, GQA)."""
+    query, key, value = qkv(length, dim=8, seed=length)
+    query, key, value = (torch.cat([t, 0.5 * t.flip(-2)]).detach().requires_grad_() for t in (query, key, value))
+    weight = torch.tensor([0.3, 0.8], dtype=torch.float64, requires_grad=True)
+    inputs = (query, key, value, weight)
+    got = fa4_full_and_sliding(query, key, value, weight, 0.35, window, sinks, window_with_lse=math_window_with_lse)
+    want = ATTENTION_BACKENDS["sdpa"].full_and_sliding(query, key, value, weight, 0.35, window, sinks)
+    upstream = torch.randn(got.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got_grads = torch.autograd.grad((got * upstream).sum(), inputs)
+    want_grads = torch.autograd.grad((want * upstream).sum(), inputs)
+    for got_tensor, want_tensor in zip((got, *got_grads), (want, *want_grads), strict=True):
+        torch.testing.assert_close(got_tensor, want_tensor, rtol=1e-10, atol=1e-10)
+
+
+def test_the_fa4_backend_says_what_it_needs():
+    """Without a Hopper GPU and the package: a one-line error naming both (and half precision); not with --compile."""
+    from consa_cli.search import resolve_attention_backend
+    from consa_cli.settings import SettingsError, build_settings
+
+    assert not fa4_supported(torch.device("cpu"), torch.bfloat16)
+    if not torch.cuda.is_available():
+        with pytest.raises(SettingsError, match="compute capability 9.0.*flash-attn-4"):
+            resolve_attention_backend("fa4", torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(SettingsError, match="fa4 cannot be combined with --compile"):
+        build_settings(SearchSettings, None, attention_backend="fa4", compile=True)
+
+
+needs_fa4 = pytest.mark.skipif(not (torch.cuda.is_available() and fa4_supported(torch.device("cuda"), torch.bfloat16)),
+                               reason="the fa4 backend needs Hopper or newer and flash-attn-4")
+
+
+@needs_fa4
+@pytest.mark.parametrize(("batch", "length", "window", "sinks", "heads", "kv_heads", "dim"), [
+    (1, 1024, 128, 4, 16, 8, 128), (2, 777, 100, 0, 16, 8, 128), (2, 1024, 300, 4, 4, 2, 64)])
+def test_fa4_kernel_matches_float64_reference_forward_and_backward(batch, length, window, sinks, heads, kv_heads, dim):
+    """bf16 fa4 (flash-attn-4's window) on the GPU against the float64 two-call reference: output and all four
+    gradients."""
+    errors = errors_against_reference("fa4", batch, length, window, sinks, heads, kv_heads, dim, torch.float64,
+                                      seed=length)
+    assert max(errors) < 2e-2, errors

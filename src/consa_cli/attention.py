@@ -32,7 +32,13 @@ from consa_cli.hybrid_runtime import (
     causal_window_mask,  # noqa: F401 - part of this module's interface
     split_head_attention,
 )
-from consa_cli.kernels import flash_full_and_sliding, flex_full_and_sliding, full_on_open_heads, prepare_flex
+from consa_cli.kernels import (
+    fa4_full_and_sliding,
+    flash_full_and_sliding,
+    flex_full_and_sliding,
+    full_on_open_heads,
+    prepare_flex,
+)
 
 ATTENTION_NAME = "consa"
 
@@ -115,6 +121,8 @@ ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
     "flex": AttentionBackend(KERNELS["sdpa"], flex_full_and_sliding, prepare_flex),
     # consa_cli.kernels: SDPA full + flash attention's own window, sinks merged by log-sum-exp (CUDA, half precision).
     "flash": AttentionBackend(KERNELS["sdpa"], flash_full_and_sliding),
+    # consa_cli.kernels: SDPA full + flash-attn-4's window (the package, when installed; Hopper and newer).
+    "fa4": AttentionBackend(KERNELS["sdpa"], fa4_full_and_sliding),
 }
 
 

@@ -164,7 +164,8 @@ def search(
     device: str = typer.Option(None, help=f"cpu, cuda, cuda:N or auto. {_default('device')}"),
     attention_backend: str = typer.Option(None, help="Attention kernels: flex (full and sliding-window branches in "
                                           "one FlexAttention pass; CUDA), flash (flash attention's own window, sinks merged "
-                                          "by log-sum-exp; CUDA, bf16/fp16), sdpa (two calls, the reference), eager, "
+                                          "by log-sum-exp; CUDA, bf16/fp16), fa4 (flash-attn-4's window; Hopper+, bf16/fp16, "
+                                          "pip install flash-attn-4), sdpa (two calls, the reference), eager, "
                                           f"or auto (flex on CUDA, else sdpa). {_default('attention_backend')}"),
     compile: bool = typer.Option(None, "--compile/--no-compile", help="Run the model's forward (gated "
                                  "student and KL teacher) through torch.compile: norms, rotary and MLP fused besides "

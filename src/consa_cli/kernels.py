@@ -582,3 +582,67 @@ def flash_full_and_sliding(query: torch.Tensor, key: torch.Tensor, value: torch.
     # One fused kernel for sliding + w * (full - sliding), in the inputs' dtype like the two-call reference.
     mix = fa_weight.to(device=query.device, dtype=query.dtype).repeat_interleave(groups).view(1, -1, 1, 1)
     return torch.lerp(sliding, full, mix)
+
+
+# --- fa4: SDPA full + flash-attn-4's window, the sinks merged through its differentiable log-sum-exp -------------
+#
+# flash-attn-4 (the `flash-attn-4` package: CuTe DSL kernels for Hopper and Blackwell) has a local window and returns
+# a log-sum-exp whose gradient its backward takes. So the sinks beyond each query's window merge into the window's
+# output by plain autograd (:func:`_sink_merge_forward`, compiled), with no hand-written backward. Probed on an H200
+# (docs/benchmarks.md, session 15): correct (bf16 against float32: output 0.2%, gradients 0.3%); per layer, forward
+# + backward, its window costs 0.90 ms with the log-sum-exp 1.20 at 8192 tokens against the 1.39 ms by which the flex
+# mix exceeds dense attention, while at 4096 tokens each call costs 0.7-1.0 ms of host time whatever its work.
+
+
+def fa4_supported(device: torch.device, dtype: torch.dtype | None = None) -> bool:
+    """Whether the fa4 backend can run: CUDA, compute capability 9.0+ (flash-attn-4's kernels), half precision,
+    and the ``flash-attn-4`` package importable."""
+    if device.type != "cuda" or not torch.cuda.is_available() or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if torch.cuda.get_device_capability(device) < (9, 0):
+        return False
+    try:
+        from flash_attn.cute.interface import flash_attn_func  # noqa: F401
+    except Exception:  # noqa: BLE001 -- any failure to import (missing package, CUDA libraries) means "not here"
+        return False
+    return True
+
+
+def fa4_window_with_lse(query, key, value, scaling: float, window: int):
+    """flash-attn-4's causal window ``q - window < k <= q`` on ``[B, H, T, D]`` inputs (GQA): ``(out [B, Hq, T, D],
+    lse [B, Hq, T])``, both differentiable."""
+    from flash_attn.cute.interface import flash_attn_func
+
+    out, lse = flash_attn_func(_token_major(query), _token_major(key), _token_major(value), softmax_scale=scaling,
+                               causal=True, window_size=(window - 1, 0), return_lse=True)
+    return out.transpose(1, 2), lse
+
+
+def math_window_with_lse(query, key, value, scaling: float, window: int):
+    """:func:`fa4_window_with_lse` in plain torch (any device and dtype; ``T x T`` scores): the CPU tests' stand-in."""
+    mask = causal_window_mask(query.shape[-2], key.shape[-2], window, 0, query.device)
+    out, lse = attention_with_lse(query, key, value, mask, scaling)
+    return out.to(query.dtype), lse
+
+
+def fa4_full_and_sliding(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, fa_weight: torch.Tensor,
+                         scaling: float, window: int, sink_tokens: int,
+                         window_with_lse: Callable = fa4_window_with_lse,
+                         full_kv_heads: tuple[int, ...] | None = None) -> torch.Tensor:
+    """The relaxed mix for query heads ``[B, Hq, T, D]`` and KV heads ``[B, Hkv, T, D]``: SDPA full +
+    flash-attn-4 window, the sinks beyond each query's window merged by log-sum-exp under autograd.
+
+    ``fa_weight`` is per KV head ``[Hkv]``. Self-attention only, no padding mask. ``window_with_lse`` is
+    :func:`fa4_window_with_lse` or, for tests, :func:`math_window_with_lse`. ``full_kv_heads``: as for
+    :func:`flex_full_and_sliding`.
+    """
+    groups = query.shape[1] // key.shape[1]
+    full, fa_weight = causal_full_branch(query, key, value, fa_weight, scaling, full_kv_heads)
+    sliding, lse = window_with_lse(query, key, value, scaling, window)
+    sinks = min(sink_tokens, max(query.shape[-2] - window, 0))  # sink keys that some query sees beyond its window
+    if sinks:
+        merge = (_compiled(_sink_merge_forward) if query.is_cuda and not torch.compiler.is_compiling()
+                 else _sink_merge_forward)
+        sliding, _ = merge(query, key[:, :, :sinks], value[:, :, :sinks], sliding, lse, scaling, window)
+    mix = fa_weight.to(device=query.device, dtype=query.dtype).repeat_interleave(groups).view(1, -1, 1, 1)
+    return torch.lerp(sliding, full, mix)

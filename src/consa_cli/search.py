@@ -53,7 +53,7 @@ from consa_cli.checkpoint import (
     deferred_stop_signals,
     save_checkpoint,
 )
-from consa_cli.kernels import flash_supported, flex_supported
+from consa_cli.kernels import fa4_supported, flash_supported, flex_supported
 from consa_cli.losses import loss_kernels, plan_search_loss, search_loss
 from consa_cli.models import DEFAULT_MODEL
 from consa_cli.settings import RESUMABLE, SearchSettings, SettingsError, settings_to_dict
@@ -182,6 +182,10 @@ def resolve_attention_backend(name: str, device: torch.device, dtype: torch.dtyp
     if name == "flex" and not flex_supported(device):
         raise SettingsError(f"--attention-backend {name} needs a CUDA device with triton (FlexAttention has no CPU "
                             f"backward), not {device}; use sdpa")
+    if name == "fa4" and not fa4_supported(device, dtype):
+        raise SettingsError(f"--attention-backend {name} needs a CUDA GPU of compute capability 9.0+ (Hopper or "
+                            f"newer), --dtype bfloat16 or float16, and the flash-attn-4 package (pip install "
+                            f"flash-attn-4), not {device} / {dtype}; use flex or sdpa")
     if name == "flash" and not flash_supported(device, dtype):
         raise SettingsError(f"--attention-backend {name} needs a CUDA GPU with flash attention (compute capability "
                             f"8.0+) and --dtype bfloat16 or float16, not {device} / {dtype}; use sdpa")

@@ -27,7 +27,7 @@ LOSSES = ("kl", "lm")
 # ablation); attention-mass: training-free, rank units by attention mass beyond the window on calibration text.
 METHODS = ("l0", "scalar-l1", "attention-mass")
 DTYPES = ("bfloat16", "float32", "float16")
-ATTENTION_BACKENDS = ("auto", "sdpa", "eager", "flex", "flash")  # auto: flex on a CUDA device that has it, else sdpa
+ATTENTION_BACKENDS = ("auto", "sdpa", "eager", "flex", "flash", "fa4")  # auto: flex on a CUDA device that has it, else sdpa
 
 
 def fraction(text: str) -> float:
@@ -128,6 +128,9 @@ class SearchSettings:
         if self.calibration_haystack not in CALIBRATION_HAYSTACKS:
             raise SettingsError(f"--calibration-haystack must be one of {', '.join(CALIBRATION_HAYSTACKS)}, "
                                 f"got '{self.calibration_haystack}'")
+        if self.attention_backend == "fa4" and self.compile:
+            raise SettingsError("--attention-backend fa4 cannot be combined with --compile (flash-attn-4's kernels "
+                                "are not traced by torch.compile; not measured)")
         if self.skip_closed_gates and self.compile:
             raise SettingsError("--skip-closed-gates cannot be combined with --compile (each set of open heads "
                                 "would be another compiled graph)")
