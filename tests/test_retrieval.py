@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from conftest import bench_module, tiny_model
 
 from consa_cli import retrieval
 from consa_cli.attention import hybrid_attention
@@ -308,3 +308,23 @@ def test_the_default_haystack_is_noise(char_tokenizer):
     assert set(re.findall(r"[A-Z][^.]*\.", sentences)) <= set(retrieval.NOISE_FILLER)
     explicit, = make_samples("passkey", char_tokenizer, [300], [0.5], 1, seed=0, filler=retrieval.NOISE_FILLER)
     assert torch.equal(sample.prompt_ids, explicit.prompt_ids)
+
+
+def test_retrieval_head_scores_count_far_copies_and_rank_against_the_effects(monkeypatch):
+    """bench/retrieval_head_scores.py: a head scores an answer token when its strongest attention, at the position
+    before it, lies on an earlier copy of that token at least a window back (not a nearer copy, not another token);
+    the comparison ranks the score against the benefit of making a sliding head full."""
+    module = bench_module("retrieval_head_scores", monkeypatch)
+    ids = torch.tensor([7, 1, 2, 3, 4, 5, 6, 7, 8, 7])  # answer: the last two tokens (8, 7); 7 also at 0 and 7
+    attention = torch.zeros(2, 10, 10)  # one layer, two query heads
+    attention[0, 7, 0] = 1.0  # predicts 8 (position 8) from 7 at 0: wrong token
+    attention[0, 8, 0] = 1.0  # predicts 7 (position 9) from the 7 at 0, 8 back: a far copy
+    attention[1, 7, 2] = 1.0
+    attention[1, 8, 7] = 1.0  # the 7 at position 7: a copy, but only 1 back
+    hits, tokens = module.copy_hits([attention], ids, answer_start=8, window=4)
+    assert tokens == 2 and hits.tolist() == [[1.0, 0.0]]
+    effects = [{"layer": 0, "head": h, "in_base": False, "target": t} for h, t in enumerate((-0.3, -0.1, 0.0))]
+    effects.append({"layer": 0, "head": 3, "in_base": True, "target": 5.0})  # a full head: not compared
+    summary = module.compare_with_effects([[0.9, 0.5, 0.1, 0.0]], effects, top=1)
+    assert summary["spearman"] == pytest.approx(1.0) and summary["top1_overlap"] == 1
+    assert summary["top1_by_score"] == [(0, 0)]
