@@ -29,6 +29,11 @@ over query chunks of that size (``flex_full_and_sliding(query_chunk=N)``; 0: no 
 session 10; ``flex`` itself uses ``kernels.default_query_chunk``: 1024 with sinks, none without) as backends
 ``flex-qcN``, to the step rows and the attention-alone rows. ``--device-busy`` replaces the step rows by the
 device's kernel time per step against the step's wall time (torch.profiler): how much of a step the host costs.
+Bench-only variants (session 15): ``flex-unfused`` (the full branch as an eager SDPA call before the compiled window,
+the flex backend up to session 14) and ``flex-graphs`` (flex's one compiled graph per layer replayed as CUDA
+graphs); ``fa4`` is the package's backend (flash-attn-4 installed). ``--thin`` keeps Qwen3-0.6B's layers and heads
+with every width tiny, so a step's wall time is about its host time. With ``--rounds`` above 1 each row also has
+``NAME_vs_dense_round_median``, the median of the paired per-round ratios.
 
     python bench/search_speed.py --lengths 4096 8192 --kernels-only --json /tmp/flex-sweep.json \
         --flex-configs '[{"block_size": 64}, {"kernel_options": {"BLOCK_M": 64, "BLOCK_N": 64}}]'
