@@ -492,3 +492,61 @@ def test_head_effects_text_signals_score_every_token_or_only_the_long_context_on
     row = next(r for r in rows if (r["layer"], r["head"]) == (1, 0))
     assert len(rows) == layers * heads
     assert row["key"] == pytest.approx(after["key"] - reference["key"]) and row["key"] != 0
+
+
+def test_swap_refine_keeps_the_count_and_applies_the_best_measured_swap_until_none_helps(monkeypatch):
+    """bench/swap_refine.py's greedy swaps on a known objective: every swap trades one full unit for one sliding
+    unit (the count never changes), the swap applied is the best of the measured candidate pairs, the one-unit
+    toggles are measured on the current mask (a clash between two units shows after the first swap), and the
+    search stops once no candidate pair lowers the objective."""
+    refine = bench_module("swap_refine", monkeypatch)
+    value = torch.tensor([[0.0, -1.0, 0.5], [-0.2, 0.3, -0.6]])  # a full unit's contribution to the objective
+    calls = []
+
+    def measure(mask):
+        calls.append(mask.clone())
+        clash = 2.0 if bool(mask[0, 1]) and bool(mask[1, 2]) else 0.0
+        return {"objective": float(value[mask].sum()) + clash}
+
+    base = torch.tensor([[True, False, True], [False, True, False]])  # objective 0.8
+    seen = []
+    mask, history = refine.swap_refine(measure, base, swaps=5, candidates=2,
+                                       on_swap=lambda record, current: seen.append(current.clone()))
+    assert int(mask.sum()) == 3 and {int(m.sum()) for m in calls} == {2, 3, 4}  # toggles 2 / 4, swaps 3
+    # Swap 1: the best additions (0,1) -1 and (1,2) -0.6, the cheapest removals (0,2) -0.5 and (1,1) -0.3:
+    # +(0,1) -(0,2) gives -0.7. Swap 2: (1,2) now clashes with (0,1) (+1.4), so +(1,0) -(1,1) gives -1.2.
+    # Swap 3: every candidate pair is worse; stop.
+    assert [(r["added"], r["removed"]) for r in history[1:3]] == [([0, 1], [0, 2]), ([1, 0], [1, 1])]
+    assert [r["objective"] for r in history][:3] == pytest.approx([0.8, -0.7, -1.2])
+    assert history[3]["swap"] == 3 and "stopped" in history[3] and history[3]["objective"] > -1.2
+    assert len(history) == 4 and len(seen) == 2 and torch.equal(seen[-1], mask)
+    assert mask.tolist() == [[True, True, False], [True, False, False]]
+    assert base.tolist() == [[True, False, True], [False, True, False]]  # the caller's mask is left alone
+    # 3 rounds x (6 toggles + 4 pairs) + the starting point
+    assert len(calls) == 1 + 3 * (6 + 4)
+
+
+def test_swap_refine_objective_is_the_answers_plus_weighted_text_nll(char_tokenizer, monkeypatch):
+    """bench/swap_refine.py's objective on a tiny hybrid: the answers' NLL (as head_effects scores them) plus
+    text_weight x the text's mean next-token NLL, for the mask it is given."""
+    from consa_cli.attention import hybrid_attention
+
+    refine = bench_module("swap_refine", monkeypatch)
+    effects = bench_module("head_effects", monkeypatch)
+    greedy = bench_module("retrieval_greedy", monkeypatch)
+    model = tiny_model("llama")
+    layers, heads = model.config.num_hidden_layers, model.config.num_key_value_heads
+    mixed = mix_retrieval(text_sequences(char_tokenizer, count=2), char_tokenizer, 0.5, WINDOW, 0, "room-code")
+    mixed = CalibrationSet(mixed.sequences % 96, mixed.loss_mask, mixed.is_retrieval)
+    answers = [effects.calibration_batch(mixed.sequences[2:], mixed.loss_mask[2:], torch.device("cpu"))]
+    text = mixed.sequences[:2]
+    mask = torch.zeros(layers, heads, dtype=torch.bool)
+    mask[0, 0] = True
+    with hybrid_attention(model, mask, 8, 0):
+        values = refine.calibration_objective(model, answers, text, 0.5)(mask)
+        assert values["answer_nll"] == pytest.approx(greedy.answer_nll(model, answers))
+        assert values["text_nll"] == pytest.approx(float(effects.token_nll(model, text).mean()))
+        assert values["objective"] == pytest.approx(values["answer_nll"] + 0.5 * values["text_nll"])
+        other = mask.clone()
+        other[1, 0] = True
+        assert refine.calibration_objective(model, answers, text, 0.5)(other)["objective"] != values["objective"]
