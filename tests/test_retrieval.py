@@ -328,3 +328,30 @@ def test_retrieval_head_scores_count_far_copies_and_rank_against_the_effects(mon
     summary = module.compare_with_effects([[0.9, 0.5, 0.1, 0.0]], effects, top=1)
     assert summary["spearman"] == pytest.approx(1.0) and summary["top1_overlap"] == 1
     assert summary["top1_by_score"] == [(0, 0)]
+
+
+def test_pair_eval_rows_pairs_rows_of_separate_evaluations_with_dense_and_their_reference(monkeypatch, tmp_path):
+    """bench/pair_eval_rows.py: rows of two ``consa eval --json`` files (one with the dense row) are paired with
+    dense and with their reference on the same sequences and prompts, with the numbers worked out by hand."""
+    import json
+
+    module = bench_module("pair_eval_rows", monkeypatch)
+
+    def row(label, method, nll, hits):
+        return {"label": label, "method": method, "nll_per_sequence": nll, "ppl": 10.0,
+                "retrieval": {"overall": sum(hits) / len(hits),
+                              "cells": [{"task": "passkey", "length": 64, "depth": 0.5, "hits": hits}]}}
+
+    (tmp_path / "a.json").write_text(json.dumps({"rows": [
+        row("dense", "dense", [1.0, 2.0, 3.0], [1, 1, 1, 1]), row("base", "vote", [1.1, 2.1, 3.2], [1, 1, 0, 0])]}))
+    (tmp_path / "b.json").write_text(json.dumps({"rows": [row("base-swap1", "vote", [1.2, 2.3, 3.1], [0, 1, 1, 1])]}))
+    table = module.pair_table(module.load_rows([str(tmp_path / "a.json"), str(tmp_path / "b.json")]),
+                              [("swap", "base")])
+    by_label = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table[2:]}
+    assert set(by_label) == {"base", "base-swap1"}
+    swap = by_label["base-swap1"]
+    # vs dense: deltas 0.2, 0.3, 0.1 -> mean 0.2, sd 0.1, t = 0.2 / (0.1 / sqrt 3) = 3.5; retrieval 0.75 of 1.0
+    assert swap[2] == "+0.2000 (3.5)" and swap[3] == "0.750 (75.0%)"
+    # vs base: deltas 0.1, 0.2, -0.1 -> +0.0667, t 0.8; prompts 3 and 4 gained, prompt 1 lost: 2 / 1, p = 1
+    assert swap[4] == "base" and swap[5] == "+0.0667 (0.8)" and swap[6] == "2 / 1 (1) |"
+    assert by_label["base"][4:7] == ["-", "-", "- |"]
