@@ -100,6 +100,38 @@ def test_eval_of_a_run_dir_adds_the_dense_reference(tmp_path, tiny_model_dir, ti
     assert [(b["start"], b["end"]) for b in rows[1]["position_buckets"]] == [(0, 4), (4, 8), (8, 16), (16, 31)]
 
 
+def test_eval_applies_an_allocation_to_a_moved_model_with_model_and_refuses_another(tmp_path, tiny_model_dir,
+                                                                                    tiny_text_file):
+    """An allocation names the path of the machine it was made on: there, eval says so and points at --model;
+    --model applies it to a copy elsewhere (same weights, same fingerprint), and refuses a different model."""
+    import shutil
+
+    from conftest import save_tiny
+
+    moved = tmp_path / "made-here"
+    shutil.copytree(tiny_model_dir, moved)
+    result = invoke("baseline", "--rule", "bottom", "--model", moved, "--sparsity", "0.5", "--window", "4",
+                    "--output", tmp_path / "rule")
+    assert result.exit_code == 0, result.output
+    shutil.rmtree(moved)  # the allocation now names a path that does not exist
+    common = ["--data", tiny_text_file, "--seq-len", "32", "--max-sequences", "2", "--dtype", "float32"]
+
+    result = invoke("eval", tmp_path / "rule", *common)
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert f"no such file or directory: {moved}" in result.stderr and "pass --model" in result.stderr
+
+    result = invoke("eval", tmp_path / "rule", "--model", tiny_model_dir, *common, "--json", tmp_path / "eval.json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "eval.json").read_text())["rows"]
+    assert [row["label"] for row in rows] == [f"dense ({tiny_model_dir})", "rule"]
+    assert rows[1]["delta_nll_vs_dense"] > 0  # paired with the dense copy: the same weights
+
+    save_tiny(tmp_path / "other", seed=1)
+    result = invoke("eval", tmp_path / "rule", "--model", tmp_path / "other", *common)
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "made for another model" in result.stderr
+
+
 def test_eval_report_compares_several_allocations(tmp_path, tiny_model_dir, tiny_text_file):
     pytest.importorskip("matplotlib")
     for rule, sparsity in (("bottom", "0.5"), ("top", "1/2"), ("top", "0.75")):  # a ratio works as well

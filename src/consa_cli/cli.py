@@ -396,6 +396,9 @@ def eval_command(
     device: str = typer.Option(None, help="cpu or cuda \\[default: cpu]."),
     dense: bool = typer.Option(True, help="Include the dense original model as the reference row."),
     dense_model: str = typer.Option(None, help="Dense reference model \\[default: the targets' source model]."),
+    model: str = typer.Option(None, "--model", "-m", help="Apply allocation files / run dirs to this model "
+                              "instead of the one recorded in them (e.g. a path on another machine); the "
+                              "allocation's model fingerprint must still match. Exports keep their own weights."),
     bucket_window: int = typer.Option(None, help="Split perplexity by query position into [0, W), [W, 2W), "
                                       "[2W, 4W), ... \\[default: W = each allocation's sliding window]."),
     json_path: Path = typer.Option(None, "--json", help="Also write the results as JSON here."),
@@ -428,14 +431,14 @@ def eval_command(
     from consa_cli.settings import SettingsError
 
     if efficiency:
-        _efficiency_command(targets, dtype or "bfloat16", device or "cpu", dense_model, json_path,
-                            context_lengths, batch_sizes, decode_steps, compiled_decode, eager_reference)
+        _efficiency_command(targets, dtype or "bfloat16", device or "cpu", dense_model or model, json_path,
+                            context_lengths, batch_sizes, decode_steps, compiled_decode, eager_reference, model)
         return
     with user_errors():
         settings = EvalSettings()
         for name, value in {"data": data, "seq_lens": seq_len or None, "max_sequences": max_sequences,
                             "batch_size": batch_size, "dtype": dtype, "device": device,
-                            "dense_model": dense_model, "bucket_window": bucket_window}.items():
+                            "dense_model": dense_model or model, "bucket_window": bucket_window}.items():
             if value is not None:
                 setattr(settings, name, value)
         settings.include_dense = dense
@@ -451,7 +454,7 @@ def eval_command(
             from consa_cli.plots import require_matplotlib
 
             require_matplotlib()  # before the evaluation, not after it
-        resolved = resolve_targets(targets)
+        resolved = resolve_targets(targets, model)
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console, transient=True) as progress:
             tasks: dict[str, int] = {}
@@ -527,7 +530,7 @@ def _set_tasks(settings, tasks: str | None, include: Path | None, limit: int | N
 
 def _efficiency_command(targets: list[str], dtype: str, device: str, dense_model: str | None, json_path: Path | None,
                         context_lengths: str, batch_sizes: str, decode_steps: int, compiled_decode: bool,
-                        eager_reference: bool = False) -> None:
+                        eager_reference: bool = False, model: str | None = None) -> None:
     from consa_cli.efficiency import EfficiencySettings, evaluate_efficiency
     from consa_cli.evaluate import DTYPES, resolve_targets
     from consa_cli.settings import SettingsError
@@ -543,7 +546,7 @@ def _efficiency_command(targets: list[str], dtype: str, device: str, dense_model
         if (not settings.context_lengths or min(settings.context_lengths) < 2 or not settings.batch_sizes
                 or min(settings.batch_sizes) < 1 or decode_steps < 1):
             raise SettingsError("--context-lengths must be >= 2, --batch-sizes and --decode-steps >= 1")
-        rows = evaluate_efficiency(resolve_targets(targets), settings, DTYPES[dtype], device,
+        rows = evaluate_efficiency(resolve_targets(targets, model), settings, DTYPES[dtype], device,
                                    dense_model)
         table = Table(title="inference efficiency (KV measured from the cache tensors; ratios vs dense)")
         for column in ("model", "context", "batch", "KV MiB", "vs analytic", "vs dense", "prefill s",

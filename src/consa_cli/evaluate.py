@@ -29,7 +29,7 @@ from consa_cli.baselines import native_allocation
 from consa_cli.data import EMBEDDED_CORPUS, load_token_sequences
 from consa_cli.downstream import load_tasks, run_tasks
 from consa_cli.export import MASK_FILE, load_hybrid, read_export_config
-from consa_cli.models import load_model_and_tokenizer, model_fingerprint
+from consa_cli.models import ModelError, load_model_and_tokenizer, model_fingerprint
 from consa_cli.retrieval import DEFAULT_HAYSTACK, evaluate_retrieval, haystack_filler
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -88,11 +88,19 @@ def resolve_target(spec: str) -> Target:
     return Target(spec, "model", spec, None, base_model=spec)
 
 
-def resolve_targets(specs: list[str]) -> list[Target]:
+def resolve_targets(specs: list[str], model: str | None = None) -> list[Target]:
     """:func:`resolve_target` for each spec, with labels made unique: targets whose names collide (``a/seed-0`` and
     ``b/seed-0``) are labelled with as many parent folders as it takes, and a target given twice gets ``(2)``.
-    Results are keyed by label (tables, the report, the JSON), so a collision would merge two rows."""
+    Results are keyed by label (tables, the report, the JSON), so a collision would merge two rows.
+
+    ``model``: apply allocation files and run dirs to this model instead of the one recorded in them (an
+    allocation made on another machine names that machine's path); their model fingerprint is still checked, so
+    an allocation cannot be applied to a model it was not made for. Exports carry their own weights and keep them."""
     targets = [resolve_target(spec) for spec in specs]
+    if model:
+        for target in targets:
+            if target.kind == "allocation":
+                target.base_model = model
     where = [Path(target.path).resolve() if target.kind != "model" else target.path for target in targets]
     firsts = [target for index, target in enumerate(targets) if where[index] not in where[:index]]
     for components in range(2, 16):
@@ -181,6 +189,10 @@ def evaluate(targets: list[Target], settings: EvalSettings,
     dtype = DTYPES[settings.dtype]
     rows: list[dict] = []
     dense_name = settings.dense_model or next((t.base_model for t in targets if t.base_model), None)
+    # Models named only by an allocation's record (not on the command line), for a hint when one cannot be loaded.
+    recorded_in = {t.base_model: t.path for t in reversed(targets) if t.kind == "allocation" and t.base_model
+                   and t.allocation is not None and t.base_model == t.allocation.model
+                   and t.base_model != settings.dense_model}
     listed = next((t for t in targets if t.kind == "model" and t.path == dense_name), None)
     if listed is not None:  # the reference is scored first, so every other target gets its delta
         targets = [listed, *(t for t in targets if t is not listed)]
@@ -202,7 +214,13 @@ def evaluate(targets: list[Target], settings: EvalSettings,
             key = target.base_model or ""
             if key not in loaded:
                 loaded.clear()  # keep one base model in memory at a time
-                loaded[key] = load_model_and_tokenizer(target.base_model, dtype=dtype, device=settings.device)
+                try:
+                    loaded[key] = load_model_and_tokenizer(target.base_model, dtype=dtype, device=settings.device)
+                except ModelError as error:
+                    if key not in recorded_in:  # a name the user gave
+                        raise
+                    raise ModelError(f"{error} (the model recorded in {recorded_in[key]}; pass --model to apply "
+                                     "the allocation to a copy of it elsewhere)") from None
             model, tokenizer = loaded[key]
             if target.allocation is not None:
                 target.allocation.check_fits(model.config.num_hidden_layers, model.config.num_key_value_heads,
