@@ -95,6 +95,19 @@ def timed(step, device, warmup: int, repeats: int) -> list[float]:
     return seconds[warmup:]
 
 
+def profile_table(step, steps: int, rows: int = 25) -> str:
+    """The device kernels of ``steps`` steps (after one untimed), by total device time: what a graphed step runs
+    differently from the eager one (kernels inside a CUDA graph replay show up individually under CUPTI)."""
+    step()
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    return profiler.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=90)
+
+
 def measure(model, layout: UnitLayout, length: int, backend: str, device: torch.device, args) -> dict:
     """One sequence length: the graphs' exactness against the eager split step, then the steps timed in rounds."""
     config = model.config
@@ -138,6 +151,8 @@ def measure(model, layout: UnitLayout, length: int, backend: str, device: torch.
             except Exception as error:  # noqa: BLE001 -- recorded: whether the capture works is the question
                 row["graphed_failed"] = failure(error)
                 row["graphed_traceback"] = traceback.format_exc(limit=-12)
+        if args.profile and device.type == "cuda":
+            row["profiles"] = {name: profile_table(steps[name], args.profile) for name in steps}
         seconds = {name: [] for name in ("dense", *steps)}
         for round_index in range(args.rounds):
             order = list(seconds) if round_index % 2 == 0 else list(seconds)[::-1]
@@ -168,6 +183,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=1, help="every other round in reverse order")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="also profile STEPS steps of each kind before timing (the kernels' table in the JSON)")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model (on a CPU: no graphs, the rest runs)")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()

@@ -175,3 +175,37 @@ def test_hard_allocation_forward_reads_no_device_value_on_the_host():
             model(TOKENS, past_key_values=cache, use_cache=True)
             model(TOKENS[:, :1], past_key_values=cache, use_cache=True)
         assert counter.counts.host_syncs == 0, counter.counts.by_op
+
+
+def test_no_causal_mask_reaches_the_relaxed_mix_even_where_transformers_would_build_one(monkeypatch):
+    """transformers up to 5.17 builds the plain causal mask while a CUDA graph is captured or dynamo traces (its
+    skip check reports "tracing"); consa's mask function drops it (no padding, as many keys as queries), so the
+    relaxed mix keeps its fast path instead of the two-call reference with a T x T mask. Padding still gets a mask."""
+    import transformers.masking_utils as masking_utils
+
+    model = tiny_model("qwen3")
+    calls = []
+    original = ATTENTION_BACKENDS["sdpa"]
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original.full_and_sliding(*args, **kwargs)
+
+    monkeypatch.setitem(ATTENTION_BACKENDS, "sdpa", AttentionBackend(original.attend, spy))
+    install_hybrid(model, torch.full((4, 2), 0.5), WINDOW, 2, backend="sdpa")
+    try:
+        with torch.no_grad():
+            reference = model(input_ids=TOKENS).logits
+            assert len(calls) == 4  # one relaxed mix per layer, no mask
+            monkeypatch.setattr(masking_utils, "_ignore_causal_mask_sdpa", lambda *args, **kwargs: False)
+            calls.clear()
+            logits = model(input_ids=TOKENS).logits
+            assert len(calls) == 4, "a causal mask reached the attention and sent it to the two-call path"
+            torch.testing.assert_close(logits, reference)
+            calls.clear()
+            padding = torch.ones_like(TOKENS)
+            padding[0, :3] = 0
+            model(input_ids=TOKENS, attention_mask=padding)
+            assert calls == []  # padding: the mask is needed, the reference path takes it
+    finally:
+        remove_hybrid(model)

@@ -753,10 +753,20 @@ def prefix_hybrid_forward(module, query, key, value, attention_mask, dropout=0.0
 
 def causal_padding_mask(*args, **kwargs):
     """Mask function for consa's attention: causal + padding only; windows are applied inside the attention
-    function, so even layers a model natively builds a sliding mask for (Gemma3) get the plain causal mask."""
+    function, so even layers a model natively builds a sliding mask for (Gemma3) get the plain causal mask.
+
+    No mask (None) whenever transformers would skip it outside tracing: no padding mask and as many keys as
+    queries, i.e. the plain causal square, which consa's attention applies by itself. transformers up to 5.17
+    builds that mask anyway while a CUDA graph is being captured or dynamo traces (it cannot tell it is not
+    needed without reading the padding mask), and a mask sends consa's relaxed mix to the two-call reference
+    path: a search step captured as CUDA graphs ran 2.4x slower at 8192 tokens (docs/benchmarks.md, session 17)."""
     kwargs["mask_function"] = causal_mask_function
     kwargs.pop("local_size", None)
-    return sdpa_mask(*args, **kwargs)
+    mask = sdpa_mask(*args, **kwargs)
+    if (mask is not None and kwargs.get("attention_mask") is None and mask.dim() == 4
+            and mask.shape[-2] == mask.shape[-1]):
+        return None
+    return mask
 
 
 AttentionInterface.register(PREFIX_ATTENTION_NAME, prefix_hybrid_forward)
