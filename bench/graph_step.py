@@ -36,30 +36,16 @@ from pathlib import Path
 
 import torch
 from search_speed import QWEN3_0_6B, TINY, build_model, dense_step_seconds, failure, synchronize
-from torch import nn
 
 from consa_cli.attention import install_hybrid, remove_hybrid, set_fa_weights
 from consa_cli.losses import next_token_loss
-from consa_cli.search import HardConcreteGates, UnitLayout, environment_versions, resolve_attention_backend
-
-
-class GatedLogits(nn.Module):
-    """The gated model's logits as a function of ``input_ids``, its relaxed weights a parameter ``fa_weights``
-    (float32 ``[L, H]``) read by every attention module: what ``make_graphed_callables`` captures."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        config, device = model.config, next(model.parameters()).device
-        self.fa_weights = nn.Parameter(torch.ones(config.num_hidden_layers, config.num_key_value_heads,
-                                                  device=device))
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # Each layer's row of the leaf is taken here, inside the forward: rows taken once outside it would put their
-        # backward (SelectBackward) on the stream they were made on, the legacy default stream, which a capture of
-        # the backward cannot depend on (session 13's first capture failed so: cudaErrorStreamCaptureImplicit).
-        set_fa_weights(self.model, self.fa_weights)
-        return self.model(input_ids=input_ids, use_cache=False).logits
+from consa_cli.search import (
+    GatedLogits,
+    HardConcreteGates,
+    UnitLayout,
+    environment_versions,
+    resolve_attention_backend,
+)
 
 
 def plain_step(model, gates, layout, input_ids, generator) -> torch.Tensor:

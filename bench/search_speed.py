@@ -124,10 +124,11 @@ def dense_step_seconds(model, input_ids: torch.Tensor, warmup: int, repeats: int
 # calibration sequence, so after the first the KL teacher's hidden state comes from the search's teacher cache (the
 # steady state of a search longer than its calibration set; without it every step is a new sequence); NAME+chunks: the
 # losses as compiled chunk functions instead of the fused Triton kernels (consa_cli.losses.FUSED_KERNELS off);
+# NAME+cudagraphs: the search's --cuda-graphs (its gated forward and backward captured once, replayed every step);
 # NAME+noguards: after the first step, torch.compile's guards are evaluated only where they tell its compiled variants
 # apart (torch.compiler.set_stance(skip_guard_eval_unsafe=True)): the compiled window + mix's guard checks are host
 # time on every layer of every step (session 13's host tables: 112 dynamo cache lookups of 69 us per 4096-token step).
-SEARCH_OPTIONS = ("compile", "skip", "graphs", "cached", "chunks", "noguards")
+SEARCH_OPTIONS = ("compile", "skip", "graphs", "cached", "chunks", "noguards", "cudagraphs")
 
 
 def search_step_seconds(model, length: int, loss: str, backend: str, warmup: int, repeats: int,
@@ -173,6 +174,7 @@ def search_step_seconds(model, length: int, loss: str, backend: str, warmup: int
     settings = SearchSettings(granularity="kv-head-per-layer", sparsity=0.75, window=window, seq_len=length,
                               steps=warmup + repeats, loss=loss, attention_backend=backend, target_warmup_steps=0,
                               compile=bool({"compile", "graphs"} & set(options)), skip_closed_gates="skip" in options,
+                              cuda_graphs="cudagraphs" in options,
                               log_alpha_init=log_alpha_init, batch_size=batch_size)
     count = batch_size if "cached" in options else settings.steps * batch_size
     sequences = torch.randint(0, model.config.vocab_size, (count, length),

@@ -106,6 +106,52 @@ def test_skipping_closed_gates_learns_exactly_what_the_full_search_learns(granul
     assert skipping.allocation.metadata["skip_closed_gates"] and not full.allocation.metadata["skip_closed_gates"]
 
 
+@pytest.mark.parametrize(("method", "loss", "batch_size"), [("l0", "kl", 1), ("scalar-l1", "lm", 2), ("l0", "lm", 2)])
+def test_the_split_step_of_cuda_graphs_learns_exactly_what_the_plain_search_learns(monkeypatch, method, loss,
+                                                                                     batch_size):
+    """--cuda-graphs splits each step at a leaf of relaxed weights (the graphs' static input): the task loss's
+    backward stops at the leaf, whose gradient goes on through the gate sample together with the constraint. On a
+    CPU the capture is replaced by the uncaptured module, so this checks the split itself: every step's losses and
+    the learned scores equal the plain search's (scalar-l1's constraint shares the gate sample with the weights)."""
+    import consa_cli.search
+
+    captured = []
+
+    def uncaptured(gated, sample_ids):
+        captured.append(sample_ids.shape)
+        return gated
+
+    monkeypatch.setattr(consa_cli.search, "graph_gated_logits", uncaptured)
+    common = dict(steps=12, method=method, loss=loss, batch_size=batch_size, log_alpha_init=0.5)
+    plain = run_search(settings(**common), tiny_model("llama"), SEQUENCES, 2)
+    split = run_search(settings(**common, cuda_graphs=True), tiny_model("llama"), SEQUENCES, 2)
+    assert captured == [torch.Size([batch_size, 64])]  # captured once, on one step's shape
+    assert [r["loss"] for r in split.metrics] == pytest.approx([r["loss"] for r in plain.metrics], rel=1e-6)
+    torch.testing.assert_close(split.allocation.scores, plain.allocation.scores, rtol=1e-6, atol=1e-7)
+    assert split.allocation.metadata["cuda_graphs"] and not plain.allocation.metadata["cuda_graphs"]
+    assert not split.allocation.metadata["skip_closed_gates"]
+
+
+def test_cuda_graphs_need_cuda_and_exclude_compile_and_skipping():
+    with pytest.raises(SettingsError, match="CUDA device"):
+        run_search(settings(steps=1, cuda_graphs=True), tiny_model("llama"), SEQUENCES, 2)
+    with pytest.raises(SettingsError, match="--compile"):
+        settings(cuda_graphs=True, compile=True).validate()
+    with pytest.raises(SettingsError, match="--skip-closed-gates"):
+        settings(cuda_graphs=True, skip_closed_gates=True).validate()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("backend", ["flex", "sdpa"])
+def test_cuda_cuda_graphs_search_follows_the_eager_search(backend):
+    """On a GPU: the search replaying its captured step learns what the eager search learns (float32, tiny model)."""
+    common = dict(steps=6, loss="kl", device="cuda", attention_backend=backend, log_alpha_init=0.5)
+    eager = run_search(settings(**common), tiny_model("llama").cuda(), SEQUENCES, 2)
+    graphed = run_search(settings(**common, cuda_graphs=True), tiny_model("llama").cuda(), SEQUENCES, 2)
+    assert [r["loss"] for r in graphed.metrics] == pytest.approx([r["loss"] for r in eager.metrics], rel=1e-3)
+    torch.testing.assert_close(graphed.allocation.scores, eager.allocation.scores, rtol=1e-3, atol=1e-4)
+
+
 def test_closed_gates_are_skipped_by_default_only_where_it_was_measured_to_pay():
     """skip_closed_gates None (the default): on for CUDA searches of SKIP_CLOSED_GATES_MIN_TOKENS or more tokens
     per step without --compile; an explicit flag wins; never for scalar-l1, whose gates do not close."""

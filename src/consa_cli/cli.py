@@ -176,6 +176,10 @@ def search(
                                            "not with --compile. \\[default: on for CUDA searches of 8192 or more "
                                            "tokens per step (batch size x sequence length) without --compile, else "
                                            "off]"),
+    cuda_graphs: bool = typer.Option(None, "--cuda-graphs/--no-cuda-graphs", help="Capture the gated model's "
+                                     "forward and backward once as CUDA graphs and replay them every step (CUDA): "
+                                     "the same losses and gradients with far less host work per step; not with "
+                                     f"--compile or --skip-closed-gates. {_default('cuda_graphs')}"),
     teacher_cache_gib: float = typer.Option(None, help="Keep the KL teacher's last hidden state of each calibration "
                                             "sequence the search visits again, up to this many GiB on the search's "
                                             "device: a revisit then costs the output head instead of a teacher "
@@ -189,7 +193,7 @@ def search(
                                 "checkpoint (after Ctrl-C, a kill or a NaN), ending exactly as an uninterrupted run "
                                 "would; or extend a finished run with a higher --steps. It keeps its own settings: "
                                 "only --steps, --gate-lr, --multiplier-lr, --penalty-init, --checkpoint-every, "
-                                "--compile, --skip-closed-gates and --teacher-cache-gib may change."),
+                                "--compile, --skip-closed-gates, --cuda-graphs and --teacher-cache-gib may change."),
     recipe: Path = typer.Option(None, help="YAML file of settings (see recipes/); flags override it."),
     force: bool = typer.Option(False, help="Overwrite an existing run directory."),
 ):
@@ -211,7 +215,8 @@ def search(
             gate_lr=gate_lr,
             multiplier_lr=multiplier_lr, target_warmup_steps=target_warmup_steps, penalty_init=penalty_init,
             dtype=dtype, device=device, attention_backend=attention_backend, compile=compile,
-            skip_closed_gates=skip_closed_gates, teacher_cache_gib=teacher_cache_gib, output=output,
+            skip_closed_gates=skip_closed_gates, cuda_graphs=cuda_graphs, teacher_cache_gib=teacher_cache_gib,
+            output=output,
             checkpoint_every=checkpoint_every,
         )
         checkpoint = None

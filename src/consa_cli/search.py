@@ -207,7 +207,7 @@ def skips_closed_gates(settings: SearchSettings, device: torch.device, tokens_pe
     8192-token sequence and at two of 4096 per step, to lose at one of 4096 (docs/benchmarks.md, sessions 11 and
     14). Only the l0 method has gates that close (scalar-l1's sigmoid never reaches 0). Either way the search
     computes the same losses and gradients; this only decides the work."""
-    if settings.method != "l0":
+    if settings.method != "l0" or settings.cuda_graphs:
         return False
     if settings.skip_closed_gates is not None:
         return settings.skip_closed_gates
@@ -227,6 +227,34 @@ def compile_forward(model: nn.Module):
     from the attention modules, so a new gate sample is a new input, not a recompile); the sequence length is
     fixed within a run, so shapes are static."""
     return torch.compile(model, dynamic=False)
+
+
+class GatedLogits(nn.Module):
+    """The gated model's logits as a function of ``input_ids``, its relaxed weights a leaf parameter
+    ``fa_weights`` (float32 ``[L, H]``, the only tensor that needs a gradient): what ``--cuda-graphs`` captures.
+    Each step copies its weights into the leaf, replays the graphs, and sends the gradient the backward leaves on
+    the leaf on through the gate sample to ``log_alpha`` -- by the chain rule the gradient of the plain step."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        config, device = model.config, next(model.parameters()).device
+        self.fa_weights = nn.Parameter(torch.ones(config.num_hidden_layers, config.num_key_value_heads,
+                                                  device=device))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # Each layer's row of the leaf is taken here, inside the forward: rows taken outside it put their backward
+        # on the stream they were made on, which a captured backward cannot depend on (cudaErrorStreamCaptureImplicit).
+        set_fa_weights(self.model, self.fa_weights)
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+def graph_gated_logits(gated: GatedLogits, sample_ids: torch.Tensor):
+    """``gated`` captured as CUDA graphs (forward and backward) on ``sample_ids``'s shape: a callable that copies
+    its input into the graphs' static input and replays them (torch.cuda.make_graphed_callables)."""
+    if sample_ids.device.type != "cuda":
+        raise SettingsError("--cuda-graphs needs a CUDA device")
+    return torch.cuda.make_graphed_callables(gated, (sample_ids,))
 
 
 def run_search(
@@ -313,6 +341,13 @@ def run_search(
     install_hybrid(model, all_full, settings.window, sink_tokens, attention_backend)
     forward = model
     skip_closed = skips_closed_gates(settings, device, settings.batch_size * calibration.sequences.shape[1])
+    gated = graphed = None
+    if settings.cuda_graphs:
+        gated = GatedLogits(model)
+        # Captured on the first step's sequences (the warm-up passes draw no gate noise): every step has this shape.
+        first = torch.stack([order[(first_step * settings.batch_size + i) % len(order)]
+                             for i in range(settings.batch_size)])
+        graphed = graph_gated_logits(gated, calibration.sequences[first].to(device))
     if settings.compile:
         prepare = ATTENTION_BACKENDS[attention_backend].prepare
         if prepare is not None:  # e.g. flex's block mask, which the graph then reads instead of rebuilding
@@ -351,7 +386,12 @@ def run_search(
                 weights = layout.to_fa_weights(z)
                 # One host read per step: which heads' gates are not closed (scalar-l1's sigmoid never closes one).
                 open_heads = (weights.detach() > 0).cpu() if skip_closed else None
-                set_fa_weights(model, weights, open_heads)
+                if gated is not None:
+                    with torch.no_grad():
+                        gated.fa_weights.copy_(weights)
+                    gated.fa_weights.grad = None
+                else:
+                    set_fa_weights(model, weights, open_heads)
 
                 teacher_logits = None
                 kl_rows = [row for row, loss in enumerate(losses) if loss == "kl"]
@@ -359,7 +399,10 @@ def run_search(
                     teacher_ids = input_ids if len(kl_rows) == len(losses) else input_ids[kl_rows]
                     teacher_logits = teacher.logits([int(batch_idx[row]) for row in kl_rows], teacher_ids)
 
-                logits = forward(input_ids=input_ids, use_cache=False).logits
+                if graphed is not None:
+                    logits = graphed(input_ids)
+                else:
+                    logits = forward(input_ids=input_ids, use_cache=False).logits
                 task_loss = search_loss(logits, input_ids, None, losses, teacher_logits, plan=loss_plan)
 
                 target = target_at(step, settings)
@@ -374,7 +417,11 @@ def run_search(
 
                 gate_optimizer.zero_grad(set_to_none=True)
                 multiplier_optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                if gated is None:
+                    loss.backward()
+                else:  # the task loss through the graphs to the leaf, then on through the sample with the constraint
+                    task_loss.backward()
+                    torch.autograd.backward([constraint, weights], [None, gated.fa_weights.grad])
                 # Checked after the backward (a check before it would stall the host between the two passes) and
                 # before the update, so the gates stay the last good ones.
                 if not torch.isfinite(loss):
@@ -434,6 +481,7 @@ def run_search(
         "attention_backend": attention_backend,
         "loss_kernels": loss_kernels(device),
         "skip_closed_gates": skip_closed,
+        "cuda_graphs": settings.cuda_graphs,
     }
     if teacher is not None:  # teacher forwards run, and those a kept hidden state made unnecessary
         allocation.metadata["teacher_forwards"] = {"computed": teacher.computed, "recalled": teacher.recalled}

@@ -98,6 +98,10 @@ class SearchSettings:
     # losses and gradients, less work as gates close. Read on the host once per step. None: on where it was measured
     # to pay (consa_cli.search.skips_closed_gates: CUDA, long sequences, not compiled).
     skip_closed_gates: bool | None = None
+    # The gated model's forward and backward captured once as CUDA graphs and replayed every step (CUDA only): the
+    # host launches one graph instead of every layer's kernels. The same losses and gradients (the loss and the gate
+    # updates stay eager); not with --compile or --skip-closed-gates (a graph runs one fixed set of kernels).
+    cuda_graphs: bool = False
     # The KL teacher's last hidden state of each calibration sequence the search will visit again, kept on the
     # search's device up to this many GiB (consa_cli.teacher): a revisit costs the output head, not a forward. Same
     # numbers either way; 0 recomputes every visit.
@@ -134,6 +138,11 @@ class SearchSettings:
         if self.skip_closed_gates and self.compile:
             raise SettingsError("--skip-closed-gates cannot be combined with --compile (each set of open heads "
                                 "would be another compiled graph)")
+        if self.cuda_graphs and self.compile:
+            raise SettingsError("--cuda-graphs cannot be combined with --compile (choose one way to cut the host's work)")
+        if self.cuda_graphs and self.skip_closed_gates:
+            raise SettingsError("--cuda-graphs cannot be combined with --skip-closed-gates (a captured step runs one "
+                                "fixed set of heads)")
         if self.l1_weight < 0:
             raise SettingsError(f"--l1-weight must be >= 0, got {self.l1_weight}")
         if not self.teacher_cache_gib >= 0:  # (also NaN)
@@ -221,7 +230,7 @@ def settings_to_dict(settings) -> dict[str, Any]:
 # What `consa search --resume` may change: the step budget, the optimiser's rates (to get past a NaN, say) and how
 # often to checkpoint. Every other setting decides what the run computes, so it must stay as the run began.
 RESUMABLE = ("steps", "gate_lr", "multiplier_lr", "penalty_init", "checkpoint_every", "compile", "skip_closed_gates",
-             "teacher_cache_gib")
+             "teacher_cache_gib", "cuda_graphs")
 
 
 def resumed_settings(saved: dict[str, Any], run_dir: str | Path, completed_steps: int,
