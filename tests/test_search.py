@@ -133,6 +133,17 @@ def test_the_split_step_of_cuda_graphs_learns_exactly_what_the_plain_search_lear
 
 
 def test_cuda_graphs_need_cuda_and_exclude_compile_and_skipping():
+    from consa_cli.search import uses_cuda_graphs
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert uses_cuda_graphs(settings(), cuda, "flex") and uses_cuda_graphs(settings(), cuda, "sdpa")
+    assert not uses_cuda_graphs(settings(), cpu, "sdpa")  # by default only where a CUDA test covers the backend
+    assert not uses_cuda_graphs(settings(), cuda, "fa4") and not uses_cuda_graphs(settings(), cuda, "flash")
+    assert not uses_cuda_graphs(settings(compile=True), cuda, "flex")
+    assert not uses_cuda_graphs(settings(skip_closed_gates=True), cuda, "flex")
+    assert not uses_cuda_graphs(settings(cuda_graphs=False), cuda, "flex")
+    assert uses_cuda_graphs(settings(cuda_graphs=True), cuda, "flash")  # asked for: the user's call
+    assert not run_search(settings(steps=1), tiny_model("llama"), SEQUENCES, 2).allocation.metadata["cuda_graphs"]
     with pytest.raises(SettingsError, match="CUDA device"):
         run_search(settings(steps=1, cuda_graphs=True), tiny_model("llama"), SEQUENCES, 2)
     with pytest.raises(SettingsError, match="--compile"):

@@ -179,7 +179,8 @@ def search(
     cuda_graphs: bool = typer.Option(None, "--cuda-graphs/--no-cuda-graphs", help="Capture the gated model's "
                                      "forward and backward once as CUDA graphs and replay them every step (CUDA): "
                                      "the same losses and gradients with far less host work per step; not with "
-                                     f"--compile or --skip-closed-gates. {_default('cuda_graphs')}"),
+                                     "--compile or --skip-closed-gates. \\[default: on for CUDA searches with the "
+                                     "flex or sdpa backend unless --compile or --skip-closed-gates is given]"),
     teacher_cache_gib: float = typer.Option(None, help="Keep the KL teacher's last hidden state of each calibration "
                                             "sequence the search visits again, up to this many GiB on the search's "
                                             "device: a revisit then costs the output head instead of a teacher "

@@ -15,6 +15,7 @@ generator) into the run directory, atomically, and ``--resume`` continues bit fo
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -200,6 +201,21 @@ def resolve_attention_backend(name: str, device: torch.device, dtype: torch.dtyp
 SKIP_CLOSED_GATES_MIN_TOKENS = 8192
 
 
+# The attention backends whose captured step a CUDA test checks against the eager search (tests/test_search.py).
+CUDA_GRAPH_BACKENDS = ("flex", "sdpa")
+
+
+def uses_cuda_graphs(settings: SearchSettings, device: torch.device, attention_backend: str) -> bool:
+    """Whether the search captures its gated forward and backward as CUDA graphs: ``--cuda-graphs`` as given, or by
+    default (None) on CUDA with the flex or sdpa backend, unless ``--compile`` or ``--skip-closed-gates`` asks for
+    another way. Measured on an H200 (docs/benchmarks.md, session 17): the step went from 0.75-0.85x to 0.88-1.03x
+    of the dense step at 4096 and 8192 tokens, because the host then launches one graph, not every kernel."""
+    if settings.cuda_graphs is not None:
+        return settings.cuda_graphs
+    return (device.type == "cuda" and attention_backend in CUDA_GRAPH_BACKENDS and not settings.compile
+            and not settings.skip_closed_gates)
+
+
 def skips_closed_gates(settings: SearchSettings, device: torch.device, tokens_per_step: int) -> bool:
     """Whether a search with ``tokens_per_step`` tokens per step (batch size x sequence length) on ``device``
     computes the full branch only for open gates: ``--skip-closed-gates`` as given, or by default (None) on CUDA
@@ -207,7 +223,7 @@ def skips_closed_gates(settings: SearchSettings, device: torch.device, tokens_pe
     8192-token sequence and at two of 4096 per step, to lose at one of 4096 (docs/benchmarks.md, sessions 11 and
     14). Only the l0 method has gates that close (scalar-l1's sigmoid never reaches 0). Either way the search
     computes the same losses and gradients; this only decides the work."""
-    if settings.method != "l0" or settings.cuda_graphs:
+    if settings.method != "l0" or settings.cuda_graphs:  # (None: decided with the graphs, in run_search)
         return False
     if settings.skip_closed_gates is not None:
         return settings.skip_closed_gates
@@ -340,9 +356,11 @@ def run_search(
     attention_backend = resolve_attention_backend(settings.attention_backend, device, next(model.parameters()).dtype)
     install_hybrid(model, all_full, settings.window, sink_tokens, attention_backend)
     forward = model
-    skip_closed = skips_closed_gates(settings, device, settings.batch_size * calibration.sequences.shape[1])
+    cuda_graphs = uses_cuda_graphs(settings, device, attention_backend)
+    skip_closed = not cuda_graphs and skips_closed_gates(settings, device,
+                                                         settings.batch_size * calibration.sequences.shape[1])
     gated = graphed = None
-    if settings.cuda_graphs:
+    if cuda_graphs:
         gated = GatedLogits(model)
         # Captured on the first step's sequences (the warm-up passes draw no gate noise): every step has this shape.
         first = torch.stack([order[(first_step * settings.batch_size + i) % len(order)]
@@ -460,6 +478,10 @@ def run_search(
         remove_hybrid(model)
         if metrics_file is not None:
             metrics_file.close()
+        if graphed is not None:  # the graphs' private memory pool goes now, not at some later collection
+            gated = graphed = None
+            gc.collect()
+            torch.cuda.empty_cache()
 
     scores = gates.log_alpha.detach().float().cpu()
     allocation = Allocation(
@@ -481,7 +503,7 @@ def run_search(
         "attention_backend": attention_backend,
         "loss_kernels": loss_kernels(device),
         "skip_closed_gates": skip_closed,
-        "cuda_graphs": settings.cuda_graphs,
+        "cuda_graphs": cuda_graphs,
     }
     if teacher is not None:  # teacher forwards run, and those a kept hidden state made unnecessary
         allocation.metadata["teacher_forwards"] = {"computed": teacher.computed, "recalled": teacher.recalled}

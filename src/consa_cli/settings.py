@@ -100,8 +100,9 @@ class SearchSettings:
     skip_closed_gates: bool | None = None
     # The gated model's forward and backward captured once as CUDA graphs and replayed every step (CUDA only): the
     # host launches one graph instead of every layer's kernels. The same losses and gradients (the loss and the gate
-    # updates stay eager); not with --compile or --skip-closed-gates (a graph runs one fixed set of kernels).
-    cuda_graphs: bool = False
+    # updates stay eager); not with --compile or --skip-closed-gates (a graph runs one fixed set of kernels). None:
+    # on for CUDA searches with the flex or sdpa backend unless one of those is asked for (search.uses_cuda_graphs).
+    cuda_graphs: bool | None = None
     # The KL teacher's last hidden state of each calibration sequence the search will visit again, kept on the
     # search's device up to this many GiB (consa_cli.teacher): a revisit costs the output head, not a forward. Same
     # numbers either way; 0 recomputes every visit.
