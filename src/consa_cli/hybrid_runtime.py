@@ -763,8 +763,8 @@ def causal_padding_mask(*args, **kwargs):
     kwargs["mask_function"] = causal_mask_function
     kwargs.pop("local_size", None)
     mask = sdpa_mask(*args, **kwargs)
-    if (mask is not None and kwargs.get("attention_mask") is None and mask.dim() == 4
-            and mask.shape[-2] == mask.shape[-1]):
+    if (mask is not None and kwargs.get("attention_mask") is None and kwargs.get("allow_is_causal_skip", True)
+            and mask.dim() == 4 and mask.shape[-2] == mask.shape[-1]):
         return None
     return mask
 
