@@ -255,7 +255,8 @@ def search(
                              f"{info['retrieval_drawn']} drawn)")
             retrieval_loss = f" ({settings.retrieval_loss} on retrieval)" if info["retrieval_sequences"] else ""
             console.print(
-                f"model [bold]{info['model']}[/] on {info['device']} ({info['attention_backend']} attention): "
+                f"model [bold]{info['model']}[/] on {info['device']} ({info['attention_backend']} attention"
+                f"{', CUDA graphs' if info.get('cuda_graphs') else ''}): "
                 f"{info['units']} {settings.granularity} units, "
                 f"target sparsity {settings.sparsity}, window {settings.window} + {info['sink_tokens']} sinks, "
                 f"{info['calibration_sequences']} x {settings.seq_len}-token calibration sequences"

@@ -661,6 +661,8 @@ def search(settings: SearchSettings, force: bool = False, on_start: Callable[[di
     if on_start is not None:
         on_start({"model": model.config.name_or_path, "sink_tokens": sink_tokens,
                   "attention_backend": attention_backend,
+                  "cuda_graphs": settings.method != "attention-mass" and uses_cuda_graphs(settings, device,
+                                                                                           attention_backend),
                   "calibration_sequences": calibration.sequences.shape[0],
                   "retrieval_sequences": calibration.retrieval_count, "retrieval_drawn": len(drawn) or None,
                   "device": str(device),
@@ -698,7 +700,7 @@ def search(settings: SearchSettings, force: bool = False, on_start: Callable[[di
 
 SEED_RUN_PREFIX = "seed-"
 # Settings that never change what a search computes.
-IGNORED_ON_RESTART = ("checkpoint_every", "compile", "skip_closed_gates", "teacher_cache_gib")
+IGNORED_ON_RESTART = ("checkpoint_every", "compile", "skip_closed_gates", "teacher_cache_gib", "cuda_graphs")
 # What a run directory of several seeds holds besides the seeds' own run directories.
 SEEDS_RUN_FILES = (ALLOCATION_FILE, RUN_FILE)
 
