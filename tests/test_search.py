@@ -132,7 +132,7 @@ def test_the_split_step_of_cuda_graphs_learns_exactly_what_the_plain_search_lear
     assert not split.allocation.metadata["skip_closed_gates"]
 
 
-def test_cuda_graphs_need_cuda_and_exclude_compile_and_skipping():
+def test_cuda_graphs_need_cuda_and_exclude_compile_and_skipping(tmp_path):
     from consa_cli.search import uses_cuda_graphs
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
@@ -146,6 +146,12 @@ def test_cuda_graphs_need_cuda_and_exclude_compile_and_skipping():
     assert not run_search(settings(steps=1), tiny_model("llama"), SEQUENCES, 2).allocation.metadata["cuda_graphs"]
     with pytest.raises(SettingsError, match="CUDA device"):
         run_search(settings(steps=1, cuda_graphs=True), tiny_model("llama"), SEQUENCES, 2)
+    from consa_cli.search import search
+
+    output = tmp_path / "run"
+    with pytest.raises(SettingsError, match="needs a CUDA device, and this search runs on cpu"):
+        search(settings(cuda_graphs=True, device="cpu", output=str(output)))  # before any model is loaded
+    assert not output.exists()
     with pytest.raises(SettingsError, match="--compile"):
         settings(cuda_graphs=True, compile=True).validate()
     with pytest.raises(SettingsError, match="--skip-closed-gates"):

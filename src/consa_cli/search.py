@@ -627,6 +627,8 @@ def search(settings: SearchSettings, force: bool = False, on_start: Callable[[di
     if resume is None:
         check_run_dir(settings.output, force)  # fail before minutes of loading; create it only once all loaded
     device = resolve_device(settings.device)
+    if settings.cuda_graphs and device.type != "cuda":  # before the model and data are loaded
+        raise SettingsError(f"--cuda-graphs needs a CUDA device, and this search runs on {device}")
     # Fail before loading.
     attention_backend = resolve_attention_backend(settings.attention_backend, device, getattr(torch, settings.dtype))
     model, tokenizer = loaded or load_model_and_tokenizer(settings.model, dtype=getattr(torch, settings.dtype),
