@@ -762,11 +762,14 @@ def causal_padding_mask(*args, **kwargs):
     path: a search step captured as CUDA graphs ran 2.4x slower at 8192 tokens (docs/benchmarks.md, session 17)."""
     kwargs["mask_function"] = causal_mask_function
     kwargs.pop("local_size", None)
-    mask = sdpa_mask(*args, **kwargs)
-    if (mask is not None and kwargs.get("attention_mask") is None and kwargs.get("allow_is_causal_skip", True)
-            and mask.dim() == 4 and mask.shape[-2] == mask.shape[-1]):
-        return None
-    return mask
+    if kwargs.get("attention_mask") is None and kwargs.get("allow_is_causal_skip", True):
+        # Decided before a mask is built: under capture its kernels would otherwise replay with every step.
+        queries = kwargs.get("q_length")
+        if queries is None and kwargs.get("cache_position") is not None:  # transformers' older signature
+            queries = kwargs["cache_position"].shape[0]
+        if queries is not None and queries == kwargs.get("kv_length"):
+            return None
+    return sdpa_mask(*args, **kwargs)
 
 
 AttentionInterface.register(PREFIX_ATTENTION_NAME, prefix_hybrid_forward)

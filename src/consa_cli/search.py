@@ -223,7 +223,7 @@ def skips_closed_gates(settings: SearchSettings, device: torch.device, tokens_pe
     8192-token sequence and at two of 4096 per step, to lose at one of 4096 (docs/benchmarks.md, sessions 11 and
     14). Only the l0 method has gates that close (scalar-l1's sigmoid never reaches 0). Either way the search
     computes the same losses and gradients; this only decides the work."""
-    if settings.method != "l0" or settings.cuda_graphs:  # (None: decided with the graphs, in run_search)
+    if settings.method != "l0":
         return False
     if settings.skip_closed_gates is not None:
         return settings.skip_closed_gates
@@ -271,6 +271,11 @@ def graph_gated_logits(gated: GatedLogits, sample_ids: torch.Tensor):
     if sample_ids.device.type != "cuda":
         raise SettingsError("--cuda-graphs needs a CUDA device")
     return torch.cuda.make_graphed_callables(gated, (sample_ids,))
+
+
+def step_batch(order: torch.Tensor, step: int, batch_size: int) -> torch.Tensor:
+    """The calibration rows of ``step``: the next ``batch_size`` entries of the data order, wrapping around."""
+    return torch.stack([order[(step * batch_size + i) % len(order)] for i in range(batch_size)])
 
 
 def run_search(
@@ -363,8 +368,7 @@ def run_search(
     if cuda_graphs:
         gated = GatedLogits(model)
         # Captured on the first step's sequences (the warm-up passes draw no gate noise): every step has this shape.
-        first = torch.stack([order[(first_step * settings.batch_size + i) % len(order)]
-                             for i in range(settings.batch_size)])
+        first = step_batch(order, first_step, settings.batch_size)
         graphed = graph_gated_logits(gated, calibration.sequences[first].to(device))
     if settings.compile:
         prepare = ATTENTION_BACKENDS[attention_backend].prepare
@@ -391,8 +395,7 @@ def run_search(
         with deferred_stop_signals(active=checkpoint_dir is not None) as stop_signals:
             for step in range(first_step, settings.steps):
                 step_started = time.perf_counter()
-                batch_idx = torch.stack([order[(step * settings.batch_size + i) % len(order)]
-                                         for i in range(settings.batch_size)])
+                batch_idx = step_batch(order, step, settings.batch_size)
                 # Everything the host must know or copy for this step comes first, while the device is idle: a host
                 # read or copy from pageable memory waits for all queued work, and a host that waits cannot queue
                 # the next kernels ahead of the device (at 4096 tokens the step is bound by the host; benchmarks.md).
