@@ -1,7 +1,8 @@
 """Hybrid full / sliding-window attention inside unmodified transformers models.
 
 consa registers one attention function and one mask function with transformers (``AttentionInterface`` and
-``AttentionMaskInterface``, both under the name ``consa``). Each attention module carries a
+``AttentionMaskInterface``, both under the name ``consa``), and the same attention without a mask function under
+``consa_unpadded`` for inputs that never carry a padding mask (the search's calibration rows). Each attention module carries a
 :class:`LayerHybrid` describing its KV heads: a weight per KV head for the full-attention output (1 = full
 attention, 0 = sliding window, anything between = the relaxed mix used during search) and the window settings.
 No global state: everything lives on the model's own modules, so several hybrid models can coexist. This is the
@@ -41,6 +42,12 @@ from consa_cli.kernels import (
 )
 
 ATTENTION_NAME = "consa"
+# No mask function is registered under this name, so transformers builds no mask for it at all (its rule for attention
+# that needs none). The plain name's mask function skips the causal square only where transformers allows it, and
+# while a CUDA graph is captured or dynamo traces transformers cannot rule out packed sequences (it would have to read
+# position_ids) and asks for the full T x T mask -- which sends the relaxed mix to the two-call reference path: the
+# search step captured as CUDA graphs ran at 0.36x dense at 8192 tokens with it (docs/benchmarks.md, session 18).
+UNPADDED_ATTENTION_NAME = "consa_unpadded"
 
 
 @dataclass
@@ -173,11 +180,20 @@ def consa_attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
+def refuse_padding_masks(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of a hybrid installed for unpadded inputs: transformers would drop a padding mask silently
+    for an attention name without a mask function, so a call that passes one fails instead."""
+    if kwargs.get("attention_mask") is not None:
+        raise ValueError("this hybrid was installed for unpadded inputs (install_hybrid(padding_masks=False)); "
+                         "call it without an attention_mask")
+
+
 consa_mask = causal_padding_mask
 
 
 AttentionInterface.register(ATTENTION_NAME, consa_attention_forward)
 AttentionMaskInterface.register(ATTENTION_NAME, consa_mask)
+AttentionInterface.register(UNPADDED_ATTENTION_NAME, consa_attention_forward)
 
 
 # --- installing an allocation on a model -------------------------------------------------------------------
@@ -194,11 +210,15 @@ def install_hybrid(
     sliding_window: int,
     sink_tokens: int,
     backend: str = "sdpa",
+    padding_masks: bool = True,
 ) -> None:
     """Switch ``model`` to consa attention with per-(layer, KV head) weights ``fa_weights [L, H]``.
 
     Bool weights give a hard allocation; float weights the relaxed mix. Call :func:`set_fa_weights` to
     change the weights later (each search step does) and :func:`remove_hybrid` to restore the original.
+    ``padding_masks=False``: the model will only see full, unpadded rows (no ``attention_mask``); transformers then
+    builds no mask, not even while a CUDA graph is captured or dynamo traces (:data:`UNPADDED_ATTENTION_NAME`),
+    and a call with an ``attention_mask`` fails (transformers would drop it unread).
     """
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend '{backend}'; choose from {', '.join(ATTENTION_BACKENDS)}")
@@ -209,7 +229,12 @@ def install_hybrid(
         model._consa_original_attn = model.config._attn_implementation
     for layer_idx, module in enumerate(modules):
         module.consa_hybrid = LayerHybrid(fa_weights[layer_idx], sliding_window, sink_tokens, backend)
-    model.set_attn_implementation(ATTENTION_NAME)
+    if padding_masks and hasattr(model, "_consa_padding_guard"):
+        model._consa_padding_guard.remove()
+        del model._consa_padding_guard
+    elif not padding_masks and not hasattr(model, "_consa_padding_guard"):
+        model._consa_padding_guard = model.register_forward_pre_hook(refuse_padding_masks, with_kwargs=True)
+    model.set_attn_implementation(ATTENTION_NAME if padding_masks else UNPADDED_ATTENTION_NAME)
 
 
 def set_fa_weights(model: nn.Module, fa_weights: torch.Tensor, open_heads: torch.Tensor | None = None) -> None:
@@ -231,6 +256,9 @@ def remove_hybrid(model: nn.Module) -> None:
     for module in attention_modules(model):
         if hasattr(module, "consa_hybrid"):
             del module.consa_hybrid
+    if hasattr(model, "_consa_padding_guard"):
+        model._consa_padding_guard.remove()
+        del model._consa_padding_guard
     model.set_attn_implementation(original)
     del model._consa_original_attn
 
@@ -249,11 +277,12 @@ def original_attention(model: nn.Module):
     if original is None:  # no hybrid installed: the model already runs its own attention
         yield model
         return
+    hybrid = model.config._attn_implementation
     model.set_attn_implementation(original)
     try:
         yield model
     finally:
-        model.set_attn_implementation(ATTENTION_NAME)
+        model.set_attn_implementation(hybrid)
 
 
 @contextmanager

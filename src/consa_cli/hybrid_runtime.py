@@ -754,21 +754,11 @@ def prefix_hybrid_forward(module, query, key, value, attention_mask, dropout=0.0
 def causal_padding_mask(*args, **kwargs):
     """Mask function for consa's attention: causal + padding only; windows are applied inside the attention
     function, so even layers a model natively builds a sliding mask for (Gemma3) get the plain causal mask.
-
-    No mask (None) whenever transformers would skip it outside tracing: no padding mask and as many keys as
-    queries, i.e. the plain causal square, which consa's attention applies by itself. transformers up to 5.17
-    builds that mask anyway while a CUDA graph is being captured or dynamo traces (it cannot tell it is not
-    needed without reading the padding mask), and a mask sends consa's relaxed mix to the two-call reference
-    path: a search step captured as CUDA graphs ran 2.4x slower at 8192 tokens (docs/benchmarks.md, session 17)."""
+    transformers skips it (None) for the plain causal square, except while a CUDA graph is captured or dynamo
+    traces: inputs that are never padded use an attention name without a mask function instead
+    (``consa_cli.attention.UNPADDED_ATTENTION_NAME``, the search's)."""
     kwargs["mask_function"] = causal_mask_function
     kwargs.pop("local_size", None)
-    if kwargs.get("attention_mask") is None and kwargs.get("allow_is_causal_skip", True):
-        # Decided before a mask is built: under capture its kernels would otherwise replay with every step.
-        queries = kwargs.get("q_length")
-        if queries is None and kwargs.get("cache_position") is not None:  # transformers' older signature
-            queries = kwargs["cache_position"].shape[0]
-        if queries is not None and queries == kwargs.get("kv_length"):
-            return None
     return sdpa_mask(*args, **kwargs)
 
 

@@ -208,7 +208,7 @@ CUDA_GRAPH_BACKENDS = ("flex", "sdpa")
 def uses_cuda_graphs(settings: SearchSettings, device: torch.device, attention_backend: str) -> bool:
     """Whether the search captures its gated forward and backward as CUDA graphs: ``--cuda-graphs`` as given, or by
     default (None) on CUDA with the flex or sdpa backend, unless ``--compile`` or ``--skip-closed-gates`` asks for
-    another way. Measured on an H200 (docs/benchmarks.md, session 17): the step went from 0.75-0.85x to 0.88-1.03x
+    another way. Measured on an H200 (docs/benchmarks.md, session 18): the step went from 0.61-0.85x to 0.89-1.23x
     of the dense step at 4096 and 8192 tokens, because the host then launches one graph, not every kernel."""
     if settings.cuda_graphs is not None:
         return settings.cuda_graphs
@@ -359,7 +359,8 @@ def run_search(
     # On the CPU: the attention function reads a hard mask's all-full / all-sliding shortcut without a device sync.
     all_full = torch.ones(layout.num_layers, layout.num_kv_heads, dtype=torch.bool)
     attention_backend = resolve_attention_backend(settings.attention_backend, device, next(model.parameters()).dtype)
-    install_hybrid(model, all_full, settings.window, sink_tokens, attention_backend)
+    # Calibration rows are never padded: no mask function, so no T x T mask under CUDA graphs or --compile either.
+    install_hybrid(model, all_full, settings.window, sink_tokens, attention_backend, padding_masks=False)
     forward = model
     cuda_graphs = uses_cuda_graphs(settings, device, attention_backend)
     skip_closed = not cuda_graphs and skips_closed_gates(settings, device,
