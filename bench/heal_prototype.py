@@ -1,0 +1,134 @@
+"""Does a short healing of the weights bring a hybrid's retrieval back? (Issue 3, session 18; the paper's weight
+training is the roadmap's next stage, this is the question it has to answer first, not the stage itself.)
+
+The model runs one fixed allocation (hard mask) and learns to reproduce the dense model it came from: KL(dense ||
+hybrid) on every token of the search's own calibration set (held-out Wikipedia text plus the held-out retrieval
+formats of ``--retrieval-fraction``; never the evaluation's formats), the dense teacher a frozen copy. What trains is
+``--train``: ``attention`` (q, k, v, o projections of every layer), ``sliding`` (those of layers with a sliding
+head), or ``all`` (everything but the embeddings). Writes ``OUTPUT/model`` (the healed weights, a plain transformers
+checkpoint), ``OUTPUT/healed.safetensors`` (the allocation, recorded for the healed weights), and
+``OUTPUT/unhealed.safetensors`` (the same allocation for the original weights, named by their local path), so one
+``consa eval OUTPUT/unhealed.safetensors OUTPUT/healed.safetensors ...`` compares them on the same prompts::
+
+    python bench/heal_prototype.py docs/results/allocations/vote4-kl-lm-rf0.5-seeds0-3-s0.75.safetensors \\
+        --model ~/.cache/consa/models/SmolLM2-135M-Instruct --steps 120 --output heal-vote
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from consa_cli.allocation import Allocation
+from consa_cli.attention import attention_modules, install_hybrid, remove_hybrid
+from consa_cli.calibration import mix_retrieval
+from consa_cli.data import load_token_sequences
+from consa_cli.models import load_model_and_tokenizer, model_fingerprint
+from consa_cli.settings import SearchSettings
+
+
+def trainable_parameters(model, allocation: Allocation, which: str) -> list[torch.nn.Parameter]:
+    if which == "all":
+        embedding = model.get_input_embeddings().weight
+        return [p for p in model.parameters() if p is not embedding]
+    layers = range(allocation.fa_mask.shape[0]) if which == "attention" else \
+        [i for i in range(allocation.fa_mask.shape[0]) if not bool(allocation.fa_mask[i].all())]
+    modules = attention_modules(model)
+    return [p for i in layers for p in modules[i].parameters()]
+
+
+def kl_per_token(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    teacher = F.log_softmax(teacher_logits.float(), dim=-1)
+    student = F.log_softmax(student_logits.float(), dim=-1)
+    return (teacher.exp() * (teacher - student)).sum(dim=-1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("allocation")
+    parser.add_argument("--model", required=True, help="the dense model the allocation was made for (a local dir)")
+    parser.add_argument("--data", default=SearchSettings.data)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--retrieval-fraction", type=float, default=0.5)
+    parser.add_argument("--text-sequences", type=int, default=64,
+                        help="calibration text sequences used (the first of the split), as many retrieval samples "
+                             "again at --retrieval-fraction 0.5; each step reads one, in a seeded order")
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--train", choices=["attention", "sliding", "all"], default="attention")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--output", type=Path, required=True)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    allocation = Allocation.load(args.allocation)
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=torch.float32)
+    config = model.config
+    allocation.check_fits(config.num_hidden_layers, config.num_key_value_heads, model_fingerprint(model))
+    teacher = copy.deepcopy(model).eval()
+    for param in teacher.parameters():
+        param.requires_grad_(False)
+
+    text = load_token_sequences(args.data, tokenizer, args.seq_len, "calibration", args.text_sequences)
+    # No answered_by filter (the search's default): the target is the dense model's own distribution, answered or
+    # not, and the filter costs a forward per draw for a 17% acceptance (1g.7).
+    calibration = mix_retrieval(text, tokenizer, args.retrieval_fraction, allocation.sliding_window, args.seed)
+    order = torch.randperm(len(calibration.sequences), generator=torch.Generator().manual_seed(args.seed))
+    print(json.dumps({"sequences": len(calibration.sequences), "retrieval": int(calibration.is_retrieval.sum()),
+                      "full_heads": int(allocation.fa_mask.sum()), "units": allocation.fa_mask.numel()}), flush=True)
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+    params = trainable_parameters(model, allocation, args.train)
+    for param in params:
+        param.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    install_hybrid(model, allocation.fa_mask, allocation.sliding_window, allocation.sink_tokens, "sdpa",
+                   padding_masks=False)
+    model.train()
+    log, started = [], time.perf_counter()
+    for step in range(args.steps):
+        lr = args.lr * min(1.0, (step + 1) / 10) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        index = order[step % len(order)]
+        ids = calibration.sequences[index][None]
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=ids, use_cache=False).logits
+        student_logits = model(input_ids=ids, use_cache=False).logits
+        loss = kl_per_token(teacher_logits, student_logits).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        log.append({"step": step, "kl": round(loss.item(), 5), "retrieval": bool(calibration.is_retrieval[index]),
+                    "seconds": round(time.perf_counter() - started, 1)})
+        if step % 10 == 0 or step == args.steps - 1:
+            print(json.dumps(log[-1]), flush=True)
+    remove_hybrid(model)
+    model.eval()
+
+    args.output.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(args.output / "model", safe_serialization=True)
+    tokenizer.save_pretrained(args.output / "model")
+    settings = {k: v for k, v in vars(args).items() if k not in ("output",)}
+    metadata = {**allocation.metadata, "healed": settings}
+    replace(allocation, model=str((args.output / "model").resolve()), model_fingerprint=model_fingerprint(model),
+            method=f"{allocation.method}+healed", metadata=metadata).save(args.output / "healed.safetensors")
+    replace(allocation, model=str(Path(args.model).expanduser().resolve())).save(args.output / "unhealed.safetensors")
+    (args.output / "log.json").write_text(json.dumps({"settings": settings, "steps": log}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
