@@ -66,6 +66,8 @@ def main() -> None:
     parser.add_argument("--train", choices=["attention", "sliding", "all"], default="attention")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda; float32 weights either way (TF32 matmuls on "
+                                                         "CUDA), so AdamW's updates are not lost to bf16 rounding")
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args()
     if args.threads:
@@ -73,7 +75,10 @@ def main() -> None:
     torch.manual_seed(args.seed)
 
     allocation = Allocation.load(args.allocation)
-    model, tokenizer = load_model_and_tokenizer(args.model, dtype=torch.float32)
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=torch.float32, device=args.device)
     config = model.config
     allocation.check_fits(config.num_hidden_layers, config.num_key_value_heads, model_fingerprint(model))
     teacher = copy.deepcopy(model).eval()
@@ -103,7 +108,7 @@ def main() -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr
         index = order[step % len(order)]
-        ids = calibration.sequences[index][None]
+        ids = calibration.sequences[index][None].to(args.device)
         with torch.no_grad():
             teacher_logits = teacher(input_ids=ids, use_cache=False).logits
         student_logits = model(input_ids=ids, use_cache=False).logits
