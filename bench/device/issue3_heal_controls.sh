@@ -9,6 +9,7 @@
 #   attnmass075   the training-free attention-mass heuristic (1e)
 #   random075-r0/-r1  seeded random kv-head masks (22/90, the vote's count)
 #   vote050-text  the 0.5 vote of 1g.6 (the mixed healing of the first call left it at 92.5%)
+#   cli-vote075   `consa heal` itself on the 0.75 vote, its defaults (the product path; flex attention)
 # Then 288 prompts at 1024 / 2048 as 1g.15, and the 0.75 vote healed / unhealed / dense at 4096 tokens (144 prompts).
 source bench/device/env.sh
 nvidia-smi --query-gpu=name --format=csv,noheader
@@ -35,7 +36,10 @@ heal attnmass075 $A/attention-mass-rf0.95-kv-head-s0.75-cpu.safetensors &
 heal random075-r0 rule-random-r0/allocation.safetensors &
 heal random075-r1 rule-random-r1/allocation.safetensors &
 heal vote050-text $REPO/.devcarry/b/masks/vote4-kl-lm-rf0.5-300steps-seeds10-13-s0.5.safetensors &
+# The product path: `consa heal` with its defaults (flex attention on CUDA), beside the prototype's runs.
+timeout 280 $CONSA heal $V75 --output cli-vote075 > cli-heal.log 2>&1 &
 wait
+tail -4 cli-heal.log
 grep -h "rror" *.log | head
 E="--device cuda --max-sequences 100 --seq-len 1024 --batch-size 8 --retrieval passkey,multikey
    --retrieval-depths 0.1,0.5,0.9 --retrieval-samples 24 --retrieval-haystack noise"
@@ -45,10 +49,10 @@ timeout 250 $CONSA eval scalar075-unhealed.safetensors scalar075-healed.safetens
   attnmass075-healed.safetensors $E --retrieval-lengths 1024,2048 --no-dense --json heal-eval-controls-b.json > eval-b.log 2>&1 &
 timeout 250 $CONSA eval random075-r0-unhealed.safetensors random075-r0-healed.safetensors random075-r1-unhealed.safetensors \
   random075-r1-healed.safetensors $E --retrieval-lengths 1024,2048 --no-dense --json heal-eval-controls-c.json > eval-c.log 2>&1 &
-timeout 250 $CONSA eval l0lm075-unhealed.safetensors l0lm075-healed.safetensors vote050-text-healed.safetensors \
+timeout 250 $CONSA eval l0lm075-unhealed.safetensors l0lm075-healed.safetensors vote050-text-healed.safetensors cli-vote075 \
   $E --retrieval-lengths 1024,2048 --no-dense --json heal-eval-controls-d.json > eval-d.log 2>&1 &
 timeout 250 $CONSA eval $V75 vote075-text-s1-healed.safetensors $E --retrieval-lengths 4096 \
   --json heal-eval-4096.json > eval-4096.log 2>&1 &
 wait
 for f in eval-*.log; do echo "== $f"; tr '\r' '\n' < $f | grep -v "Warn\|Loading\|it/s" | grep -i "overall\|error" | tail -12; done
-tar czf $OUT/heal-controls.tgz *.log *.json */log.json *-healed.safetensors *-unhealed.safetensors rule-*/allocation.safetensors
+tar czf $OUT/heal-controls.tgz *.log *.json */log.json cli-vote075/heal_log.json cli-vote075/config.json *-healed.safetensors *-unhealed.safetensors rule-*/allocation.safetensors

@@ -373,6 +373,98 @@ def export(
                           f"{result.max_logit_difference:.2e})")
 
 
+def _heal_default(name: str) -> str:
+    from consa_cli.settings import HealSettings
+
+    return f"\\[default: {getattr(HealSettings(), name)}]"
+
+
+@app.command()
+def heal(
+    run_dir: Path = typer.Argument(..., help="Run directory from `consa search`/`consa baseline`, or an allocation "
+                                   "file."),
+    output: str = typer.Option(None, "--output", "-o", help="Export directory to write (the format of `consa "
+                               f"export`). {_heal_default('output')}"),
+    model: str = typer.Option(None, "--model", "-m", help="Override the model named in the allocation (the same "
+                              "checkpoint elsewhere; its fingerprint is checked)."),
+    data: str = typer.Option(None, help="Healing text (its calibration split, as `consa search` reads it). "
+                             f"{_heal_default('data')}"),
+    seq_len: int = typer.Option(None, help=f"Tokens per healing sequence. {_heal_default('seq_len')}"),
+    steps: int = typer.Option(None, help="Optimisation steps; each reads --batch-size sequences not read before "
+                              f"while the split lasts. {_heal_default('steps')}"),
+    batch_size: int = typer.Option(None, help=f"Sequences per step. {_heal_default('batch_size')}"),
+    lr: float = typer.Option(None, help=f"AdamW peak learning rate. {_heal_default('lr')}"),
+    warmup_steps: int = typer.Option(None, help="Linear warm-up steps before the cosine decay. "
+                                     f"{_heal_default('warmup_steps')}"),
+    max_grad_norm: float = typer.Option(None, help=f"Gradient clipping norm. {_heal_default('max_grad_norm')}"),
+    train: str = typer.Option(None, help="Weights that train: attention (q/k/v/o of every layer), sliding (those of "
+                              "layers with a sliding unit) or all (everything but the input embeddings). "
+                              f"{_heal_default('train')}"),
+    retrieval_fraction: float = typer.Option(None, help="Share of synthetic retrieval samples (held-out formats) in "
+                                             "the healing data; natural text alone healed as well. "
+                                             f"{_heal_default('retrieval_fraction')}"),
+    retrieval_formats: str = typer.Option(None, help="Their formats, comma-separated (as `consa search`). "
+                                          f"{_heal_default('retrieval_formats')}"),
+    seed: int = typer.Option(None, help=f"Seed of the data order and retrieval samples. {_heal_default('seed')}"),
+    device: str = typer.Option(None, help="auto (CUDA when available), cpu, cuda or cuda:N. "
+                               f"{_heal_default('device')}"),
+    attention_backend: str = typer.Option(None, help="Hybrid attention kernels while training: auto (flex on CUDA, "
+                                          "else sdpa), sdpa, eager, flex. Training runs in float32. "
+                                          f"{_heal_default('attention_backend')}"),
+    recipe: Path = typer.Option(None, help="YAML file of heal settings; flags override it."),
+    force: bool = typer.Option(False, help="Replace an existing output directory (only once the new one is written)."),
+):
+    """Train the weights under a fixed allocation to reproduce the dense model (KL distillation), then export.
+
+    The allocation does not change; the result is a hybrid checkpoint that `consa eval` compares with the
+    unhealed allocation on the same sequences and prompts.
+    """
+    from consa_cli.heal import heal as run
+    from consa_cli.settings import HealSettings, build_settings
+
+    with user_errors():
+        settings = build_settings(
+            HealSettings, recipe, model=model, data=data, seq_len=seq_len, steps=steps, batch_size=batch_size, lr=lr,
+            warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, train=train,
+            retrieval_fraction=retrieval_fraction, retrieval_formats=retrieval_formats, seed=seed, device=device,
+            attention_backend=attention_backend, output=output)
+        progress = Progress(
+            TextColumn("[bold]heal"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+            TextColumn("{task.description}"), console=console,
+        )
+        task = progress.add_task("", total=settings.steps)
+        recent: list[float] = []
+
+        def on_start(info: dict) -> None:
+            retrieval = f" ({info['retrieval_sequences']} retrieval)" if info["retrieval_sequences"] else ""
+            console.print(f"model [bold]{info['model']}[/] on {info['device']} ({info['attention_backend']} "
+                          f"attention, float32): {info['trained_parameters']:,} parameters train ({settings.train}), "
+                          f"{info['calibration_sequences']} x {settings.seq_len}-token sequences{retrieval}, "
+                          f"{settings.steps} steps of {settings.batch_size}")
+            progress.start()
+
+        def on_step(record: dict) -> None:
+            recent.append(record["kl"])
+            window = recent[-20:]
+            progress.update(task, advance=1, description=f"KL {sum(window) / len(window):.4f} (last "
+                            f"{len(window)})  lr {record['lr']:.2e}")
+
+        try:
+            result = run(run_dir, settings, force=force, on_start=on_start, on_step=on_step)
+        finally:
+            if progress.live.is_started:
+                progress.stop()
+        quarter = max(1, len(result.log) // 4)
+        first = sum(entry["kl"] for entry in result.log[:quarter]) / quarter
+        last = sum(entry["kl"] for entry in result.log[-quarter:]) / quarter
+        how = ("plain transformers: AutoModelForCausalLM.from_pretrained(path)" if result.loader == "transformers"
+               else "consa_cli.load_hybrid(path)")
+        console.print(f"{result.allocation.describe()}\nKL to the dense model on sequences not yet trained on: "
+                      f"{first:.4f} (first {quarter} steps) -> {last:.4f} (last {quarter}), {result.seconds:.0f} s.\n"
+                      f"wrote {result.path}; load it with {how}; compare: consa eval {shlex.quote(str(run_dir))} "
+                      f"{shlex.quote(str(result.path))}")
+
+
 # Shared by `consa eval` and `consa sweep`.
 RETRIEVAL_TASKS = typer.Option(None, "--retrieval", help="Also score long-context retrieval (exact match): "
                                "comma-separated tasks from passkey, multikey, variable-tracking.")

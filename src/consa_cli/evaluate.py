@@ -73,14 +73,19 @@ class Target:
     path: str
     allocation: Allocation | None = None
     base_model: str | None = None
+    # Weights it was made from, when they are not its own (a healed export): paired with dense when they are dense's.
+    source_fingerprint: str | None = None
 
 
 def resolve_target(spec: str) -> Target:
     """Classify a command-line target: export dir, allocation file / run dir, or model name."""
     path = Path(spec)
     if path.is_dir() and (path / MASK_FILE).is_file():
-        source = read_export_config(path).get("source_model") or None
-        return Target(path.name, "export", spec, Allocation.load(path / MASK_FILE), base_model=source)
+        section = read_export_config(path)
+        healed = section.get("healed") or {}
+        return Target(path.name, "export", spec, Allocation.load(path / MASK_FILE),
+                      base_model=section.get("source_model") or None,
+                      source_fingerprint=healed.get("source_fingerprint"))
     if (path.is_dir() and (path / ALLOCATION_FILE).is_file()) or (path.is_file() and path.suffix == ".safetensors"):
         allocation = Allocation.load(path)
         return Target(path.stem if path.is_file() else path.name, "allocation", spec, allocation,
@@ -244,7 +249,8 @@ def evaluate(targets: list[Target], settings: EvalSettings,
             if target.kind == "model" and target.allocation is None and seq_len not in dense_nll:
                 dense_nll[seq_len], dense_fingerprint = per_token, fingerprint
                 row["is_reference"] = True
-            elif seq_len in dense_nll and fingerprint == dense_fingerprint:  # paired only on the same weights
+            elif seq_len in dense_nll and dense_fingerprint in (fingerprint, target.source_fingerprint):
+                # Paired with dense only on its weights, or on weights healed from them (the same sequences).
                 reference = dense_nll[seq_len]
                 row["delta_nll_vs_dense"], row["paired_t_vs_dense"] = paired_difference(nll, reference.mean(dim=1))
             window = settings.bucket_window or (target.allocation.sliding_window if target.allocation

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,7 +80,17 @@ def export_checkpoint(
     model, tokenizer = load_model_and_tokenizer(name, dtype=None)
     allocation.check_fits(model.config.num_hidden_layers, model.config.num_key_value_heads,
                           model_fingerprint(model))
+    return write_checkpoint(model, tokenizer, allocation, output, verify=verify)
 
+
+def write_checkpoint(model, tokenizer, allocation: Allocation, output: str | Path, verify: bool = True,
+                     extra_section: dict | None = None,
+                     after_write: Callable[[Path], None] | None = None) -> ExportResult:
+    """Write ``model`` (its weights as they are, ``allocation`` fitted to them) as an export directory at ``output``,
+    replacing one that exists; ``extra_section`` is added to config.json's ``consa`` section (``consa heal`` records
+    its settings there) and ``after_write(directory)`` may add files before the directory is moved into place. The KV
+    heads of a consa-loaded export are permuted in ``model`` itself."""
+    output = Path(output)
     original_config = model.config.to_dict()
     patched = native_config(original_config, allocation)
     loader = LOADER_TRANSFORMERS if patched is not None else LOADER_CONSA
@@ -91,6 +102,7 @@ def export_checkpoint(
         "mask_file": MASK_FILE,
         "source_model": allocation.model,
         "allocation": allocation.settings_dict(),
+        **(extra_section or {}),
     }
 
     difference = None
@@ -115,6 +127,8 @@ def export_checkpoint(
             (staging / f"{REMOTE_MODULE}.py").write_text(remote_modeling_source(type(model).__name__))
         elif verify:
             difference = _verify_native(staging, model, allocation)
+        if after_write is not None:
+            after_write(staging)
         _replace_directory(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -239,4 +253,5 @@ def load_hybrid(path: str | Path, dtype: torch.dtype | None = None, device: str 
     return model
 
 
-__all__ = ["AllocationError", "ExportError", "ExportResult", "export_checkpoint", "load_hybrid", "native_config"]
+__all__ = ["AllocationError", "ExportError", "ExportResult", "export_checkpoint", "load_hybrid", "native_config",
+           "write_checkpoint"]
