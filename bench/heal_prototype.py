@@ -1,5 +1,6 @@
-"""Does a short healing of the weights bring a hybrid's retrieval back? (Issue 3, session 18; the paper's weight
-training is the roadmap's next stage, this is the question it has to answer first, not the stage itself.)
+"""Does a short healing of the weights bring a hybrid's retrieval back? (Issue 3, sessions 18-19: the research script
+behind docs/results.md 1g.17; the product form is ``consa heal`` (consa_cli.heal), which shares its schedule and
+trainable weights and writes an export instead of allocation files.)
 
 The model runs one fixed allocation (hard mask) and learns to reproduce the dense model it came from: KL(dense ||
 hybrid) on every token of the search's own calibration set (held-out Wikipedia text plus the held-out retrieval
@@ -19,36 +20,20 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from consa_cli.allocation import Allocation
-from consa_cli.attention import attention_modules, install_hybrid, remove_hybrid
+from consa_cli.attention import install_hybrid, remove_hybrid
 from consa_cli.calibration import mix_retrieval
 from consa_cli.data import load_token_sequences
+from consa_cli.heal import learning_rate, trainable_parameters
+from consa_cli.losses import kl_to_teacher
 from consa_cli.models import load_model_and_tokenizer, model_fingerprint
-from consa_cli.settings import SearchSettings
-
-
-def trainable_parameters(model, allocation: Allocation, which: str) -> list[torch.nn.Parameter]:
-    if which == "all":
-        embedding = model.get_input_embeddings().weight
-        return [p for p in model.parameters() if p is not embedding]
-    layers = range(allocation.fa_mask.shape[0]) if which == "attention" else \
-        [i for i in range(allocation.fa_mask.shape[0]) if not bool(allocation.fa_mask[i].all())]
-    modules = attention_modules(model)
-    return [p for i in layers for p in modules[i].parameters()]
-
-
-def kl_per_token(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-    teacher = F.log_softmax(teacher_logits.float(), dim=-1)
-    student = F.log_softmax(student_logits.float(), dim=-1)
-    return (teacher.exp() * (teacher - student)).sum(dim=-1)
+from consa_cli.settings import HealSettings, SearchSettings
 
 
 def main() -> None:
@@ -99,12 +84,13 @@ def main() -> None:
     for param in params:
         param.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    schedule = HealSettings(steps=args.steps, lr=args.lr, warmup_steps=10)
     install_hybrid(model, allocation.fa_mask, allocation.sliding_window, allocation.sink_tokens, "sdpa",
                    padding_masks=False)
     model.train()
     log, started = [], time.perf_counter()
     for step in range(args.steps):
-        lr = args.lr * min(1.0, (step + 1) / 10) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        lr = learning_rate(step, schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
         index = order[step % len(order)]
@@ -112,7 +98,7 @@ def main() -> None:
         with torch.no_grad():
             teacher_logits = teacher(input_ids=ids, use_cache=False).logits
         student_logits = model(input_ids=ids, use_cache=False).logits
-        loss = kl_per_token(teacher_logits, student_logits).mean()
+        loss = kl_to_teacher(student_logits, teacher_logits)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -193,3 +193,13 @@ def test_cli_heals_and_refuses_bad_input_in_one_line(tmp_path, tiny_text_file):
         assert len(error_lines) == 1 and message in error_lines[0], failed.output
         assert "Traceback" not in failed.output
     assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
+
+
+def test_a_heal_recipe_sets_defaults_that_flags_override_and_unknown_keys_are_refused(tmp_path):
+    recipe = tmp_path / "heal.yaml"
+    recipe.write_text("steps: 7\ntrain: sliding\nlr: 1.0e-4\n")
+    settings = build_settings(HealSettings, recipe, steps=9)
+    assert (settings.steps, settings.train, settings.lr) == (9, "sliding", 1e-4)
+    recipe.write_text("steps: 7\nsparsity: 0.5\n")  # a search setting: not one of heal's
+    with pytest.raises(SettingsError, match="unknown settings: sparsity"):
+        build_settings(HealSettings, recipe)

@@ -408,8 +408,9 @@ def heal(
     seed: int = typer.Option(None, help=f"Seed of the data order and retrieval samples. {_heal_default('seed')}"),
     device: str = typer.Option(None, help="auto (CUDA when available), cpu, cuda or cuda:N. "
                                f"{_heal_default('device')}"),
-    attention_backend: str = typer.Option(None, help="Hybrid attention kernels while training: auto (flex on CUDA, "
-                                          "else sdpa), sdpa, eager, flex. Training runs in float32. "
+    attention_backend: str = typer.Option(None, help="Hybrid attention kernels while training: auto (sdpa: on an "
+                                          "H200 faster than flex, which compiles first), sdpa, eager, flex. Training "
+                                          "runs in float32. "
                                           f"{_heal_default('attention_backend')}"),
     recipe: Path = typer.Option(None, help="YAML file of heal settings; flags override it."),
     force: bool = typer.Option(False, help="Replace an existing output directory (only once the new one is written)."),

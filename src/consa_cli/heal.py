@@ -147,7 +147,10 @@ def heal(allocation_path: str | Path, settings: HealSettings, force: bool = Fals
         raise ExportError(f"{output} already exists; pass --force to replace it")
     allocation = Allocation.load(allocation_path)
     device = resolve_device(settings.device)
-    attention_backend = resolve_attention_backend(settings.attention_backend, device, torch.float32)
+    # auto is sdpa here, not the search's flex: on an H200 the default healing took 130 s with sdpa against 180 s
+    # with flex (50 s of it compiling flex's float32 kernels), the same KL every step (docs/results.md 1g.17).
+    requested = "sdpa" if settings.attention_backend == "auto" else settings.attention_backend
+    attention_backend = resolve_attention_backend(requested, device, torch.float32)
     name = settings.model or allocation.model or None
     model, tokenizer = load_model_and_tokenizer(name, dtype=None, device="cpu")
     checkpoint_dtype = next(model.parameters()).dtype

@@ -185,8 +185,9 @@ class HealSettings:
     The defaults are the run of docs/results.md 1g.17 on SmolLM2-135M at sparsity 0.75 (the 4-seed vote): KL to the
     dense model on every token of 400 held-out-split Wikipedia sequences of 1024 tokens, one per step, q/k/v/o of
     every layer, AdamW at 5e-5 with 10 warm-up steps and a cosine decay. It lifted passkey + multikey retrieval on
-    288 prompts from 76% to 94.5% of dense and perplexity from +0.036 to +0.005 nats/token of dense, in about a
-    minute of an H200. Natural text alone did as well as a half-retrieval mix (94.1%), so none is the default.
+    288 prompts from 76% to 92-94.5% of dense (three seeds) and perplexity from +0.036 to +0.005 nats/token of
+    dense, in 109 s of steps on an H200 (130 s in all). Natural text alone did as well as a half-retrieval mix
+    (94.1%), so none is the default.
     """
 
     model: str | None = None  # None: the model the allocation names
@@ -204,7 +205,7 @@ class HealSettings:
     retrieval_formats: str = DEFAULT_CALIBRATION_FORMATS
     seed: int = 0
     device: str = "auto"
-    attention_backend: str = "auto"
+    attention_backend: str = "auto"  # auto: sdpa (consa_cli.heal: faster than flex here, measured)
     output: str = "runs/healed"
 
     def validate(self) -> None:
