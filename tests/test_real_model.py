@@ -38,3 +38,20 @@ def test_search_export_eval_on_the_embedded_model(tmp_path):
     dense, hybrid = json.loads(report.read_text())["rows"]
     assert dense["is_reference"] and 5 < dense["ppl"] < 60  # real text on a real model, not noise
     assert hybrid["ppl"] > dense["ppl"]  # 75% of heads see 32 tokens of 256: perplexity must rise
+
+    # Healing on the real weights: two steps, written as an export that eval pairs with the dense model.
+    healed_dir, healed_report = tmp_path / "healed", tmp_path / "healed.json"
+    result = runner.invoke(app, ["heal", str(run_dir), "--steps", "2", "--seq-len", "256", "--device", "cpu",
+                                 "--output", str(healed_dir)])
+    assert result.exit_code == 0, result.output
+    log = json.loads((healed_dir / "heal_log.json").read_text())
+    assert len(log["steps"]) == 2 and all(0 < step["kl"] < 1 for step in log["steps"])
+    healed = load_hybrid(healed_dir, dtype=torch.bfloat16)
+    assert torch.equal(healed.consa_allocation.fa_mask, allocation.fa_mask)
+    assert tokenizer.decode(healed(ids).logits[0, -1].argmax()).strip() == "Paris"
+    result = runner.invoke(app, ["eval", str(run_dir), str(healed_dir), "--seq-len", "256", "--max-sequences", "4",
+                                 "--json", str(healed_report)])
+    assert result.exit_code == 0, result.output
+    rows = {row["label"]: row for row in json.loads(healed_report.read_text())["rows"]}
+    assert rows["healed"]["kind"] == "export" and rows["healed"]["delta_nll_vs_dense"] is not None
+    assert rows["run"]["delta_nll_vs_dense"] > 0
