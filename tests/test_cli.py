@@ -132,6 +132,28 @@ def test_eval_applies_an_allocation_to_a_moved_model_with_model_and_refuses_anot
     assert "made for another model" in result.stderr
 
 
+def test_eval_says_which_reference_it_took_when_the_targets_name_different_models(tmp_path, tiny_model_dir,
+                                                                                  tiny_text_file):
+    """Allocation files name their model; when two name different ones (the unhealed mask and a mask recorded for
+    healed weights, say), the first target's model is every row's reference, and eval says so once."""
+    from conftest import save_tiny
+
+    save_tiny(tmp_path / "other", seed=1)
+    for name, model in (("mine", tiny_model_dir), ("theirs", tmp_path / "other")):
+        result = invoke("baseline", "--rule", "bottom", "--model", model, "--sparsity", "0.5", "--window", "4",
+                        "--output", tmp_path / name)
+        assert result.exit_code == 0, result.output
+    common = ["--data", tiny_text_file, "--seq-len", "32", "--max-sequences", "2", "--dtype", "float32"]
+    result = invoke("eval", tmp_path / "theirs", tmp_path / "mine", *common)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("note: the targets were made from 2 different models") == 1
+    assert f"compared with {tmp_path / 'other'}, the first target's" in " ".join(result.stderr.split())
+    result = invoke("eval", tmp_path / "mine", *common)  # one model: nothing to say
+    assert result.exit_code == 0 and "note:" not in result.stderr
+    result = invoke("eval", tmp_path / "theirs", tmp_path / "mine", *common, "--dense-model", tiny_model_dir)
+    assert result.exit_code == 0 and "note:" not in result.stderr
+
+
 def test_eval_report_compares_several_allocations(tmp_path, tiny_model_dir, tiny_text_file):
     pytest.importorskip("matplotlib")
     for rule, sparsity in (("bottom", "0.5"), ("top", "1/2"), ("top", "0.75")):  # a ratio works as well

@@ -555,6 +555,12 @@ def eval_command(
 
             require_matplotlib()  # before the evaluation, not after it
         resolved = resolve_targets(targets, model)
+        named = list(dict.fromkeys(t.base_model for t in resolved if t.kind != "model" and t.base_model))
+        if len(named) > 1 and not settings.dense_model:
+            reference = next(t.base_model for t in resolved if t.base_model)
+            errors.print(f"note: the targets were made from {len(named)} different models ({', '.join(named)}); "
+                         f"every row is compared with {reference}, the first target's; pass --dense-model to "
+                         "choose the reference", style="yellow", markup=False, highlight=False, soft_wrap=True)
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console, transient=True) as progress:
             tasks: dict[str, int] = {}
