@@ -100,6 +100,18 @@ def isolated_consa_cache(monkeypatch, session_cache_dir):
 
 
 @pytest.fixture
+def ctrl_c_delivered():
+    """SIGINT raising KeyboardInterrupt, as in a terminal, for tests that interrupt themselves: a test run started in
+    the background (``&``, nohup) inherits SIGINT ignored, and consa rightly leaves an ignored SIGINT alone."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+@pytest.fixture
 def one_thread():
     """Run torch on one thread: tiny models gain nothing from more, and lose a lot when other work holds the cores."""
     previous = torch.get_num_threads()

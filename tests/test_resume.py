@@ -103,7 +103,7 @@ def test_checkpoint_is_plain_safetensors(tmp_path):
 
 
 @pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
-def test_signal_ends_the_search_after_the_step_with_a_checkpoint(tmp_path, signal_number):
+def test_signal_ends_the_search_after_the_step_with_a_checkpoint(tmp_path, signal_number, ctrl_c_delivered):
     before = [signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)]
 
     def signal_at_step_2(record: dict) -> None:
@@ -122,7 +122,8 @@ def test_signal_ends_the_search_after_the_step_with_a_checkpoint(tmp_path, signa
     assert torch.equal(resumed.allocation.scores, straight.allocation.scores)
 
 
-def test_second_signal_during_the_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+def test_second_signal_during_the_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch,
+                                                                                  ctrl_c_delivered):
     """The first Ctrl-C asks for a checkpoint; a second one stops at once, even mid-write, harmlessly."""
     real_save_file = consa_cli.checkpoint.save_file
 

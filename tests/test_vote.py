@@ -193,7 +193,7 @@ def test_one_seed_is_the_search_without_the_flag(tmp_path, tiny_model_dir, tiny_
 
 
 def test_a_rerun_keeps_finished_seeds_and_resumes_an_interrupted_one(tmp_path, tiny_model_dir, tiny_text_file,
-                                                                     monkeypatch):
+                                                                     monkeypatch, ctrl_c_delivered):
     calls = []
     interrupt = {"seed": 1}
     original = consa_cli.search.run_search
