@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import save_tiny, tiny_text
+from conftest import FAMILIES, save_tiny, tiny_text
 from typer.testing import CliRunner
 
 from consa_cli.allocation import Allocation
@@ -203,3 +203,20 @@ def test_a_heal_recipe_sets_defaults_that_flags_override_and_unknown_keys_are_re
     recipe.write_text("steps: 7\nsparsity: 0.5\n")  # a search setting: not one of heal's
     with pytest.raises(SettingsError, match="unknown settings: sparsity"):
         build_settings(HealSettings, recipe)
+
+
+# Not qwen2: transformers loads a qwen2 directory's tokenizer as Qwen2Tokenizer whatever it was saved as, and that
+# maps the tiny word-level text to no tokens at all (the real Qwen2 tokenizer is what real checkpoints carry).
+@pytest.mark.parametrize("family", [family for family in FAMILIES if family != "qwen2"])
+def test_every_family_heals_a_layer_allocation_into_an_export_of_its_own_loader(tmp_path, tiny_text_file, family):
+    """A layer allocation without sinks exports natively where the family can (plain transformers runs it), else
+    through consa; healed weights go through the same writer and its logit check."""
+    dense = save_tiny(tmp_path / "model", family)
+    layers = torch.tensor([[True, True], [False, False], [False, False], [True, True]])
+    allocation_path = write_allocation(tmp_path, dense, tmp_path / "model", fa_mask=layers, sinks=0)
+    result = heal(allocation_path, settings(tmp_path, tiny_text_file, steps=2, lr=1e-3))
+    expected = "consa" if family == "gemma3_text" else "transformers"  # Gemma3: native only for its own pattern
+    assert result.loader == expected
+    healed = load_hybrid(result.path)
+    assert torch.equal(healed.consa_allocation.fa_mask, layers)
+    assert model_fingerprint(healed) == result.allocation.model_fingerprint != model_fingerprint(dense)
