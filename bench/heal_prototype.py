@@ -20,18 +20,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from consa_cli.allocation import Allocation
-from consa_cli.attention import install_hybrid, remove_hybrid
 from consa_cli.calibration import mix_retrieval
 from consa_cli.data import load_token_sequences
-from consa_cli.heal import learning_rate, trainable_parameters
-from consa_cli.losses import kl_to_teacher
+from consa_cli.heal import heal_weights
 from consa_cli.models import load_model_and_tokenizer, model_fingerprint
 from consa_cli.settings import HealSettings, SearchSettings
 
@@ -74,41 +71,17 @@ def main() -> None:
     # No answered_by filter (the search's default): the target is the dense model's own distribution, answered or
     # not, and the filter costs a forward per draw for a 17% acceptance (1g.7).
     calibration = mix_retrieval(text, tokenizer, args.retrieval_fraction, allocation.sliding_window, args.seed)
-    order = torch.randperm(len(calibration.sequences), generator=torch.Generator().manual_seed(args.seed))
     print(json.dumps({"sequences": len(calibration.sequences), "retrieval": int(calibration.is_retrieval.sum()),
                       "full_heads": int(allocation.fa_mask.sum()), "units": allocation.fa_mask.numel()}), flush=True)
 
-    for param in model.parameters():
-        param.requires_grad_(False)
-    params = trainable_parameters(model, allocation, args.train)
-    for param in params:
-        param.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    schedule = HealSettings(steps=args.steps, lr=args.lr, warmup_steps=10)
-    install_hybrid(model, allocation.fa_mask, allocation.sliding_window, allocation.sink_tokens, "sdpa",
-                   padding_masks=False)
-    model.train()
-    log, started = [], time.perf_counter()
-    for step in range(args.steps):
-        lr = learning_rate(step, schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        index = order[step % len(order)]
-        ids = calibration.sequences[index][None].to(args.device)
-        with torch.no_grad():
-            teacher_logits = teacher(input_ids=ids, use_cache=False).logits
-        student_logits = model(input_ids=ids, use_cache=False).logits
-        loss = kl_to_teacher(student_logits, teacher_logits)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        log.append({"step": step, "kl": round(loss.item(), 5), "retrieval": bool(calibration.is_retrieval[index]),
-                    "seconds": round(time.perf_counter() - started, 1)})
-        if step % 10 == 0 or step == args.steps - 1:
-            print(json.dumps(log[-1]), flush=True)
-    remove_hybrid(model)
-    model.eval()
+    # consa heal's own loop: one row per step in a seeded order, the same schedule, loss and clipping.
+    settings = HealSettings(seq_len=args.seq_len, steps=args.steps, lr=args.lr, train=args.train, seed=args.seed)
+
+    def report(record: dict) -> None:
+        if record["step"] % 10 == 0 or record["step"] == args.steps - 1:
+            print(json.dumps(record), flush=True)
+
+    log = heal_weights(model, teacher, allocation, calibration, settings, "sdpa", report)
 
     args.output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.output / "model", safe_serialization=True)

@@ -24,7 +24,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from consa_cli.settings import SearchSettings, fraction
+from consa_cli.settings import HealSettings, SearchSettings, fraction
 
 app = typer.Typer(
     help="Learn which layers or KV heads of a causal LM keep full attention (ConSA): search -> export -> eval.",
@@ -36,6 +36,7 @@ app = typer.Typer(
 console = Console(stderr=False, width=None if sys.stdout.isatty() else 150)
 errors = Console(stderr=True)
 DEFAULTS = SearchSettings()
+HEAL_DEFAULTS = HealSettings()
 STATE = {"debug": False}
 
 
@@ -101,8 +102,8 @@ def _quiet_library_progress_bars() -> None:
         datasets.disable_progress_bars()
 
 
-def _default(name: str) -> str:
-    return f"\\[default: {getattr(DEFAULTS, name)}]"  # escaped: rich would read [..] as markup
+def _default(name: str, defaults=DEFAULTS) -> str:
+    return f"\\[default: {getattr(defaults, name)}]"  # escaped: rich would read [..] as markup
 
 
 @app.command()
@@ -373,45 +374,39 @@ def export(
                           f"{result.max_logit_difference:.2e})")
 
 
-def _heal_default(name: str) -> str:
-    from consa_cli.settings import HealSettings
-
-    return f"\\[default: {getattr(HealSettings(), name)}]"
-
-
 @app.command()
 def heal(
     run_dir: Path = typer.Argument(..., help="Run directory from `consa search`/`consa baseline`, or an allocation "
                                    "file."),
     output: str = typer.Option(None, "--output", "-o", help="Export directory to write (the format of `consa "
-                               f"export`). {_heal_default('output')}"),
+                               f"export`). {_default('output', HEAL_DEFAULTS)}"),
     model: str = typer.Option(None, "--model", "-m", help="Override the model named in the allocation (the same "
                               "checkpoint elsewhere; its fingerprint is checked)."),
     data: str = typer.Option(None, help="Healing text (its calibration split, as `consa search` reads it). "
-                             f"{_heal_default('data')}"),
-    seq_len: int = typer.Option(None, help=f"Tokens per healing sequence. {_heal_default('seq_len')}"),
+                             f"{_default('data', HEAL_DEFAULTS)}"),
+    seq_len: int = typer.Option(None, help=f"Tokens per healing sequence. {_default('seq_len', HEAL_DEFAULTS)}"),
     steps: int = typer.Option(None, help="Optimisation steps; each reads --batch-size sequences not read before "
-                              f"while the split lasts. {_heal_default('steps')}"),
-    batch_size: int = typer.Option(None, help=f"Sequences per step. {_heal_default('batch_size')}"),
-    lr: float = typer.Option(None, help=f"AdamW peak learning rate. {_heal_default('lr')}"),
+                              f"while the split lasts. {_default('steps', HEAL_DEFAULTS)}"),
+    batch_size: int = typer.Option(None, help=f"Sequences per step. {_default('batch_size', HEAL_DEFAULTS)}"),
+    lr: float = typer.Option(None, help=f"AdamW peak learning rate. {_default('lr', HEAL_DEFAULTS)}"),
     warmup_steps: int = typer.Option(None, help="Linear warm-up steps before the cosine decay. "
-                                     f"{_heal_default('warmup_steps')}"),
-    max_grad_norm: float = typer.Option(None, help=f"Gradient clipping norm. {_heal_default('max_grad_norm')}"),
+                                     f"{_default('warmup_steps', HEAL_DEFAULTS)}"),
+    max_grad_norm: float = typer.Option(None, help=f"Gradient clipping norm. {_default('max_grad_norm', HEAL_DEFAULTS)}"),
     train: str = typer.Option(None, help="Weights that train: attention (q/k/v/o of every layer), sliding (those of "
                               "layers with a sliding unit) or all (everything but the input embeddings). "
-                              f"{_heal_default('train')}"),
+                              f"{_default('train', HEAL_DEFAULTS)}"),
     retrieval_fraction: float = typer.Option(None, help="Share of synthetic retrieval samples (held-out formats) in "
                                              "the healing data; natural text alone healed as well. "
-                                             f"{_heal_default('retrieval_fraction')}"),
+                                             f"{_default('retrieval_fraction', HEAL_DEFAULTS)}"),
     retrieval_formats: str = typer.Option(None, help="Their formats, comma-separated (as `consa search`). "
-                                          f"{_heal_default('retrieval_formats')}"),
-    seed: int = typer.Option(None, help=f"Seed of the data order and retrieval samples. {_heal_default('seed')}"),
+                                          f"{_default('retrieval_formats', HEAL_DEFAULTS)}"),
+    seed: int = typer.Option(None, help=f"Seed of the data order and retrieval samples. {_default('seed', HEAL_DEFAULTS)}"),
     device: str = typer.Option(None, help="auto (CUDA when available), cpu, cuda or cuda:N. "
-                               f"{_heal_default('device')}"),
+                               f"{_default('device', HEAL_DEFAULTS)}"),
     attention_backend: str = typer.Option(None, help="Hybrid attention kernels while training: auto (sdpa: on an "
                                           "H200 faster than flex, which compiles first), sdpa, eager, flex. Training "
                                           "runs in float32. "
-                                          f"{_heal_default('attention_backend')}"),
+                                          f"{_default('attention_backend', HEAL_DEFAULTS)}"),
     recipe: Path = typer.Option(None, help="YAML file of heal settings; flags override it."),
     force: bool = typer.Option(False, help="Replace an existing output directory (only once the new one is written)."),
 ):
@@ -421,7 +416,7 @@ def heal(
     unhealed allocation on the same sequences and prompts.
     """
     from consa_cli.heal import heal as run
-    from consa_cli.settings import HealSettings, build_settings
+    from consa_cli.settings import build_settings
 
     with user_errors():
         settings = build_settings(

@@ -44,6 +44,16 @@ class SettingsError(ValueError):
     """A setting or recipe is invalid."""
 
 
+def check_retrieval_mix(retrieval_fraction: float, retrieval_formats: str) -> None:
+    """The synthetic-retrieval share and formats of a calibration set (search and heal read them alike)."""
+    if not 0.0 <= retrieval_fraction < 1.0:
+        raise SettingsError(f"--retrieval-fraction must lie in [0, 1), got {retrieval_fraction}")
+    try:
+        parse_formats(retrieval_formats)
+    except DataError as error:
+        raise SettingsError(f"--retrieval-formats: {error}") from None
+
+
 @dataclass
 class SearchSettings:
     """Everything ``consa search`` needs. Defaults suit the embedded SmolLM2-135M on a 2-core CPU.
@@ -121,12 +131,7 @@ class SearchSettings:
             raise SettingsError(f"--retrieval-loss must be one of {', '.join(LOSSES)}, got '{self.retrieval_loss}'")
         if self.method not in METHODS:
             raise SettingsError(f"--method must be one of {', '.join(METHODS)}, got '{self.method}'")
-        if not 0.0 <= self.retrieval_fraction < 1.0:
-            raise SettingsError(f"--retrieval-fraction must lie in [0, 1), got {self.retrieval_fraction}")
-        try:
-            parse_formats(self.retrieval_formats)
-        except DataError as error:
-            raise SettingsError(f"--retrieval-formats: {error}") from None
+        check_retrieval_mix(self.retrieval_fraction, self.retrieval_formats)
         if self.retrieval_filter not in RETRIEVAL_FILTERS:
             raise SettingsError(f"--retrieval-filter must be one of {', '.join(RETRIEVAL_FILTERS)}, "
                                 f"got '{self.retrieval_filter}'")
@@ -220,12 +225,7 @@ class HealSettings:
             raise SettingsError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         if not self.max_grad_norm > 0:
             raise SettingsError(f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
-        if not 0.0 <= self.retrieval_fraction < 1.0:
-            raise SettingsError(f"--retrieval-fraction must lie in [0, 1), got {self.retrieval_fraction}")
-        try:
-            parse_formats(self.retrieval_formats)
-        except DataError as error:
-            raise SettingsError(f"--retrieval-formats: {error}") from None
+        check_retrieval_mix(self.retrieval_fraction, self.retrieval_formats)
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise SettingsError(f"--attention-backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
                                 f"got '{self.attention_backend}'")
