@@ -1,46 +1,148 @@
-"""Where a `consa heal` step's 0.27 s goes on the GPU (session 19 measured it; the arithmetic is ~15 ms).
+"""Where a `consa heal` step's 0.27 s goes on the GPU, and whether CUDA graphs take it back (session 19 measured
+0.27 s a step on an H200; the step's arithmetic is an estimated ~15 ms).
 
 A randomly initialised model of SmolLM2-135M's shape (no weights to carry), the 0.75 vote's mask, random 1024-token
-rows: ``consa_cli.heal.heal_weights`` timed per step (sdpa, float32 and TF32), then a profile of a few steps (the top ops
-by host time and the number of kernel launches per step). Run on the GPU machine from the repository root::
+rows. Four arms from the same starting weights on the same rows: ``consa_cli.heal.heal_weights`` as `consa heal`
+runs it (eager, sdpa), float32 and TF32; then the same step with the student's forward and backward captured as CUDA
+graphs (as the search's ``--cuda-graphs`` does: ``torch.cuda.make_graphed_callables`` on a module returning the
+logits; the loss, the clipping and AdamW stay eager) and the teacher's forward captured as one graph, float32 and
+TF32. The graphed arms must reproduce the eager arms' KL step for step (the printed max relative difference); then
+a profile of a few eager steps (top ops by host time, kernel launches per step, device-busy time).
+
+On 2 CPU cores (session 20, torch's profiler, 160-token rows) a heal step of this model made ~31,000 aten calls
+(views and nested calls included; 750 matrix products): at several microseconds of host time each, that alone is of
+the order of the 0.27 s measured -- why graphs should pay.
+Run on the GPU machine from the repository root::
 
     PYTHONPATH=src python3 bench/device/heal_step_probe.py
 
-Prepared in session 19, not run yet (no machine was lent for it); it needs no carry.
+Prepared in sessions 19-20, not run yet (no machine was lent for it); it needs no carry.
 """
 
 import copy
 import json
+import math
+import time
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from consa_cli.allocation import Allocation
+from consa_cli.attention import install_hybrid, remove_hybrid
 from consa_cli.calibration import CalibrationSet
-from consa_cli.heal import heal_weights
+from consa_cli.heal import heal_weights, learning_rate, trainable_parameters
+from consa_cli.losses import kl_to_teacher
+from consa_cli.search import step_batch
 from consa_cli.settings import HealSettings
+
+STEPS, TIMED_FROM = 40, 10
+
+
+class StudentLogits(nn.Module):
+    """The student's logits as a function of the token ids: what make_graphed_callables captures."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+def graphed_teacher(teacher: nn.Module, sample_ids: torch.Tensor):
+    """The teacher's no-grad forward as one CUDA graph: returns (static ids, static logits, graph)."""
+    static_ids = sample_ids.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(3):  # warm-up off the capture stream, as torch.cuda.graphs asks
+            teacher(input_ids=static_ids, use_cache=False)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        static_logits = teacher(input_ids=static_ids, use_cache=False).logits
+    return static_ids, static_logits, graph
+
+
+def heal_weights_graphed(model, teacher, allocation, calibration, settings) -> list[dict]:
+    """heal_weights' step (same order, schedule, clipping and optimiser) with the two forwards (and the student's
+    backward) replayed from CUDA graphs."""
+    device = next(model.parameters()).device
+    order = torch.randperm(calibration.sequences.shape[0], generator=torch.Generator().manual_seed(settings.seed))
+    for param in model.parameters():
+        param.requires_grad_(False)
+    params = trainable_parameters(model, allocation, settings.train)
+    for param in params:
+        param.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    install_hybrid(model, allocation.fa_mask.to(device), allocation.sliding_window, allocation.sink_tokens, "sdpa",
+                   padding_masks=False)
+    model.train()
+    first = calibration.sequences[order[:1]].to(device)
+    student = torch.cuda.make_graphed_callables(StudentLogits(model), (first,))
+    teacher_ids, teacher_logits, teacher_graph = graphed_teacher(teacher, first)
+    log, started = [], time.perf_counter()
+    try:
+        for step in range(settings.steps):
+            rate = learning_rate(step, settings)
+            for group in optimizer.param_groups:
+                group["lr"] = rate
+            ids = calibration.sequences[step_batch(order, step, 1)].to(device)
+            teacher_ids.copy_(ids)
+            teacher_graph.replay()
+            loss = kl_to_teacher(student(ids), teacher_logits)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+            optimizer.step()
+            log.append({"step": step, "kl": round(loss.item(), 6), "seconds": round(time.perf_counter() - started, 3)})
+    finally:
+        remove_hybrid(model)
+        model.eval()
+    return log
+
 
 config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True)
 torch.manual_seed(0)
-model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").cuda().float()
-teacher = copy.deepcopy(model).eval()  # its own config: install_hybrid switches the student's attention by config
+base = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").cuda().float()
+teacher = copy.deepcopy(base).eval()  # its own config: install_hybrid switches the student's attention by config
+for param in teacher.parameters():
+    param.requires_grad_(False)
 mask = Allocation.load("docs/results/allocations/vote4-kl-lm-rf0.5-seeds0-3-s0.75.safetensors")
 rows = CalibrationSet.text_only(torch.randint(0, 49152, (64, 1024), generator=torch.Generator().manual_seed(0)))
-results = {}
-for backend in ("sdpa",):  # flex: measured in docs/benchmarks.md, no faster after 50 s of compiling
+settings = HealSettings(steps=STEPS, lr=5e-5)
+results, kls = {}, {}
+for graphs in (False, True):
     for tf32 in (False, True):
         torch.backends.cuda.matmul.allow_tf32 = tf32
-        log = heal_weights(model, teacher, mask, rows, HealSettings(steps=40, lr=1e-6), backend)
+        arm = f"{'graphs' if graphs else 'eager'}-{'tf32' if tf32 else 'fp32'}"
+        model = copy.deepcopy(base)
+        try:
+            run = heal_weights_graphed if graphs else heal_weights
+            log = run(model, teacher, mask, rows, settings)
+        except Exception as error:  # one failing arm must not cost the others' numbers
+            print(arm, "failed:", type(error).__name__, str(error)[:300], flush=True)
+            continue
         torch.cuda.synchronize()
-        per_step = (log[-1]["seconds"] - log[9]["seconds"]) / 30
-        results[f"{backend}{'+tf32' if tf32 else ''}"] = round(per_step, 4)
-        print(backend, "tf32" if tf32 else "fp32", f"{per_step * 1000:.1f} ms/step (steps 10-39)", flush=True)
+        per_step = (log[-1]["seconds"] - log[TIMED_FROM - 1]["seconds"]) / (STEPS - TIMED_FROM)
+        results[arm], kls[arm] = round(per_step, 4), [entry["kl"] for entry in log]
+        print(arm, f"{per_step * 1000:.1f} ms/step (steps {TIMED_FROM}-{STEPS - 1}); KL step 0 / last:",
+              kls[arm][0], kls[arm][-1], flush=True)
+        del model
 torch.backends.cuda.matmul.allow_tf32 = False
+agreement = {}
+for precision in ("fp32", "tf32"):
+    eager, graphed = kls.get(f"eager-{precision}"), kls.get(f"graphs-{precision}")
+    if eager and graphed:
+        agreement[precision] = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(eager, graphed, strict=True))
+        print(f"graphs vs eager, {precision}: max relative KL difference over {STEPS} steps", agreement[precision])
 
-# The profile: host time by op, and kernels launched per step.
+# The profile of the eager step: host time by op, and kernels launched per step.
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+model = copy.deepcopy(base)
 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
     heal_weights(model, teacher, mask, rows, HealSettings(steps=5, lr=1e-6), "sdpa")
     torch.cuda.synchronize()
@@ -48,5 +150,7 @@ events = prof.key_averages()
 print(events.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
 kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
 device_ms = sum(e.self_device_time_total for e in events) / 1000
-print(json.dumps({"ms_per_step": results, "cuda_kernels_per_step": kernels / 5,
-                  "device_busy_ms_per_step": round(device_ms / 5, 1), "gpu": torch.cuda.get_device_name()}))
+print(json.dumps({"ms_per_step": results, "graphs_vs_eager_max_relative_kl": agreement,
+                  "cuda_kernels_per_step": kernels / 5, "device_busy_ms_per_step": round(device_ms / 5, 1),
+                  "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                  "finite": all(math.isfinite(k) for arm in kls.values() for k in arm)}))
