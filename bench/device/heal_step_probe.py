@@ -81,7 +81,11 @@ def heal_weights_graphed(model, teacher, allocation, calibration, settings) -> l
     model.train()
     first = calibration.sequences[order[:1]].to(device)
     student = torch.cuda.make_graphed_callables(StudentLogits(model), (first,))
-    teacher_ids, teacher_logits, teacher_graph = graphed_teacher(teacher, first)
+    try:
+        teacher_ids, teacher_logits, teacher_graph = graphed_teacher(teacher, first)
+    except RuntimeError as error:  # the student's graphs still tell most of the story
+        print("teacher capture failed, eager teacher:", str(error)[:200], flush=True)
+        teacher_graph = None
     log, started = [], time.perf_counter()
     try:
         for step in range(settings.steps):
@@ -89,8 +93,12 @@ def heal_weights_graphed(model, teacher, allocation, calibration, settings) -> l
             for group in optimizer.param_groups:
                 group["lr"] = rate
             ids = calibration.sequences[step_batch(order, step, 1)].to(device)
-            teacher_ids.copy_(ids)
-            teacher_graph.replay()
+            if teacher_graph is None:
+                with torch.no_grad():
+                    teacher_logits = teacher(input_ids=ids, use_cache=False).logits
+            else:
+                teacher_ids.copy_(ids)
+                teacher_graph.replay()
             loss = kl_to_teacher(student(ids), teacher_logits)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
