@@ -9,11 +9,10 @@ logits; the loss, the clipping and AdamW stay eager) and the teacher's forward c
 TF32. The graphed arms must reproduce the eager arms' KL step for step (the printed max relative difference); then
 a profile of a few eager steps (top ops by host time, kernel launches per step, device-busy time).
 
-On 2 CPU cores (session 20, a TorchDispatchMode count of one step at 1024 tokens, the vocabulary cut to 4096) a heal
-step of this model dispatched ~7,500 operators that are not views (750 matrix products; 3,000 of them in the
-backward, 2,500 in the two forwards; ~31,000 aten calls with views and nested calls, torch's profiler): on a GPU
-each is a kernel launch behind Python, autograd and the dispatcher, ~35 us apiece would be the 0.27 s measured --
-why graphs should pay.
+On 2 CPU cores (session 20, a TorchDispatchMode count at 1024 tokens, docs/benchmarks.md "Healing speed") a heal
+step of this model dispatched ~6,800 operators that are not views with AdamW's foreach (teacher forward ~1,050,
+student forward and KL ~2,280, backward ~3,040; 750 matrix products; bench/heal_op_count.py): on a GPU each is a kernel launch behind
+Python, autograd and the dispatcher, and ~40 us apiece would be the 0.27 s measured -- why graphs should pay.
 Run on the GPU machine from the repository root::
 
     PYTHONPATH=src python3 bench/device/heal_step_probe.py
