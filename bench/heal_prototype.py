@@ -62,7 +62,8 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = True
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=torch.float32, device=args.device)
     config = model.config
-    allocation.check_fits(config.num_hidden_layers, config.num_key_value_heads, model_fingerprint(model))
+    source_fingerprint = model_fingerprint(model)
+    allocation.check_fits(config.num_hidden_layers, config.num_key_value_heads, source_fingerprint)
     teacher = copy.deepcopy(model).eval()
     for param in teacher.parameters():
         param.requires_grad_(False)
@@ -87,7 +88,8 @@ def main() -> None:
     model.save_pretrained(args.output / "model", safe_serialization=True)
     tokenizer.save_pretrained(args.output / "model")
     settings = {k: v for k, v in vars(args).items() if k not in ("output",)}
-    metadata = {**allocation.metadata, "healed": settings}
+    # source_fingerprint as `consa heal` records it: consa eval pairs these weights with the dense model they came from
+    metadata = {**allocation.metadata, "healed": {**settings, "source_fingerprint": source_fingerprint}}
     replace(allocation, model=str((args.output / "model").resolve()), model_fingerprint=model_fingerprint(model),
             method=f"{allocation.method}+healed", metadata=metadata).save(args.output / "healed.safetensors")
     replace(allocation, model=str(Path(args.model).expanduser().resolve())).save(args.output / "unhealed.safetensors")

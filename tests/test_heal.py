@@ -152,6 +152,27 @@ def test_eval_pairs_a_healed_export_with_the_dense_model_it_came_from(tmp_path, 
     assert by_label["allocation"]["delta_nll_vs_dense"] is not None
 
 
+def test_eval_pairs_an_allocation_file_recorded_as_healed_from_the_dense_weights(tmp_path, tiny_text_file):
+    """An allocation file naming healed weights (bench/heal_prototype.py writes them) pairs with dense when its
+    metadata says which weights they were healed from, and only then."""
+    dense = save_tiny(tmp_path / "model", "qwen3")
+    other = save_tiny(tmp_path / "other", "qwen3", seed=1)  # stands in for healed weights: not dense's
+    rows_by_label = {}
+    for name, metadata in (("recorded", {"healed": {"source_fingerprint": model_fingerprint(dense)}}),
+                           ("unrecorded", {})):
+        path = tmp_path / f"{name}.safetensors"
+        Allocation(MASK, "kv-head", WINDOW, 1, method="learned+healed", model=str(tmp_path / "other"),
+                   model_fingerprint=model_fingerprint(other), metadata=metadata).save(path)
+        rows = evaluate(resolve_targets([str(path)]), EvalSettings(data=str(tiny_text_file), seq_lens=[SEQ_LEN],
+                                                                   max_sequences=8,
+                                                                   dense_model=str(tmp_path / "model")))
+        rows_by_label.update({row["label"]: row for row in rows})
+    dense_row = next(row for row in rows_by_label.values() if row.get("is_reference"))
+    expected = rows_by_label["recorded"]["nll"] - dense_row["nll"]
+    assert rows_by_label["recorded"]["delta_nll_vs_dense"] == pytest.approx(expected, abs=1e-6)
+    assert rows_by_label["unrecorded"].get("delta_nll_vs_dense") is None
+
+
 def test_learning_rate_warms_up_then_decays_to_zero():
     config = HealSettings(steps=100, lr=1e-4, warmup_steps=10)
     rates = [learning_rate(step, config) for step in range(100)]

@@ -88,8 +88,10 @@ def resolve_target(spec: str) -> Target:
                       source_fingerprint=healed.get("source_fingerprint"))
     if (path.is_dir() and (path / ALLOCATION_FILE).is_file()) or (path.is_file() and path.suffix == ".safetensors"):
         allocation = Allocation.load(path)
+        healed = allocation.metadata.get("healed")  # weights healed from others, as `consa heal` records them
         return Target(path.stem if path.is_file() else path.name, "allocation", spec, allocation,
-                      base_model=allocation.model or None)
+                      base_model=allocation.model or None,
+                      source_fingerprint=healed.get("source_fingerprint") if isinstance(healed, dict) else None)
     return Target(spec, "model", spec, None, base_model=spec)
 
 
