@@ -30,9 +30,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from consa_cli.allocation import Allocation
-from consa_cli.attention import install_hybrid, remove_hybrid
 from consa_cli.calibration import CalibrationSet
-from consa_cli.heal import heal_weights, learning_rate, trainable_parameters
+from consa_cli.heal import end_training, heal_weights, learning_rate, start_training
 from consa_cli.losses import kl_to_teacher
 from consa_cli.search import step_batch
 from consa_cli.settings import HealSettings
@@ -70,16 +69,7 @@ def heal_weights_graphed(model, teacher, allocation, calibration, settings) -> l
     """heal_weights' step (same order, schedule, clipping and optimiser) with the two forwards (and the student's
     backward) replayed from CUDA graphs."""
     device = next(model.parameters()).device
-    order = torch.randperm(calibration.sequences.shape[0], generator=torch.Generator().manual_seed(settings.seed))
-    for param in model.parameters():
-        param.requires_grad_(False)
-    params = trainable_parameters(model, allocation, settings.train)
-    for param in params:
-        param.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-    install_hybrid(model, allocation.fa_mask.to(device), allocation.sliding_window, allocation.sink_tokens, "sdpa",
-                   padding_masks=False)
-    model.train()
+    order, params, optimizer = start_training(model, allocation, calibration, settings, "sdpa")
     first = calibration.sequences[order[:1]].to(device)
     student = torch.cuda.make_graphed_callables(StudentLogits(model), (first,))
     try:
@@ -107,8 +97,7 @@ def heal_weights_graphed(model, teacher, allocation, calibration, settings) -> l
             optimizer.step()
             log.append({"step": step, "kl": round(loss.item(), 6), "seconds": round(time.perf_counter() - started, 3)})
     finally:
-        remove_hybrid(model)
-        model.eval()
+        end_training(model)
     return log
 
 

@@ -82,17 +82,7 @@ def heal_weights(model: nn.Module, teacher: nn.Module, allocation: Allocation, c
     from consa_cli.search import step_batch
 
     device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(settings.seed)
-    order = torch.randperm(calibration.sequences.shape[0], generator=generator)
-    for param in model.parameters():
-        param.requires_grad_(False)
-    params = trainable_parameters(model, allocation, settings.train)
-    for param in params:
-        param.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-    install_hybrid(model, allocation.fa_mask.to(device), allocation.sliding_window, allocation.sink_tokens,
-                   attention_backend, padding_masks=False)
-    model.train()
+    order, params, optimizer = start_training(model, allocation, calibration, settings, attention_backend)
     log: list[dict] = []
     started = time.perf_counter()
     try:
@@ -118,11 +108,34 @@ def heal_weights(model: nn.Module, teacher: nn.Module, allocation: Allocation, c
             if on_step is not None:
                 on_step(log[-1])
     finally:
-        remove_hybrid(model)
-        model.eval()
-        for param in model.parameters():
-            param.requires_grad_(False)
+        end_training(model)
     return log
+
+
+def start_training(model: nn.Module, allocation: Allocation, calibration: CalibrationSet, settings: HealSettings,
+                   attention_backend: str) -> tuple[torch.Tensor, list[nn.Parameter], torch.optim.Optimizer]:
+    """Set ``model`` up for healing: the seeded data order, only ``settings.train``'s weights trainable, AdamW on
+    them, the allocation installed as a hard mask, training mode. Undone by :func:`end_training`."""
+    device = next(model.parameters()).device
+    order = torch.randperm(calibration.sequences.shape[0], generator=torch.Generator().manual_seed(settings.seed))
+    for param in model.parameters():
+        param.requires_grad_(False)
+    params = trainable_parameters(model, allocation, settings.train)
+    for param in params:
+        param.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    install_hybrid(model, allocation.fa_mask.to(device), allocation.sliding_window, allocation.sink_tokens,
+                   attention_backend, padding_masks=False)
+    model.train()
+    return order, params, optimizer
+
+
+def end_training(model: nn.Module) -> None:
+    """The model back with its original attention, in eval mode, ``requires_grad`` off everywhere."""
+    remove_hybrid(model)
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
 
 
 def heal(allocation_path: str | Path, settings: HealSettings, force: bool = False,
@@ -190,4 +203,5 @@ def heal(allocation_path: str | Path, settings: HealSettings, force: bool = Fals
     return HealResult(written.path, healed, written.loader, log, seconds)
 
 
-__all__ = ["HEAL_LOG_FILE", "HealResult", "heal", "heal_weights", "learning_rate", "trainable_parameters"]
+__all__ = ["HEAL_LOG_FILE", "HealResult", "end_training", "heal", "heal_weights", "learning_rate", "start_training",
+           "trainable_parameters"]
