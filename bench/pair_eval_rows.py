@@ -10,6 +10,9 @@ Markdown table.
         docs/results/swap-refine/swap-refine-s050-default-eval.json \
         --reference "refine-s075=vote4-kl-lm-rf0.5-seeds0-3-s0.75" --reference "s050=vote4-...-s0.5"
 
+Rows of different files that share a label (each healing evaluated as ``healed``) stay apart as
+``LABEL [file stem]``.
+
 ``--reference PATTERN=LABEL``: rows whose label matches the regular expression PATTERN are compared with the row
 labelled LABEL (the first pattern that matches wins; a row is not compared with itself).
 """
@@ -30,12 +33,20 @@ from consa_cli.retrieval import paired_retrieval  # noqa: E402
 
 
 def load_rows(paths: list[str]) -> list[dict]:
-    rows, seen = [], set()
+    """The rows of every file in order. A label seen before names the same row when its weights and allocation are
+    the same (``path``; dense in several files): the first is kept. Otherwise it is another row that happens to have
+    the same label (two healings each written as ``healed.safetensors``): it is kept as ``LABEL [file stem]``."""
+    rows, seen = [], {}
     for path in paths:
         for row in json.loads(Path(path).read_text())["rows"]:
-            if row["label"] in seen:  # the same row evaluated twice: keep the first
+            first = seen.get(row["label"])
+            if first is not None and first.get("path") == row.get("path"):
                 continue
-            seen.add(row["label"])
+            if first is not None:
+                row = {**row, "label": f"{row['label']} [{Path(path).stem}]"}
+                if row["label"] in seen:
+                    raise SystemExit(f"error: {path} repeats the label {row['label']!r} for different rows")
+            seen[row["label"]] = row
             rows.append(row)
     return rows
 

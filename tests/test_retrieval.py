@@ -355,3 +355,24 @@ def test_pair_eval_rows_pairs_rows_of_separate_evaluations_with_dense_and_their_
     # vs base: deltas 0.1, 0.2, -0.1 -> +0.0667, t 0.8; prompts 3 and 4 gained, prompt 1 lost: 2 / 1, p = 1
     assert swap[4] == "base" and swap[5] == "+0.0667 (0.8)" and swap[6] == "2 / 1 (1) |"
     assert by_label["base"][4:7] == ["-", "-", "- |"]
+
+
+def test_pair_eval_rows_keeps_different_rows_that_share_a_label_and_merges_the_same_row(monkeypatch, tmp_path):
+    """Two healings evaluated in separate files are both labelled ``healed``: both rows stay, the later one named
+    by its file; dense, scored in both files from the same weights, is one row (the first)."""
+    import json
+
+    module = bench_module("pair_eval_rows", monkeypatch)
+
+    def row(label, method, path, nll):
+        return {"label": label, "method": method, "path": path, "nll_per_sequence": nll, "ppl": 10.0}
+
+    (tmp_path / "s1.json").write_text(json.dumps({"rows": [
+        row("dense", "dense", "model.gguf", [1.0, 2.0]), row("healed", "vote+healed", "s1/healed", [1.1, 2.1])]}))
+    (tmp_path / "s2.json").write_text(json.dumps({"rows": [
+        row("dense", "dense", "model.gguf", [9.0, 9.0]), row("healed", "vote+healed", "s2/healed", [1.3, 2.3])]}))
+    rows = module.load_rows([str(tmp_path / "s1.json"), str(tmp_path / "s2.json")])
+    assert [r["label"] for r in rows] == ["dense", "healed", "healed [s2]"]
+    assert rows[0]["nll_per_sequence"] == [1.0, 2.0] and rows[2]["nll_per_sequence"] == [1.3, 2.3]
+    table = module.pair_table(rows, [(r"\[s2\]", "healed")])
+    assert table[-1].startswith("| healed [s2] | 10.000 | +0.3000 ") and "| healed | +0.2000 " in table[-1]
