@@ -43,6 +43,10 @@ def main() -> None:
     parser.add_argument("--text-sequences", type=int, default=64,
                         help="calibration text sequences used (the first of the split), as many retrieval samples "
                              "again at --retrieval-fraction 0.5; each step reads one, in a seeded order")
+    parser.add_argument("--max-needles", type=int, default=HealSettings.max_needles,
+                        help="facts per retrieval sample, at most (one asked, the rest distractors)")
+    parser.add_argument("--answer-weight", type=float, default=0.0,
+                        help="extra weight of the KL on retrieval samples' answer tokens (consa heal's)")
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--train", choices=["attention", "sliding", "all"], default="attention")
@@ -71,12 +75,16 @@ def main() -> None:
     text = load_token_sequences(args.data, tokenizer, args.seq_len, "calibration", args.text_sequences)
     # No answered_by filter (the search's default): the target is the dense model's own distribution, answered or
     # not, and the filter costs a forward per draw for a 17% acceptance (1g.7).
-    calibration = mix_retrieval(text, tokenizer, args.retrieval_fraction, allocation.sliding_window, args.seed)
+    calibration = mix_retrieval(text, tokenizer, args.retrieval_fraction, allocation.sliding_window, args.seed,
+                                max_needles=args.max_needles)
     print(json.dumps({"sequences": len(calibration.sequences), "retrieval": int(calibration.is_retrieval.sum()),
                       "full_heads": int(allocation.fa_mask.sum()), "units": allocation.fa_mask.numel()}), flush=True)
 
     # consa heal's own loop: one row per step in a seeded order, the same schedule, loss and clipping.
-    settings = HealSettings(seq_len=args.seq_len, steps=args.steps, lr=args.lr, train=args.train, seed=args.seed)
+    settings = HealSettings(seq_len=args.seq_len, steps=args.steps, lr=args.lr, train=args.train, seed=args.seed,
+                            retrieval_fraction=args.retrieval_fraction, max_needles=args.max_needles,
+                            answer_weight=args.answer_weight)
+    settings.validate()
 
     def report(record: dict) -> None:
         if record["step"] % 10 == 0 or record["step"] == args.steps - 1:

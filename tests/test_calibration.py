@@ -173,6 +173,33 @@ def test_calibration_formats_differ_from_the_evaluation_tasks():
     assert not set(CALIBRATION_FORMATS) & set(TASKS)
 
 
+def test_max_needles_sets_how_many_facts_of_distinct_keys_a_sample_holds(char_tokenizer):
+    """max_needles: 1 to N facts per sample, each of another key, the asked one among them; the default (3) is
+    the count every earlier set used (the digests above); outside 1-16 a one-line error."""
+    length = 1200
+    ids = char_tokenizer("the quick brown fox jumps over the lazy dog. " * 300, add_special_tokens=False)["input_ids"]
+    text = torch.tensor(ids[:length])
+    counts = {}
+    for max_needles in (1, 3, 8):
+        counts[max_needles] = []
+        for seed in range(24):
+            fmt = ("room-code", "home-city")[seed % 2]
+            sample, _ = retrieval_sample(char_tokenizer, text, fmt, random.Random(seed), WINDOW, max_needles=max_needles)
+            decoded = char_tokenizer.decode(sample)
+            needles = NEEDLE.findall(decoded)
+            keys = [re.sub(r"^The door of the | room opens.*| has lived.*", "", needle) for needle in needles]
+            asked = re.search(r"door of the ([a-z]+) room\?|does ([A-Z][a-z]+ [A-Z][a-z]+) live", decoded)
+            assert len(set(keys)) == len(keys) and (asked.group(1) or asked.group(2)) in keys
+            counts[max_needles].append(len(needles))
+    assert set(counts[1]) == {1} and set(counts[3]) == {1, 2, 3}
+    assert max(counts[8]) > 3 and max(counts[8]) <= 8 and min(counts[8]) >= 1
+    mixed = mix_retrieval(text_sequences(char_tokenizer), char_tokenizer, 0.5, WINDOW, 0, max_needles=1)
+    assert all(len(NEEDLE.findall(char_tokenizer.decode(row))) == 1 for row in mixed.sequences[6:])
+    for bad in (0, 17):
+        with pytest.raises(DataError, match="--max-needles must lie between 1 and 16"):
+            mix_retrieval(text_sequences(char_tokenizer), char_tokenizer, 0.5, WINDOW, 0, max_needles=bad)
+
+
 def test_too_short_for_a_needle_beyond_the_window_is_a_data_error(char_tokenizer):
     with pytest.raises(DataError, match="too short for retrieval calibration"):
         retrieval_sample(char_tokenizer, text_sequences(char_tokenizer)[0][:150], "home-city", random.Random(0),

@@ -11,11 +11,12 @@ from typer.testing import CliRunner
 
 from consa_cli.allocation import Allocation
 from consa_cli.attention import hybrid_attention
+from consa_cli.calibration import CalibrationSet
 from consa_cli.cli import app
 from consa_cli.data import load_token_sequences
 from consa_cli.evaluate import EvalSettings, evaluate, resolve_targets
 from consa_cli.export import MASK_FILE, ExportError, load_hybrid
-from consa_cli.heal import HEAL_LOG_FILE, heal, learning_rate
+from consa_cli.heal import HEAL_LOG_FILE, answer_token_weights, heal, learning_rate
 from consa_cli.losses import kl_to_teacher
 from consa_cli.models import load_model_and_tokenizer, model_fingerprint
 from consa_cli.settings import HealSettings, SettingsError, build_settings
@@ -173,6 +174,40 @@ def test_eval_pairs_an_allocation_file_recorded_as_healed_from_the_dense_weights
     assert rows_by_label["unrecorded"].get("delta_nll_vs_dense") is None
 
 
+def test_answer_weights_add_each_retrieval_samples_answer_mean_and_are_the_plain_mean_otherwise():
+    """Two sequences of 4 tokens, the second a retrieval sample answered at positions 2-3, answer weight 2: its loss
+    is its mean KL + 2 x its answers' mean KL, the batch's the mean of the two sequences' -- worked by hand."""
+    mask = torch.tensor([[True] * 4, [False, False, True, True]])
+    calibration = CalibrationSet(torch.zeros(2, 4, dtype=torch.long), mask, torch.tensor([False, True]))
+    rows = torch.tensor([0, 1])
+    weights = answer_token_weights(calibration, rows, 2.0)
+    assert weights.tolist() == [0.125] * 4 + [0.125, 0.125, 0.625, 0.625]
+    student, teacher = torch.randn(2, 4, 11), torch.randn(2, 4, 11)
+    log_p, log_q = teacher.log_softmax(-1).flatten(0, 1), student.log_softmax(-1).flatten(0, 1)
+    per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
+    expected = (per_token[:4].mean() + per_token[4:].mean() + 2.0 * per_token[6:].mean()) / 2
+    assert kl_to_teacher(student, teacher, weights).item() == pytest.approx(expected.item(), rel=1e-5)
+    # The plain mean (None) without a weight or without a retrieval sample in the batch.
+    assert answer_token_weights(calibration, rows, 0.0) is None
+    assert answer_token_weights(calibration, torch.tensor([0]), 2.0) is None
+
+
+def test_the_answer_weight_changes_the_healing_only_where_retrieval_samples_are(tmp_path):
+    dense = save_tiny(tmp_path / "model", "qwen3")
+    allocation_path = write_allocation(tmp_path, dense, tmp_path / "model")
+    data = tmp_path / "text.txt"
+    data.write_text(tiny_text(words=400))
+    mixed = dict(seq_len=64, steps=4, batch_size=2, lr=1e-3, retrieval_fraction=0.5, max_needles=1)
+    weights = {}
+    for name, overrides in {"plain": {}, "answers": dict(answer_weight=5.0)}.items():
+        result = heal(allocation_path, settings(tmp_path, data, **mixed, **overrides, output=str(tmp_path / name)))
+        log = json.loads((result.path / HEAL_LOG_FILE).read_text())
+        assert log["retrieval_sequences"] > 0 and log["settings"]["answer_weight"] == overrides.get("answer_weight", 0)
+        healed, _ = load_model_and_tokenizer(str(result.path), dtype=torch.float32)
+        weights[name] = healed.model.layers[1].self_attn.q_proj.weight
+    assert not torch.equal(weights["plain"], weights["answers"])
+
+
 def test_learning_rate_warms_up_then_decays_to_zero():
     config = HealSettings(steps=100, lr=1e-4, warmup_steps=10)
     rates = [learning_rate(step, config) for step in range(100)]
@@ -185,6 +220,10 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     (dict(train="mlp"), "--train"), (dict(steps=0), "--steps"), (dict(lr=0.0), "--lr"),
     (dict(retrieval_fraction=1.0), "--retrieval-fraction"), (dict(attention_backend="cudnn"), "--attention-backend"),
     (dict(retrieval_formats="no-such-format"), "--retrieval-formats"), (dict(max_grad_norm=0.0), "--max-grad-norm"),
+    (dict(max_needles=0), "--max-needles"), (dict(max_needles=17), "--max-needles"),
+    (dict(answer_weight=-1.0, retrieval_fraction=0.5), "--answer-weight"),
+    (dict(answer_weight=float("nan"), retrieval_fraction=0.5), "--answer-weight"),
+    (dict(answer_weight=1.0), "--retrieval-fraction 0 makes none"),
 ])
 def test_bad_heal_settings_are_refused(overrides, message):
     with pytest.raises(SettingsError, match=message):
@@ -207,6 +246,8 @@ def test_cli_heals_and_refuses_bad_input_in_one_line(tmp_path, tiny_text_file):
         (["heal", str(allocation_path), "-o", str(tmp_path / "out"), *common], "already exists"),
         (["heal", str(allocation_path), "-o", str(tmp_path / "y"), *common, "--train", "mlp"], "--train"),
         (["heal", str(allocation_path), "-o", str(tmp_path / "z"), *common, "--seq-len", "4"], "window"),
+        (["heal", str(allocation_path), "-o", str(tmp_path / "z"), *common, "--answer-weight", "1"], "--answer-weight"),
+        (["heal", str(allocation_path), "-o", str(tmp_path / "z"), *common, "--max-needles", "0"], "--max-needles"),
     ]:
         failed = runner.invoke(app, args)
         assert failed.exit_code == 2, (args, failed.output)

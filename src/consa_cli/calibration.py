@@ -45,7 +45,7 @@ DEFAULT_CALIBRATION_HAYSTACK = "text"
 CALIBRATION_FILLER = ("The river runs past the old mill.", "The hills are low and round.",
                       "A long road leads to the town.", "The wind blows over the fields.",
                       "Rain falls on the roofs at night.")
-MAX_NEEDLES = 3  # facts per sample: the queried one and up to two distractors of the same format
+MAX_NEEDLES = 3  # facts per sample: the queried one and up to two distractors of the same format (the default)
 # With a retrieval filter, draws per sample needed before giving up (the dense SmolLM2-135M answers ~1 in 6 of the
 # default text-haystack samples: docs/results.md 1g.7).
 MAX_DRAWS_PER_SAMPLE = 20
@@ -174,18 +174,27 @@ CALIBRATION_INTRO = ("Below is a long document with a few facts hidden in it. Re
                      "about one of those facts follows at the end.")
 
 
+def check_max_needles(max_needles: int) -> int:
+    """``max_needles`` if every format has that many distinct keys, else a one-line error."""
+    keys = min(len(_ROOMS), len(_PEOPLE))
+    if not 1 <= max_needles <= keys:
+        raise DataError(f"--max-needles must lie between 1 and {keys} (distinct keys per format), got {max_needles}")
+    return max_needles
+
+
 def retrieval_sample(tokenizer: PreTrainedTokenizerBase, text_ids: torch.LongTensor, fmt: str,
-                     rng: random.Random, window: int, intro: bool = False) -> tuple[torch.LongTensor,
-                                                                                     torch.BoolTensor]:
-    """One retrieval calibration sample as long as ``text_ids``: text with needles, then question and answer;
-    with ``intro``, :data:`CALIBRATION_INTRO` first (the text is cut by its length).
+                     rng: random.Random, window: int, intro: bool = False,
+                     max_needles: int = MAX_NEEDLES) -> tuple[torch.LongTensor, torch.BoolTensor]:
+    """One retrieval calibration sample as long as ``text_ids``: text with 1 to ``max_needles`` needles of format
+    ``fmt`` (each a different key: one is queried, the rest are distractors), then question and answer; with
+    ``intro``, :data:`CALIBRATION_INTRO` first (the text is cut by its length).
 
     Every needle sits more than ``window`` tokens before the answer, so a sliding-window unit cannot see it and
     only full-attention units can carry the fact to the answer.
     """
     if fmt not in CALIBRATION_FORMATS:
         raise DataError(f"unknown calibration format '{fmt}'; choose from {', '.join(CALIBRATION_FORMATS)}")
-    keys = rng.sample(_ROOMS if fmt == "room-code" else _PEOPLE, rng.randint(1, MAX_NEEDLES))
+    keys = rng.sample(_ROOMS if fmt == "room-code" else _PEOPLE, rng.randint(1, check_max_needles(max_needles)))
     facts = [_fact(fmt, rng, key) for key in keys]
     needle_text, question_text, answer_text = facts[rng.randrange(len(facts))]
     def encode(text: str) -> list[int]:
@@ -221,7 +230,7 @@ def mix_retrieval(text: torch.LongTensor, tokenizer: PreTrainedTokenizerBase, re
                   window: int, seed: int, formats: str = DEFAULT_CALIBRATION_FORMATS,
                   haystack: str = DEFAULT_CALIBRATION_HAYSTACK,
                   keep: Callable[[torch.LongTensor, torch.BoolTensor], bool] | None = None,
-                  intro: bool = False) -> CalibrationSet:
+                  intro: bool = False, max_needles: int = MAX_NEEDLES) -> CalibrationSet:
     """Calibration set of ``text`` sequences plus retrieval samples making up ``retrieval_fraction`` of it.
 
     The retrieval samples take the ``formats`` (comma-separated) in turn; their ``haystack`` is text sequences of
@@ -229,10 +238,12 @@ def mix_retrieval(text: torch.LongTensor, tokenizer: PreTrainedTokenizerBase, re
     Everything depends only on ``seed``; the facts and needle positions do not depend on ``haystack``. ``keep``
     (``sample ids, loss mask -> bool``): only samples it accepts are used, drawn until ``count`` are (at most
     :data:`MAX_DRAWS_PER_SAMPLE` draws per sample needed; see :func:`answered_by`). ``intro``: each sample opens
-    with :data:`CALIBRATION_INTRO`.
+    with :data:`CALIBRATION_INTRO`. ``max_needles``: the most facts in one sample (each sample
+    draws its count uniformly from 1 to it; the default draws as every earlier version did).
     """
     cycle = parse_formats(formats)
     check_haystack(haystack)
+    check_max_needles(max_needles)
     if not 0.0 <= retrieval_fraction < 1.0:
         raise DataError(f"--retrieval-fraction must lie in [0, 1), got {retrieval_fraction}")
     base = CalibrationSet.text_only(text)
@@ -251,7 +262,8 @@ def mix_retrieval(text: torch.LongTensor, tokenizer: PreTrainedTokenizerBase, re
                             "--retrieval-filter none")
         haystack_ids = (text[(tries * 7 + 3) % len(text)] if haystack == "text"
                         else filler_haystack(tokenizer, length, filler_rng.randrange(len(CALIBRATION_FILLER))))
-        sample = retrieval_sample(tokenizer, haystack_ids, cycle[tries % len(cycle)], rng, window, intro)
+        sample = retrieval_sample(tokenizer, haystack_ids, cycle[tries % len(cycle)], rng, window, intro,
+                                  max_needles)
         tries += 1
         if keep is None or keep(*sample):
             samples.append(sample)

@@ -400,6 +400,11 @@ def heal(
                                              f"{_default('retrieval_fraction', HEAL_DEFAULTS)}"),
     retrieval_formats: str = typer.Option(None, help="Their formats, comma-separated (as `consa search`). "
                                           f"{_default('retrieval_formats', HEAL_DEFAULTS)}"),
+    max_needles: int = typer.Option(None, help="Facts per retrieval sample, at most (1 to 16; one is asked, the "
+                                    f"rest are distractors). {_default('max_needles', HEAL_DEFAULTS)}"),
+    answer_weight: float = typer.Option(None, help="Extra weight of the KL on a retrieval sample's answer tokens "
+                                        "(its loss: mean KL over all tokens + this x the mean over the answer's); "
+                                        f"needs --retrieval-fraction > 0. {_default('answer_weight', HEAL_DEFAULTS)}"),
     seed: int = typer.Option(None, help=f"Seed of the data order and retrieval samples. {_default('seed', HEAL_DEFAULTS)}"),
     device: str = typer.Option(None, help="auto (CUDA when available), cpu, cuda or cuda:N. "
                                f"{_default('device', HEAL_DEFAULTS)}"),
@@ -422,7 +427,8 @@ def heal(
         settings = build_settings(
             HealSettings, recipe, model=model, data=data, seq_len=seq_len, steps=steps, batch_size=batch_size, lr=lr,
             warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, train=train,
-            retrieval_fraction=retrieval_fraction, retrieval_formats=retrieval_formats, seed=seed, device=device,
+            retrieval_fraction=retrieval_fraction, retrieval_formats=retrieval_formats, max_needles=max_needles,
+            answer_weight=answer_weight, seed=seed, device=device,
             attention_backend=attention_backend, output=output)
         progress = Progress(
             TextColumn("[bold]heal"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),

@@ -94,7 +94,8 @@ def heal_weights(model: nn.Module, teacher: nn.Module, allocation: Allocation, c
             ids = calibration.sequences[rows].to(device)
             with torch.no_grad():
                 teacher_logits = teacher(input_ids=ids, use_cache=False).logits
-            loss = kl_to_teacher(model(input_ids=ids, use_cache=False).logits, teacher_logits)
+            weights = answer_token_weights(calibration, rows, settings.answer_weight)
+            loss = kl_to_teacher(model(input_ids=ids, use_cache=False).logits, teacher_logits, weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
@@ -110,6 +111,21 @@ def heal_weights(model: nn.Module, teacher: nn.Module, allocation: Allocation, c
     finally:
         end_training(model)
     return log
+
+
+def answer_token_weights(calibration: CalibrationSet, rows: torch.Tensor, answer_weight: float) -> torch.Tensor | None:
+    """Per-token weights of a healing batch's KL (flattened ``[rows x seq_len]``), or None for the plain mean.
+
+    Each sequence's loss is its mean KL over every token; a retrieval sample's adds ``answer_weight`` x its mean KL
+    over its answer tokens (``loss_mask``); the batch's is the mean over its sequences. None -- the plain mean over
+    tokens, the same number -- when ``answer_weight`` is 0 or the batch holds no retrieval sample."""
+    answers = calibration.loss_mask[rows] & calibration.is_retrieval[rows, None]
+    if answer_weight == 0 or not answers.any():
+        return None
+    count, length = answers.shape
+    weights = torch.full(answers.shape, 1.0 / length)
+    weights += answers * (answer_weight / answers.sum(1, keepdim=True).clamp(min=1))
+    return (weights / count).flatten()
 
 
 def start_training(model: nn.Module, allocation: Allocation, calibration: CalibrationSet, settings: HealSettings,
@@ -179,7 +195,7 @@ def heal(allocation_path: str | Path, settings: HealSettings, force: bool = Fals
         param.requires_grad_(False)
     sequences = load_token_sequences(settings.data, tokenizer, settings.seq_len, "calibration")
     calibration = mix_retrieval(sequences, tokenizer, settings.retrieval_fraction, allocation.sliding_window,
-                                settings.seed, settings.retrieval_formats)
+                                settings.seed, settings.retrieval_formats, max_needles=settings.max_needles)
     if on_start is not None:
         on_start({"model": model.config.name_or_path, "device": str(device), "attention_backend": attention_backend,
                   "calibration_sequences": calibration.sequences.shape[0],

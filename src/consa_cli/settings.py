@@ -6,6 +6,7 @@ A recipe (``recipes/*.yaml``) is these dataclasses written down; command-line fl
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,9 @@ from consa_cli.calibration import (
     CALIBRATION_HAYSTACKS,
     DEFAULT_CALIBRATION_FORMATS,
     DEFAULT_CALIBRATION_HAYSTACK,
+    MAX_NEEDLES,
     RETRIEVAL_FILTERS,
+    check_max_needles,
     parse_formats,
 )
 from consa_cli.data import EMBEDDED_CORPUS, DataError
@@ -208,6 +211,11 @@ class HealSettings:
     train: str = "attention"
     retrieval_fraction: float = 0.0  # share of synthetic retrieval samples (held-out formats) in the healing data
     retrieval_formats: str = DEFAULT_CALIBRATION_FORMATS
+    max_needles: int = MAX_NEEDLES  # facts per retrieval sample, at most (one queried, the rest distractors)
+    # Extra weight of the KL on a retrieval sample's answer tokens: its loss is the mean KL over every token plus
+    # answer_weight x the mean over the answer's. At 0 the answer (3-5 of 1024 tokens) is all but unseen; it is
+    # where the dense model picks the queried key among the distractors (the 0.5 deficit, docs/results.md 1g.17).
+    answer_weight: float = 0.0
     seed: int = 0
     device: str = "auto"
     attention_backend: str = "auto"  # auto: sdpa (consa_cli.heal: faster than flex here, measured)
@@ -226,6 +234,15 @@ class HealSettings:
         if not self.max_grad_norm > 0:
             raise SettingsError(f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
         check_retrieval_mix(self.retrieval_fraction, self.retrieval_formats)
+        try:
+            check_max_needles(self.max_needles)
+        except DataError as error:
+            raise SettingsError(str(error)) from None
+        if not (self.answer_weight >= 0 and math.isfinite(self.answer_weight)):
+            raise SettingsError(f"--answer-weight must be a finite number >= 0, got {self.answer_weight}")
+        if self.answer_weight > 0 and self.retrieval_fraction == 0:
+            raise SettingsError("--answer-weight weighs the answers of retrieval samples, and --retrieval-fraction 0 "
+                                "makes none: give both or neither")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise SettingsError(f"--attention-backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
                                 f"got '{self.attention_backend}'")
