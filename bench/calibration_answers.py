@@ -9,6 +9,8 @@ with a hard mask on the same samples, and answer NLLs are paired per sample. Exa
 the distance from the needle to the answer (tokens from the answer's last earlier occurrence to the answer), in
 ``--distance-buckets``: a sample set that a model answers mostly at short range says little about long-range
 retrieval.
+An allocation recorded as healed (``healed`` in its metadata, as ``consa heal`` and ``bench/heal_prototype.py``
+write it) runs on its own weights, the others on ``--model`` (default: the first allocation's), as does dense.
 
     python bench/calibration_answers.py A.safetensors B.safetensors --seq-len 1024 --samples 32 \
         --calibration-haystack text --json answers.json
@@ -31,7 +33,12 @@ import torch.nn.functional as F
 
 from consa_cli.allocation import Allocation
 from consa_cli.attention import hybrid_attention
-from consa_cli.calibration import DEFAULT_CALIBRATION_FORMATS, DEFAULT_CALIBRATION_HAYSTACK, mix_retrieval
+from consa_cli.calibration import (
+    DEFAULT_CALIBRATION_FORMATS,
+    DEFAULT_CALIBRATION_HAYSTACK,
+    MAX_NEEDLES,
+    mix_retrieval,
+)
 from consa_cli.data import load_token_sequences
 from consa_cli.models import load_model_and_tokenizer
 
@@ -126,6 +133,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="the calibration seed (a search's --seed)")
     parser.add_argument("--retrieval-formats", default=DEFAULT_CALIBRATION_FORMATS)
     parser.add_argument("--calibration-haystack", default=DEFAULT_CALIBRATION_HAYSTACK)
+    parser.add_argument("--max-needles", type=int, default=MAX_NEEDLES,
+                        help="facts per sample, at most (one asked, the rest distractors; consa heal --max-needles)")
     parser.add_argument("--distance-buckets", default="0,256,512,1024,2048,4096",
                         help="edges of the needle-distance buckets of the exact-match breakdown (tokens)")
     parser.add_argument("--evaluation", type=Path, nargs="*", default=[], help="consa eval --json files")
@@ -143,7 +152,7 @@ def main() -> None:
     text = load_token_sequences(args.data, tokenizer, args.seq_len, "calibration")
     # As many text sequences as give `samples` retrieval ones at a retrieval fraction of 0.5.
     calibration = mix_retrieval(text[: args.samples], tokenizer, 0.5, first.sliding_window, args.seed,
-                                args.retrieval_formats, args.calibration_haystack)
+                                args.retrieval_formats, args.calibration_haystack, max_needles=args.max_needles)
     retrieval = calibration.is_retrieval
     sequences, loss_mask = calibration.sequences[retrieval], calibration.loss_mask[retrieval]
     distances = [needle_distance(ids, mask) for ids, mask in zip(sequences, loss_mask, strict=True)]
@@ -153,6 +162,12 @@ def main() -> None:
         if allocation is None:
             nlls, exact = answer_scores(model, sequences, loss_mask)
             dense_nll = nlls
+        elif "healed" in allocation.metadata and not args.model:  # healed weights: the hybrid runs on its own
+            healed, _ = load_model_and_tokenizer(allocation.model, dtype=getattr(torch, args.dtype), device=args.device)
+            allocation.check_fits(healed.config.num_hidden_layers, healed.config.num_key_value_heads)
+            with hybrid_attention(healed, allocation.fa_mask, allocation.sliding_window, allocation.sink_tokens):
+                nlls, exact = answer_scores(healed, sequences, loss_mask)
+            del healed
         else:
             allocation.check_fits(model.config.num_hidden_layers, model.config.num_key_value_heads)
             with hybrid_attention(model, allocation.fa_mask, allocation.sliding_window, allocation.sink_tokens):
