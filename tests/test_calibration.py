@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import bench_module, tiny_model
 
+from consa_cli.attention import hybrid_attention
 from consa_cli.calibration import (
     CALIBRATION_FILLER,
     CALIBRATION_FORMATS,
@@ -378,6 +379,39 @@ def test_calibration_answers_main_scores_every_mask_and_correlates_with_the_eval
     assert all(distance > WINDOW for distance in result["needle_distances"])
     expected = module.spearman([-row["answer_nll"] for row in rows[1:]], [0.1, 0.5, 0.3])
     assert result["spearman_with_evaluation"]["answer_nll"] == pytest.approx(expected)
+
+
+def test_calibration_answers_runs_a_healed_allocation_on_its_own_weights(char_tokenizer, tmp_path, monkeypatch):
+    """An allocation recorded as healed names its own weights: its row is the hybrid on those, the same mask
+    unhealed runs on the dense model's, and --max-needles reaches the samples."""
+    import json
+    import sys
+
+    from consa_cli.allocation import Allocation
+
+    module = bench_module("calibration_answers", monkeypatch)
+    models = {"tiny": tiny_model("qwen3", seed=0), "tiny-healed": tiny_model("qwen3", seed=1)}
+    monkeypatch.setattr(module, "load_model_and_tokenizer",
+                        lambda name, **kwargs: (models[name], char_tokenizer))
+    monkeypatch.setattr(module, "load_token_sequences", lambda *args: text_sequences(char_tokenizer))
+    mask = torch.zeros(models["tiny"].config.num_hidden_layers, models["tiny"].config.num_key_value_heads,
+                       dtype=torch.bool)
+    mask[0] = True
+    plain = Allocation(mask, "kv-head", WINDOW, 0, model="tiny").save(tmp_path / "plain.safetensors")
+    healed = Allocation(mask, "kv-head", WINDOW, 0, model="tiny-healed",
+                        metadata={"healed": {"source_fingerprint": "x"}}).save(tmp_path / "healed.safetensors")
+    output = tmp_path / "answers.json"
+    monkeypatch.setattr(sys, "argv", ["calibration_answers.py", str(plain), str(healed), "--samples", "4",
+                                      "--max-needles", "1", "--json", str(output)])
+    module.main()
+    rows = {row["label"]: row for row in json.loads(output.read_text())["rows"]}
+    calibration = mix_retrieval(text_sequences(char_tokenizer)[:4], char_tokenizer, 0.5, WINDOW, 0, max_needles=1)
+    sequences, loss_mask = calibration.sequences[4:], calibration.loss_mask[4:]
+    for label, model in (("plain", models["tiny"]), ("healed", models["tiny-healed"])):
+        with hybrid_attention(model, mask, WINDOW, 0):
+            expected, _ = module.answer_scores(model, sequences, loss_mask)
+        assert rows[label]["answer_nll_per_sample"] == pytest.approx(expected)
+    assert rows["plain"]["answer_nll_per_sample"] != pytest.approx(rows["healed"]["answer_nll_per_sample"])
 
 
 def test_a_retrieval_filter_keeps_only_accepted_samples_and_fails_clearly_when_too_few_pass(char_tokenizer):
