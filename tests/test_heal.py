@@ -131,7 +131,7 @@ def test_an_existing_output_is_kept_unless_forced_and_a_failed_heal_writes_nothi
         heal(allocation_path, settings(tmp_path, tiny_text_file, steps=2))
     import consa_cli.heal as heal_module
 
-    monkeypatch.setattr(heal_module, "kl_to_teacher", lambda student, teacher: (student * float("nan")).mean())
+    monkeypatch.setattr(heal_module, "kl_to_teacher", lambda student, teacher, weights: (student * float("nan")).mean())
     with pytest.raises(FloatingPointError, match="lower --lr"):
         heal(allocation_path, settings(tmp_path, tiny_text_file, steps=2), force=True)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
