@@ -162,16 +162,14 @@ def main() -> None:
         if allocation is None:
             nlls, exact = answer_scores(model, sequences, loss_mask)
             dense_nll = nlls
-        elif "healed" in allocation.metadata and not args.model:  # healed weights: the hybrid runs on its own
-            healed, _ = load_model_and_tokenizer(allocation.model, dtype=getattr(torch, args.dtype), device=args.device)
-            allocation.check_fits(healed.config.num_hidden_layers, healed.config.num_key_value_heads)
-            with hybrid_attention(healed, allocation.fa_mask, allocation.sliding_window, allocation.sink_tokens):
-                nlls, exact = answer_scores(healed, sequences, loss_mask)
-            del healed
         else:
-            allocation.check_fits(model.config.num_hidden_layers, model.config.num_key_value_heads)
-            with hybrid_attention(model, allocation.fa_mask, allocation.sliding_window, allocation.sink_tokens):
-                nlls, exact = answer_scores(model, sequences, loss_mask)
+            own = "healed" in allocation.metadata and not args.model  # healed weights: the hybrid runs on its own
+            weights = (load_model_and_tokenizer(allocation.model, dtype=getattr(torch, args.dtype),
+                                                device=args.device)[0] if own else model)
+            allocation.check_fits(weights.config.num_hidden_layers, weights.config.num_key_value_heads)
+            with hybrid_attention(weights, allocation.fa_mask, allocation.sliding_window, allocation.sink_tokens):
+                nlls, exact = answer_scores(weights, sequences, loss_mask)
+            del weights
         deltas = [a - b for a, b in zip(nlls, dense_nll, strict=True)]
         mean = sum(deltas) / len(deltas)
         spread = math.sqrt(sum((d - mean) ** 2 for d in deltas) / max(len(deltas) - 1, 1) / len(deltas))
