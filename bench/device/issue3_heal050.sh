@@ -32,8 +32,11 @@ wait
 grep -h "rror" *.log | head
 E="--device cuda --max-sequences 100 --seq-len 1024 --batch-size 8 --retrieval passkey,multikey
    --retrieval-depths 0.1,0.5,0.9 --retrieval-samples 24 --retrieval-haystack noise --retrieval-lengths 1024,2048"
-timeout 250 $CONSA eval $V50 vote050-text-s4/healed.safetensors --dense-model $G \
+# The unhealed vote records the model of the machine it was made on: --model applies it to this one's (in an eval of
+# its own, since --model would apply the healed allocations to it too).
+timeout 250 $CONSA eval vote050-text-s4/healed.safetensors --dense-model $G \
   $E --json heal-eval-050-a.json > eval-a.log 2>&1 &
+timeout 250 $CONSA eval $V50 --model $G --no-dense $E --json heal-eval-050-unhealed.json > eval-unhealed.log 2>&1 &
 timeout 250 $CONSA eval vote050-text-s5/healed.safetensors vote050-text-all/healed.safetensors --dense-model $G \
   $E --no-dense --json heal-eval-050-b.json > eval-b.log 2>&1 &
 wait
