@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILIES, save_tiny, tiny_text
+from conftest import FAMILIES, save_tiny, tiny_model, tiny_text
 from typer.testing import CliRunner
 
 from consa_cli.allocation import Allocation
@@ -16,7 +16,14 @@ from consa_cli.cli import app
 from consa_cli.data import load_token_sequences
 from consa_cli.evaluate import EvalSettings, evaluate, resolve_targets
 from consa_cli.export import MASK_FILE, ExportError, load_hybrid
-from consa_cli.heal import HEAL_LOG_FILE, answer_token_weights, heal, learning_rate
+from consa_cli.heal import (
+    HEAL_LOG_FILE,
+    answer_token_weights,
+    heal,
+    heal_weights,
+    learning_rate,
+    uses_cuda_graphs,
+)
 from consa_cli.losses import kl_to_teacher
 from consa_cli.models import load_model_and_tokenizer, model_fingerprint
 from consa_cli.settings import HealSettings, SettingsError, build_settings
@@ -81,6 +88,7 @@ def test_heal_brings_the_hybrid_closer_to_dense_and_writes_a_loadable_export(tmp
     assert section["healed"]["settings"]["steps"] == 40
     log = json.loads((result.path / HEAL_LOG_FILE).read_text())
     assert [entry["step"] for entry in log["steps"]] == list(range(40)) and log["calibration_sequences"] == 5
+    assert log["cuda_graphs"] is False  # a CPU healing: eager steps
     assert Allocation.load(result.path / MASK_FILE).model_fingerprint == result.allocation.model_fingerprint
     # The unhealed allocation cannot be applied to the healed weights by mistake.
     with pytest.raises(Exception, match="fingerprint"):
@@ -208,6 +216,50 @@ def test_the_answer_weight_changes_the_healing_only_where_retrieval_samples_are(
     assert not torch.equal(weights["plain"], weights["answers"])
 
 
+def test_cuda_graphs_are_on_by_default_only_for_cuda_sdpa_and_need_cuda():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert uses_cuda_graphs(HealSettings(), cuda, "sdpa")
+    assert not uses_cuda_graphs(HealSettings(), cpu, "sdpa")
+    assert not uses_cuda_graphs(HealSettings(), cuda, "flex") and not uses_cuda_graphs(HealSettings(), cuda, "eager")
+    assert not uses_cuda_graphs(HealSettings(cuda_graphs=False), cuda, "sdpa")
+    assert uses_cuda_graphs(HealSettings(cuda_graphs=True), cuda, "flex")  # asked for: the user's call
+    # Asked for on a CPU model: refused, and the model leaves as it came (original attention, nothing trainable).
+    model, teacher = tiny_model("llama"), tiny_model("llama")
+    allocation = Allocation(MASK, "kv-head", WINDOW, 1, method="learned")
+    calibration = CalibrationSet.text_only(torch.randint(0, 96, (4, SEQ_LEN), generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(SettingsError, match="--cuda-graphs needs a CUDA device"):
+        heal_weights(model, teacher, allocation, calibration, HealSettings(steps=2), cuda_graphs=True)
+    assert not any(param.requires_grad for param in model.parameters()) and not model.training
+    ids = calibration.sequences[:1]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, tiny_model("llama")(ids).logits)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("answer_weight", [0.0, 2.0])
+def test_graphed_healing_steps_compute_what_the_eager_steps_compute(answer_weight):
+    """The graphed student (forward and backward) and teacher give the eager step's KL and weights: the same loss,
+    clipping and AdamW on the same rows, with and without answer-weighted retrieval samples."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    allocation = Allocation(MASK, "kv-head", WINDOW, 1, method="learned")
+    rows = torch.randint(0, 96, (8, SEQ_LEN), generator=torch.Generator().manual_seed(0))
+    is_retrieval = torch.tensor([False, True] * 4)
+    loss_mask = torch.zeros(8, SEQ_LEN, dtype=torch.bool)
+    loss_mask[1::2, -4:] = True
+    calibration = CalibrationSet(rows, loss_mask, is_retrieval)
+    config = HealSettings(steps=6, batch_size=2, lr=1e-3, warmup_steps=1, answer_weight=answer_weight,
+                          retrieval_fraction=0.5 if answer_weight else 0.0)
+    results = {}
+    for graphs in (False, True):
+        model, teacher = tiny_model("llama").cuda(), tiny_model("llama").cuda()
+        log = heal_weights(model, teacher, allocation, calibration, config, "sdpa", cuda_graphs=graphs)
+        results[graphs] = ([entry["kl"] for entry in log], model.model.layers[1].self_attn.q_proj.weight.cpu())
+    eager, graphed = results[False], results[True]
+    assert graphed[0] == pytest.approx(eager[0], rel=1e-4) and eager[0][0] > 0
+    assert torch.allclose(graphed[1], eager[1], atol=1e-5)
+    assert not torch.equal(eager[1], tiny_model("llama").model.layers[1].self_attn.q_proj.weight)  # it trained
+
+
 def test_learning_rate_warms_up_then_decays_to_zero():
     config = HealSettings(steps=100, lr=1e-4, warmup_steps=10)
     rates = [learning_rate(step, config) for step in range(100)]
@@ -248,6 +300,7 @@ def test_cli_heals_and_refuses_bad_input_in_one_line(tmp_path, tiny_text_file):
         (["heal", str(allocation_path), "-o", str(tmp_path / "z"), *common, "--seq-len", "4"], "window"),
         (["heal", str(allocation_path), "-o", str(tmp_path / "z"), *common, "--answer-weight", "1"], "--answer-weight"),
         (["heal", str(allocation_path), "-o", str(tmp_path / "z"), *common, "--max-needles", "0"], "--max-needles"),
+        (["heal", str(allocation_path), "-o", str(tmp_path / "z"), *common, "--cuda-graphs"], "--cuda-graphs needs"),
     ]:
         failed = runner.invoke(app, args)
         assert failed.exit_code == 2, (args, failed.output)

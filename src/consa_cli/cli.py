@@ -412,6 +412,10 @@ def heal(
                                           "H200 faster than flex, which compiles first), sdpa, eager, flex. Training "
                                           "runs in float32. "
                                           f"{_default('attention_backend', HEAL_DEFAULTS)}"),
+    cuda_graphs: bool = typer.Option(None, "--cuda-graphs/--no-cuda-graphs", help="Capture the student's forward "
+                                     "and backward and the teacher's forward once as CUDA graphs and replay them "
+                                     "every step (CUDA): the same steps with far less host work (H200: 232 -> 63 ms "
+                                     "a step). \\[default: on for CUDA healings with the sdpa backend]"),
     recipe: Path = typer.Option(None, help="YAML file of heal settings; flags override it."),
     force: bool = typer.Option(False, help="Replace an existing output directory (only once the new one is written)."),
 ):
@@ -429,7 +433,7 @@ def heal(
             warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, train=train,
             retrieval_fraction=retrieval_fraction, retrieval_formats=retrieval_formats, max_needles=max_needles,
             answer_weight=answer_weight, seed=seed, device=device,
-            attention_backend=attention_backend, output=output)
+            attention_backend=attention_backend, cuda_graphs=cuda_graphs, output=output)
         progress = Progress(
             TextColumn("[bold]heal"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
             TextColumn("{task.description}"), console=console,
@@ -439,8 +443,10 @@ def heal(
 
         def on_start(info: dict) -> None:
             retrieval = f" ({info['retrieval_sequences']} retrieval)" if info["retrieval_sequences"] else ""
+            graphs = ", CUDA graphs" if info.get("cuda_graphs") else ""
             console.print(f"model [bold]{info['model']}[/] on {info['device']} ({info['attention_backend']} "
-                          f"attention, float32): {info['trained_parameters']:,} parameters train ({settings.train}), "
+                          f"attention, float32{graphs}): {info['trained_parameters']:,} parameters train "
+                          f"({settings.train}), "
                           f"{info['calibration_sequences']} x {settings.seq_len}-token sequences{retrieval}, "
                           f"{settings.steps} steps of {settings.batch_size}")
             progress.start()

@@ -68,9 +68,66 @@ def learning_rate(step: int, settings: HealSettings) -> float:
     return settings.lr * warmup * 0.5 * (1.0 + math.cos(math.pi * step / settings.steps))
 
 
+# The attention backends whose graphed healing step a CUDA test checks against the eager one (tests/test_heal.py).
+# Only sdpa is graphed by default: it is the one measured (bench/device/heal_step_probe.py, docs/benchmarks.md).
+CUDA_GRAPH_BACKENDS = ("sdpa",)
+
+
+def uses_cuda_graphs(settings: HealSettings, device: torch.device, attention_backend: str) -> bool:
+    """Whether the healing replays CUDA graphs: ``--cuda-graphs`` as given, or by default (None) on CUDA with the
+    sdpa backend. On an H200 (SmolLM2-135M's shape, 1024 tokens, float32; session 22) the eager step took 232 ms
+    -- ~8,600 kernel launches behind Python for ~125 ms of device work -- and the graphed step 63 ms, the KL the same
+    to 1e-5 (relative) over 40 steps."""
+    if settings.cuda_graphs is not None:
+        return settings.cuda_graphs
+    return device.type == "cuda" and attention_backend in CUDA_GRAPH_BACKENDS
+
+
+class StudentLogits(nn.Module):
+    """The student's logits as a function of the token ids: what the healing's CUDA graphs capture (forward and
+    backward, with respect to the trained weights)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+def graphed_student(model: nn.Module, sample_ids: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The student's forward and backward captured on ``sample_ids``'s shape (torch.cuda.make_graphed_callables):
+    the trained weights are read and their gradients written in place, so AdamW's eager updates between replays are
+    what the next replay computes with."""
+    return torch.cuda.make_graphed_callables(StudentLogits(model), (sample_ids,))
+
+
+def graphed_teacher(teacher: nn.Module, sample_ids: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The teacher's no-grad forward captured as one CUDA graph: a callable that copies its ids into the graph's
+    static input, replays it and returns the static logits (overwritten by the next call: each step's loss and
+    backward are done with them before the next step calls again)."""
+    static_ids = sample_ids.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(3):  # warm-up off the capture stream, as torch.cuda.graphs asks
+            teacher(input_ids=static_ids, use_cache=False)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        static_logits = teacher(input_ids=static_ids, use_cache=False).logits
+
+    def replay(ids: torch.Tensor) -> torch.Tensor:
+        static_ids.copy_(ids)
+        graph.replay()
+        return static_logits
+
+    return replay
+
+
 def heal_weights(model: nn.Module, teacher: nn.Module, allocation: Allocation, calibration: CalibrationSet,
                  settings: HealSettings, attention_backend: str = "sdpa",
-                 on_step: Callable[[dict], None] | None = None) -> list[dict]:
+                 on_step: Callable[[dict], None] | None = None, cuda_graphs: bool = False) -> list[dict]:
     """Train ``model``'s ``settings.train`` weights in place under ``allocation`` (a hard mask) to match ``teacher``.
 
     Each step reads ``settings.batch_size`` rows of ``calibration`` in a seeded order (wrapping around when the
@@ -78,24 +135,39 @@ def heal_weights(model: nn.Module, teacher: nn.Module, allocation: Allocation, c
     logged KL is measured on rows the weights have not been trained on yet. The model leaves with its original
     attention and ``requires_grad`` off everywhere; returns one ``{"step", "kl", "lr", "retrieval", "seconds"}`` per
     step. Nothing here is global: the data order and the optimiser live in this call.
+
+    ``cuda_graphs`` (a CUDA model): the student's forward and backward and the teacher's forward are captured once
+    on the first batch's shape and replayed every step; the loss, the clipping and AdamW stay eager, so the steps
+    compute what the eager ones do.
     """
     from consa_cli.search import step_batch
 
     device = next(model.parameters()).device
     order, params, optimizer = start_training(model, allocation, calibration, settings, attention_backend)
     log: list[dict] = []
-    started = time.perf_counter()
     try:
+        if cuda_graphs:
+            if device.type != "cuda":
+                raise SettingsError(f"--cuda-graphs needs a CUDA device, and this healing runs on {device}")
+            first = calibration.sequences[step_batch(order, 0, settings.batch_size)].to(device)
+            student, teacher_logits_of = graphed_student(model, first), graphed_teacher(teacher, first)
+        else:
+            def student(ids: torch.Tensor) -> torch.Tensor:
+                return model(input_ids=ids, use_cache=False).logits
+
+            def teacher_logits_of(ids: torch.Tensor) -> torch.Tensor:
+                with torch.no_grad():
+                    return teacher(input_ids=ids, use_cache=False).logits
+        started = time.perf_counter()  # the capture (a few eager steps' time) is not a step's
         for step in range(settings.steps):
             rate = learning_rate(step, settings)
             for group in optimizer.param_groups:
                 group["lr"] = rate
             rows = step_batch(order, step, settings.batch_size)
             ids = calibration.sequences[rows].to(device)
-            with torch.no_grad():
-                teacher_logits = teacher(input_ids=ids, use_cache=False).logits
+            teacher_logits = teacher_logits_of(ids)
             weights = answer_token_weights(calibration, rows, settings.answer_weight)
-            loss = kl_to_teacher(model(input_ids=ids, use_cache=False).logits, teacher_logits, weights)
+            loss = kl_to_teacher(student(ids), teacher_logits, weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
@@ -180,6 +252,9 @@ def heal(allocation_path: str | Path, settings: HealSettings, force: bool = Fals
     # with flex (50 s of it compiling flex's float32 kernels), the same KL every step (docs/results.md 1g.17).
     requested = "sdpa" if settings.attention_backend == "auto" else settings.attention_backend
     attention_backend = resolve_attention_backend(requested, device, torch.float32)
+    if settings.cuda_graphs and device.type != "cuda":  # before the model and data are loaded
+        raise SettingsError(f"--cuda-graphs needs a CUDA device, and this healing runs on {device}")
+    cuda_graphs = uses_cuda_graphs(settings, device, attention_backend)
     name = settings.model or allocation.model or None
     model, tokenizer = load_model_and_tokenizer(name, dtype=None, device="cpu")
     checkpoint_dtype = next(model.parameters()).dtype
@@ -198,17 +273,19 @@ def heal(allocation_path: str | Path, settings: HealSettings, force: bool = Fals
                                 settings.seed, settings.retrieval_formats, max_needles=settings.max_needles)
     if on_start is not None:
         on_start({"model": model.config.name_or_path, "device": str(device), "attention_backend": attention_backend,
+                  "cuda_graphs": cuda_graphs,
                   "calibration_sequences": calibration.sequences.shape[0],
                   "retrieval_sequences": calibration.retrieval_count,
                   "trained_parameters": sum(p.numel() for p in trainable_parameters(model, allocation,
                                                                                       settings.train))})
     started = time.perf_counter()
-    log = heal_weights(model, teacher, allocation, calibration, settings, attention_backend, on_step)
+    log = heal_weights(model, teacher, allocation, calibration, settings, attention_backend, on_step, cuda_graphs)
     seconds = time.perf_counter() - started
     del teacher
     model = model.to(device="cpu", dtype=checkpoint_dtype)
     record = {"settings": {**settings_to_dict(settings), "model": name}, "source_fingerprint": source_fingerprint,
-              "attention_backend": attention_backend, "device": str(device), "seconds": round(seconds, 2),
+              "attention_backend": attention_backend, "cuda_graphs": cuda_graphs, "device": str(device),
+              "seconds": round(seconds, 2),
               "calibration_sequences": int(calibration.sequences.shape[0]),
               "retrieval_sequences": calibration.retrieval_count, "versions": environment_versions()}
     healed = replace(allocation, method=f"{allocation.method}+healed", model_fingerprint=model_fingerprint(model),
@@ -219,5 +296,5 @@ def heal(allocation_path: str | Path, settings: HealSettings, force: bool = Fals
     return HealResult(written.path, healed, written.loader, log, seconds)
 
 
-__all__ = ["HEAL_LOG_FILE", "HealResult", "end_training", "heal", "heal_weights", "learning_rate", "start_training",
-           "trainable_parameters"]
+__all__ = ["CUDA_GRAPH_BACKENDS", "HEAL_LOG_FILE", "HealResult", "end_training", "graphed_student", "graphed_teacher",
+           "heal", "heal_weights", "learning_rate", "start_training", "trainable_parameters", "uses_cuda_graphs"]

@@ -219,6 +219,9 @@ class HealSettings:
     seed: int = 0
     device: str = "auto"
     attention_backend: str = "auto"  # auto: sdpa (consa_cli.heal: faster than flex here, measured)
+    # Capture the student's forward and backward and the teacher's forward as CUDA graphs (consa_cli.heal): None is
+    # on for CUDA with the sdpa backend, where a step went from 232 to 63 ms on an H200 with the same KL.
+    cuda_graphs: bool | None = None
     output: str = "runs/healed"
 
     def validate(self) -> None:
