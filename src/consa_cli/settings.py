@@ -194,7 +194,8 @@ class HealSettings:
     dense model on every token of 400 held-out-split Wikipedia sequences of 1024 tokens, one per step, q/k/v/o of
     every layer, AdamW at 5e-5 with 10 warm-up steps and a cosine decay. It lifted passkey + multikey retrieval on
     288 prompts from 76% to 92-94.5% of dense (three seeds) and perplexity from +0.036 to +0.005 nats/token of
-    dense, in 109 s of steps on an H200 (130 s in all). Natural text alone did as well as a half-retrieval mix
+    dense, in 109 s of eager steps on an H200 (130 s in all; the CUDA graphs replayed there by default since make a
+    step 4x faster, docs/benchmarks.md). Natural text alone did as well as a half-retrieval mix
     (94.1%), so none is the default.
     """
 
