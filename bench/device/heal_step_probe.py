@@ -17,88 +17,22 @@ Run on the GPU machine from the repository root::
 
     PYTHONPATH=src python3 bench/device/heal_step_probe.py
 
-Prepared in sessions 19-20, not run yet (no machine was lent for it); it needs no carry.
+Prepared in sessions 19-20, run in session 22 (docs/benchmarks.md "Healing speed"; its own graphed step then, now `consa heal`'s, heal_weights(cuda_graphs=True)); it needs no carry.
 """
 
 import copy
 import json
 import math
-import time
 
 import torch
-from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from consa_cli.allocation import Allocation
 from consa_cli.calibration import CalibrationSet
-from consa_cli.heal import end_training, heal_weights, learning_rate, start_training
-from consa_cli.losses import kl_to_teacher
-from consa_cli.search import step_batch
+from consa_cli.heal import heal_weights
 from consa_cli.settings import HealSettings
 
 STEPS, TIMED_FROM = 40, 10
-
-
-class StudentLogits(nn.Module):
-    """The student's logits as a function of the token ids: what make_graphed_callables captures."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, use_cache=False).logits
-
-
-def graphed_teacher(teacher: nn.Module, sample_ids: torch.Tensor):
-    """The teacher's no-grad forward as one CUDA graph: returns (static ids, static logits, graph)."""
-    static_ids = sample_ids.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), torch.no_grad():
-        for _ in range(3):  # warm-up off the capture stream, as torch.cuda.graphs asks
-            teacher(input_ids=static_ids, use_cache=False)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.no_grad():
-        static_logits = teacher(input_ids=static_ids, use_cache=False).logits
-    return static_ids, static_logits, graph
-
-
-def heal_weights_graphed(model, teacher, allocation, calibration, settings) -> list[dict]:
-    """heal_weights' step (same order, schedule, clipping and optimiser) with the two forwards (and the student's
-    backward) replayed from CUDA graphs."""
-    device = next(model.parameters()).device
-    order, params, optimizer = start_training(model, allocation, calibration, settings, "sdpa")
-    first = calibration.sequences[order[:1]].to(device)
-    student = torch.cuda.make_graphed_callables(StudentLogits(model), (first,))
-    try:
-        teacher_ids, teacher_logits, teacher_graph = graphed_teacher(teacher, first)
-    except RuntimeError as error:  # the student's graphs still tell most of the story
-        print("teacher capture failed, eager teacher:", str(error)[:200], flush=True)
-        teacher_graph = None
-    log, started = [], time.perf_counter()
-    try:
-        for step in range(settings.steps):
-            rate = learning_rate(step, settings)
-            for group in optimizer.param_groups:
-                group["lr"] = rate
-            ids = calibration.sequences[step_batch(order, step, 1)].to(device)
-            if teacher_graph is None:
-                with torch.no_grad():
-                    teacher_logits = teacher(input_ids=ids, use_cache=False).logits
-            else:
-                teacher_ids.copy_(ids)
-                teacher_graph.replay()
-            loss = kl_to_teacher(student(ids), teacher_logits)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-            optimizer.step()
-            log.append({"step": step, "kl": round(loss.item(), 6), "seconds": round(time.perf_counter() - started, 3)})
-    finally:
-        end_training(model)
-    return log
 
 
 config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -118,8 +52,8 @@ for graphs in (False, True):
         arm = f"{'graphs' if graphs else 'eager'}-{'tf32' if tf32 else 'fp32'}"
         model = copy.deepcopy(base)
         try:
-            run = heal_weights_graphed if graphs else heal_weights
-            log = run(model, teacher, mask, rows, settings)
+            # the graphed arm is consa heal's own (heal_weights' cuda_graphs, session 22)
+            log = heal_weights(model, teacher, mask, rows, settings, "sdpa", cuda_graphs=graphs)
         except Exception as error:  # one failing arm must not cost the others' numbers
             print(arm, "failed:", type(error).__name__, str(error)[:300], flush=True)
             continue
